@@ -23,3 +23,11 @@ class NonFiniteError(MergeflowError):
 
 class StorageError(MergeflowError):
     """A storage location (local path or S3) cannot be reached or written."""
+
+
+class DataError(MergeflowError):
+    """A data source (package archive, text file) is missing, corrupt or not in the expected format."""
+
+
+class ZooError(MergeflowError):
+    """A zoo model could not be built, or was built but fails its quality checks."""

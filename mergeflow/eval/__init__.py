@@ -1,0 +1,1 @@
+"""Evaluation harness: tasks from offline sources, log-likelihood scoring, paper metrics."""
