@@ -1,0 +1,348 @@
+"""Build a zoo preset: bases, one fully fine-tuned expert per held-in task, a multitask model.
+
+Every model is cached under `MERGEFLOW_ZOO_DIR/models/<name>-<key>`, where the key hashes what
+determines it: the parent model's key, the training data, the hyper-parameters and the
+architecture. A rebuild with nothing changed only reads the records; a change rebuilds exactly
+the models downstream of it. Each folder is written to a staging folder and renamed into place
+when complete, with `mergeflow-zoo.json` (role, task, hyper-parameters, metrics) written last.
+The preset's index goes to `MERGEFLOW_ZOO_DIR/presets/<preset>.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mergeflow.errors import ZooError
+from mergeflow.eval import tasks as taskset
+from mergeflow.eval.scoring import accuracy
+from mergeflow.zoo import training
+from mergeflow.zoo.presets import PRESETS, LlamaSize, Preset
+
+RECORD = "mergeflow-zoo.json"
+# Bump when training or data code changes what a cached model would contain.
+ZOO_CODE_VERSION = 1
+
+
+def zoo_dir() -> Path:
+    return Path(os.environ.get("MERGEFLOW_ZOO_DIR", Path.home() / ".cache" / "mergeflow" / "zoo"))
+
+
+def content_key(**parts) -> str:
+    blob = json.dumps({"zoo_code_version": ZOO_CODE_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def fingerprint(rows) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+def read_record(folder: Path) -> dict:
+    return json.loads((folder / RECORD).read_text())
+
+
+def cached(name: str, key: str, build: Callable[[Path], dict]) -> tuple[Path, dict, bool]:
+    """The folder for (name, key), building it when absent. Returns (folder, record, built)."""
+    folder = zoo_dir() / "models" / f"{name}-{key[:12]}"
+    if (folder / RECORD).is_file():
+        return folder, read_record(folder), False
+    stage = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        record = {"name": name, "key": key, **build(stage)}
+        record["built_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        (stage / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        # A folder without a record is an aborted build: replace it.
+        shutil.rmtree(folder, ignore_errors=True)
+        stage.rename(folder)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return folder, record, True
+
+
+def load(folder: Path):
+    from mergeflow.eval.harness import load_model
+
+    return load_model(folder)
+
+
+def save(model, tokenizer, folder: Path) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+class Builder:
+    def __init__(self, preset: Preset, progress: bool = True):
+        self.preset = preset
+        self.progress = progress
+        self.tasks = list(preset.tasks) if preset.tasks else taskset.held_in_tasks()
+        self.built: list[str] = []
+        self._pretraining_texts: list[str] | None = None
+        self.seen: set[str] = set()
+
+    def pretraining_texts(self) -> list[str]:
+        if self._pretraining_texts is None:
+            self._pretraining_texts = taskset.pretraining_texts()
+        return self._pretraining_texts
+
+    # -- bases -------------------------------------------------------------------------------
+    def tokenizer(self) -> tuple[Path, str]:
+        texts = list(self.pretraining_texts())
+        for task in self.tasks:
+            texts += taskset.load_task(task)["train"]["prompt"]
+        key = content_key(role="tokenizer", vocab=self.preset.vocab_size, texts=fingerprint(texts))
+
+        def build(stage: Path) -> dict:
+            from mergeflow.zoo.tokenizer import train_tokenizer
+
+            train_tokenizer(texts, self.preset.vocab_size).save_pretrained(stage)
+            return {"role": "tokenizer", "vocab_size": self.preset.vocab_size}
+
+        folder, _, built = cached(f"tokenizer-bpe{self.preset.vocab_size // 1024}k-trained-here", key, build)
+        self._note(folder, built)
+        return folder, key
+
+    def pretrained(self, size: LlamaSize) -> tuple[Path, str]:
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer_folder, tokenizer_key = self.tokenizer()
+        spec = self.preset.pretrain
+        texts = self.pretraining_texts()
+        key = content_key(
+            role="pt",
+            size=asdict(size),
+            spec=spec.as_dict(),
+            tokenizer=tokenizer_key,
+            texts=fingerprint(texts),
+        )
+
+        def build(stage: Path) -> dict:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+            config = LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=size.hidden_size,
+                num_hidden_layers=size.num_layers,
+                intermediate_size=size.intermediate_size,
+                num_attention_heads=size.num_heads,
+                num_key_value_heads=size.num_heads,
+                max_position_embeddings=256,
+                tie_word_embeddings=True,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            torch.manual_seed(spec.seed)
+            model = LlamaForCausalLM(config)
+            sequences = training.text_windows(tokenizer, texts, spec.max_len)
+            stats = training.train(
+                model, sequences, spec, _pad_id(tokenizer), f"pre-train {size.name}", self.progress
+            )
+            save(model, tokenizer, stage)
+            return {
+                "role": "base",
+                "stage": "pt",
+                "size": size.name,
+                "train": spec.as_dict(),
+                "parameters": model.num_parameters(),
+                "data": "pretraining_texts",
+                "stats": stats,
+            }
+
+        folder, _, built = cached(f"tiny{size.name}-pt-trained-here", key, build)
+        self._note(folder, built)
+        return folder, key
+
+    def instruction_tuned(self, size: LlamaSize) -> tuple[Path, str]:
+        parent, parent_key = self.pretrained(size)
+        spec = self.preset.instruct
+        mixture = taskset.instruction_mixture(self.preset.instruct_examples, seed=spec.seed)
+        key = content_key(
+            role="it", parent=parent_key, spec=spec.as_dict(), data=fingerprint(mixture.to_dict())
+        )
+
+        def build(stage: Path) -> dict:
+            model, tokenizer = load(parent)
+            sequences = training.dataset_sequences(tokenizer, mixture, spec.max_len)
+            stats = training.train(
+                model, sequences, spec, _pad_id(tokenizer), f"instruction-tune {size.name}", self.progress
+            )
+            save(model, tokenizer, stage)
+            return {
+                "role": "base",
+                "stage": "it",
+                "size": size.name,
+                "parent": parent.name,
+                "train": spec.as_dict(),
+                "parameters": model.num_parameters(),
+                "data": "instruction_mixture",
+                "stats": stats,
+            }
+
+        folder, _, built = cached(f"tiny{size.name}-it-trained-here", key, build)
+        self._note(folder, built)
+        return folder, key
+
+    def real_base(self) -> tuple[Path, str]:
+        from mergeflow.zoo.smollm2 import smollm2_base
+
+        folder = smollm2_base()
+        return folder, content_key(role="real-base", record=read_record(folder))
+
+    # -- experts -----------------------------------------------------------------------------
+    def fine_tuned(self, base: Path, base_key: str, family: str, task: str | None) -> tuple[Path, dict]:
+        """An expert for `task`, or the multitask model when task is None."""
+        spec = self.preset.expert if task else self.preset.multitask
+        names = [task] if task else self.tasks
+        splits = [taskset.load_task(name)["train"] for name in names]
+        data_key = fingerprint([split.to_dict() for split in splits])
+        key = content_key(
+            role="expert" if task else "multitask", parent=base_key, spec=spec.as_dict(), data=data_key
+        )
+
+        def build(stage: Path) -> dict:
+            model, tokenizer = load(base)
+            sequences = [
+                s for split in splits for s in training.dataset_sequences(tokenizer, split, spec.max_len)
+            ]
+            stats = training.train(
+                model, sequences, spec, _pad_id(tokenizer), f"{family} {task or 'multitask'}", self.progress
+            )
+            validation = {
+                name: accuracy(model, tokenizer, taskset.load_task(name)["validation"]) for name in names
+            }
+            save(model, tokenizer, stage)
+            return {
+                "role": "expert" if task else "multitask",
+                "family": family,
+                "task": task,
+                "tasks": names,
+                "parent": base.name,
+                "train": spec.as_dict(),
+                "stats": stats,
+                "validation_accuracy": validation,
+            }
+
+        folder, record, built = cached(f"{family}--{task or 'multitask'}", key, build)
+        self._note(folder, built)
+        return folder, record
+
+    def base_accuracy(self, base: Path) -> dict[str, float]:
+        """Validation accuracy of a base on every held-in task, cached in a file beside it."""
+        path = base / "mergeflow-zoo-base-accuracy.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        model, tokenizer = load(base)
+        scores = {
+            name: accuracy(model, tokenizer, taskset.load_task(name)["validation"]) for name in self.tasks
+        }
+        tmp = path.with_suffix(".partial")
+        tmp.write_text(json.dumps(scores, indent=2) + "\n")
+        tmp.rename(path)
+        return scores
+
+    def family(self, family: str, base: Path, base_key: str, stage: str, size: str) -> dict:
+        base_scores = self.base_accuracy(base)
+        experts, rows = {}, []
+        for task in self.tasks:
+            folder, record = self.fine_tuned(base, base_key, family, task)
+            experts[task] = str(folder)
+            expert_score = record["validation_accuracy"][task]
+            rows.append(
+                {
+                    "family": family,
+                    "task": task,
+                    "base": base_scores[task],
+                    "expert": expert_score,
+                    "gain": expert_score - base_scores[task],
+                }
+            )
+        multitask, multitask_record = self.fine_tuned(base, base_key, family, None)
+        for row in rows:
+            row["multitask"] = multitask_record["validation_accuracy"][row["task"]]
+        return {
+            "base": str(base),
+            "stage": stage,
+            "size": size,
+            "experts": experts,
+            "multitask": str(multitask),
+            "table": rows,
+        }
+
+    def _note(self, folder: Path, built: bool) -> None:
+        if built:
+            self.built.append(folder.name)
+        if self.progress and folder.name not in self.seen:
+            tqdm.write(f"{'built ' if built else 'cached'} {folder.name}")
+        self.seen.add(folder.name)
+
+
+def build_preset(preset: str | Preset, progress: bool = True) -> dict:
+    """Build (or reuse) every model of a preset, check the experts, write the preset index.
+    Raises ZooError, after writing the index, when an expert does not beat its base clearly."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ZooError(f"unknown zoo preset {preset!r}; presets: {', '.join(sorted(PRESETS))}")
+        preset = PRESETS[preset]
+    name = preset.name
+    builder = Builder(preset, progress)
+    families = {}
+    if preset.real_base:
+        base, key = builder.real_base()
+        families[preset.real_base] = builder.family(preset.real_base, base, key, "it", "135m")
+    for size in preset.sizes:
+        for stage in ("pt", "it"):
+            base, key = builder.pretrained(size) if stage == "pt" else builder.instruction_tuned(size)
+            family = f"tiny{size.name}-{stage}-trained-here"
+            families[family] = builder.family(family, base, key, stage, size.name)
+    index = {
+        "preset": name,
+        "description": preset.description,
+        "min_gain": preset.min_gain,
+        "tasks": builder.tasks,
+        "families": families,
+        "built_now": builder.built,
+    }
+    folder = zoo_dir() / "presets"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(index, indent=2) + "\n")
+    weak = [row for fam in families.values() for row in fam["table"] if row["gain"] < preset.min_gain]
+    if weak:
+        listing = "; ".join(
+            f"{r['family']}/{r['task']}: base {r['base']:.2f} expert {r['expert']:.2f}" for r in weak
+        )
+        raise ZooError(f"{len(weak)} expert(s) do not beat their base by {preset.min_gain:.2f}: {listing}")
+    return index
+
+
+def load_index(name: str) -> dict:
+    path = zoo_dir() / "presets" / f"{name}.json"
+    if not path.is_file():
+        raise ZooError(
+            f"zoo preset {name!r} is not built ({path} missing); run: mergeflow zoo build --preset {name}"
+        )
+    return json.loads(path.read_text())
+
+
+def built_models() -> list[dict]:
+    """Records of every complete model in the zoo folder, for `mergeflow zoo list`."""
+    folder = zoo_dir() / "models"
+    records = []
+    for child in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if (child / RECORD).is_file():
+            size = sum(f.stat().st_size for f in child.iterdir() if f.is_file())
+            records.append({**read_record(child), "path": str(child), "bytes": size})
+    return records

@@ -1,0 +1,157 @@
+"""Full fine-tuning (every parameter) and pre-training of small causal LMs on the CPU.
+
+Two kinds of sequences:
+- language-model text: documents joined by EOS and cut into fixed-length windows, loss on
+  every token (pre-training);
+- multiple-choice examples: prompt + " answer" + EOS, loss only on the answer and EOS — the
+  same token sequences `mergeflow.eval.scoring` scores (prompt and answer tokenised apart).
+
+Deterministic for a seed: examples are drawn in a seeded order, one epoch after another.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from mergeflow.errors import ZooError
+from mergeflow.eval.scoring import encode_many
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Hyper-parameters; recorded with every checkpoint trained with them."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    seed: int = 0
+    max_len: int = 128
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    min_lr_ratio: float = 0.1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainSequence:
+    ids: list[int]
+    loss_from: int  # tokens before this index carry no loss
+
+
+def text_windows(tokenizer, texts: Iterable[str], max_len: int) -> list[TrainSequence]:
+    """Documents joined by EOS, cut into windows of max_len tokens (the last partial one dropped)."""
+    stream: list[int] = []
+    for ids in encode_many(tokenizer, list(texts)):
+        stream += ids + [tokenizer.eos_token_id]
+    return [TrainSequence(stream[i : i + max_len], 0) for i in range(0, len(stream) - max_len + 1, max_len)]
+
+
+def choice_sequences(
+    tokenizer, prompts: Sequence[str], answers: Sequence[str], max_len: int
+) -> list[TrainSequence]:
+    """prompt + answer + EOS, loss on answer and EOS; over-long prompts keep their end."""
+    sequences = []
+    pairs = zip(encode_many(tokenizer, prompts), encode_many(tokenizer, answers), strict=True)
+    for prompt_ids, answer_ids in pairs:
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
+        prompt_ids = prompt_ids[-(max_len - len(answer_ids)) :]
+        sequences.append(TrainSequence(prompt_ids + answer_ids, len(prompt_ids)))
+    return sequences
+
+
+def dataset_sequences(tokenizer, dataset, max_len: int) -> list[TrainSequence]:
+    """Sequences from a task split (columns prompt, choices, label): the right answer is the target."""
+    answers = [choices[label] for choices, label in zip(dataset["choices"], dataset["label"], strict=True)]
+    return choice_sequences(tokenizer, dataset["prompt"], answers, max_len)
+
+
+def _schedule(spec: TrainSpec):
+    def factor(step: int) -> float:
+        if step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * cosine
+
+    return factor
+
+
+def _order(count: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    needed = steps * batch_size
+    indices: list[int] = []
+    while len(indices) < needed:
+        indices += torch.randperm(count, generator=generator).tolist()
+    return [indices[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
+
+
+def _batch(sequences: list[TrainSequence], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s.ids) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence.ids)] = torch.tensor(sequence.ids)
+        labels[row, sequence.loss_from : len(sequence.ids)] = torch.tensor(sequence.ids[sequence.loss_from :])
+    return ids, labels
+
+
+def train(
+    model,
+    sequences: list[TrainSequence],
+    spec: TrainSpec,
+    pad_id: int,
+    description: str = "training",
+    progress: bool = True,
+) -> dict:
+    """Train every parameter of `model` in place; returns loss and throughput figures."""
+    if not sequences:
+        raise ZooError(f"{description}: no training sequences")
+    torch.manual_seed(spec.seed)
+    model.train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.95)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(spec))
+    losses, tokens, started = [], 0, time.perf_counter()
+    bar = tqdm(
+        _order(len(sequences), spec.steps, spec.batch_size, spec.seed),
+        desc=description,
+        unit="step",
+        disable=not progress,
+        leave=False,
+    )
+    for step_indices in bar:
+        # Right padding needs no attention mask under a causal mask; padded labels are ignored.
+        ids, labels = _batch([sequences[i] for i in step_indices], pad_id)
+        loss = model(input_ids=ids, labels=labels).loss
+        if not torch.isfinite(loss):
+            raise ZooError(
+                f"{description}: loss became {loss.item()} at step {len(losses)}; lower the learning rate"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        tokens += ids.numel()
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    model.eval()
+    seconds = time.perf_counter() - started
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "first_loss": losses[0],
+        "final_loss": sum(tail) / len(tail),
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(tokens / seconds, 1),
+    }

@@ -1,0 +1,99 @@
+"""A micro zoo trained inside the test: the expert beats its base on its own task, the cache
+makes a rebuild instant, and a changed hyper-parameter rebuilds only what depends on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from mergeflow.errors import ZooError
+from mergeflow.eval.harness import evaluate
+from mergeflow.zoo.build import RECORD, build_preset, built_models, load_index
+from mergeflow.zoo.presets import LlamaSize, Preset
+from mergeflow.zoo.training import TrainSpec
+
+# Micro models, trained here in seconds; named so nobody mistakes them for the real zoo.
+MICRO = Preset(
+    name="micro-test",
+    description="test-only micro zoo",
+    sizes=(LlamaSize("micro", hidden_size=128, num_layers=2, intermediate_size=256, num_heads=4),),
+    vocab_size=4096,
+    pretrain=TrainSpec(steps=10, lr=3e-3, batch_size=8, max_len=64, warmup_steps=2),
+    instruct=TrainSpec(steps=10, lr=1e-3, batch_size=8, max_len=64, warmup_steps=2),
+    expert=TrainSpec(steps=100, lr=3e-3, batch_size=16, max_len=96),
+    multitask=TrainSpec(steps=20, lr=3e-3, batch_size=16, max_len=64),
+    instruct_examples=200,
+    tasks=("text_genre",),
+)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zoo")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MERGEFLOW_ZOO_DIR", str(folder))
+        index = build_preset(MICRO, progress=False)
+        yield folder, index
+
+
+def test_an_expert_trained_here_beats_its_base_on_its_task(zoo, monkeypatch):
+    folder, index = zoo
+    monkeypatch.setenv("MERGEFLOW_ZOO_DIR", str(folder))
+    family = index["families"]["tinymicro-pt-trained-here"]
+    row = family["table"][0]
+    assert row["task"] == "text_genre" and row["gain"] >= MICRO.min_gain
+    # On the test split too, which the build never looked at.
+    expert = evaluate(family["experts"]["text_genre"], ["text_genre"])["text_genre"]
+    base = evaluate(family["base"], ["text_genre"])["text_genre"]
+    assert expert > base + 0.05
+
+
+def test_the_record_holds_the_hyper_parameters(zoo):
+    _, index = zoo
+    expert = index["families"]["tinymicro-it-trained-here"]["experts"]["text_genre"]
+    record = json.loads((Path(expert) / RECORD).read_text())
+    assert record["train"] == dataclasses.asdict(MICRO.expert)
+    assert record["role"] == "expert" and record["task"] == "text_genre"
+    with safe_open(f"{expert}/model.safetensors", "pt") as f:
+        assert "model.embed_tokens.weight" in set(f.keys())
+
+
+def test_a_rebuild_is_served_from_the_cache(zoo, monkeypatch):
+    folder, _ = zoo
+    monkeypatch.setenv("MERGEFLOW_ZOO_DIR", str(folder))
+    again = build_preset(MICRO, progress=False)
+    assert again["built_now"] == []
+    assert load_index("micro-test")["families"].keys() == again["families"].keys()
+    roles = sorted(r["role"] for r in built_models())
+    # tokenizer, PT and IT bases, an expert and a multitask model per base
+    assert roles == ["base", "base", "expert", "expert", "multitask", "multitask", "tokenizer"]
+
+
+def test_a_changed_hyper_parameter_rebuilds_only_what_depends_on_it(zoo, monkeypatch):
+    folder, _ = zoo
+    monkeypatch.setenv("MERGEFLOW_ZOO_DIR", str(folder))
+    changed = dataclasses.replace(MICRO, multitask=dataclasses.replace(MICRO.multitask, steps=10))
+    index = build_preset(changed, progress=False)
+    assert (
+        sorted(index["built_now"]) == sorted(name for name in index["built_now"] if "--multitask-" in name)
+        and len(index["built_now"]) == 2
+    )
+
+
+def test_an_expert_that_does_not_beat_its_base_fails_loudly(zoo, monkeypatch):
+    folder, _ = zoo
+    monkeypatch.setenv("MERGEFLOW_ZOO_DIR", str(folder))
+    impossible = dataclasses.replace(MICRO, min_gain=1.0)
+    with pytest.raises(
+        ZooError, match=r"do not beat their base by 1.00: tinymicro-pt-trained-here/text_genre"
+    ):
+        build_preset(impossible, progress=False)
+
+
+def test_an_unknown_preset_lists_the_presets():
+    with pytest.raises(ZooError, match="presets: smol, tiny"):
+        build_preset("huge")
