@@ -122,6 +122,87 @@ def zoo_generate(
     typer.echo(f"generated {len(paths) - 1} experts and a base under {folder}")
 
 
+@zoo_app.command("build")
+@friendly_errors
+def zoo_build(
+    preset: Annotated[
+        str, typer.Option(help="tiny (small models trained here) or smol (SmolLM2-135M).")
+    ] = "tiny",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Build (or reuse from the cache) a zoo preset: bases, one expert per held-in task, a multitask
+    model; print each expert's validation accuracy against its base's."""
+    from mergeflow.zoo.build import build_preset, zoo_dir
+
+    try:
+        index = build_preset(preset, progress=not quiet)
+    finally:
+        print_zoo_table(preset)
+    typer.echo(
+        f"zoo preset {preset}: {len(index['built_now'])} models built now; "
+        f"index {zoo_dir()}/presets/{preset}.json"
+    )
+
+
+def print_zoo_table(preset: str) -> None:
+    from mergeflow.zoo.build import zoo_dir
+
+    path = zoo_dir() / "presets" / f"{preset}.json"
+    if not path.is_file():
+        return
+    import json
+
+    index = json.loads(path.read_text())
+    typer.echo(f"{'family':<26}{'task':<18}{'base':>7}{'expert':>8}{'gain':>7}{'multitask':>11}")
+    for family in index["families"].values():
+        for row in family["table"]:
+            mark = "" if row["gain"] >= index["min_gain"] else "  <- below the required gain"
+            typer.echo(
+                f"{row['family']:<26}{row['task']:<18}{row['base']:>7.3f}{row['expert']:>8.3f}"
+                f"{row['gain']:>+7.3f}{row['multitask']:>11.3f}{mark}"
+            )
+
+
+@zoo_app.command("list")
+@friendly_errors
+def zoo_list() -> None:
+    """List built presets and every cached zoo model."""
+    from mergeflow.zoo.build import built_models, zoo_dir
+
+    presets = sorted((zoo_dir() / "presets").glob("*.json"))
+    typer.echo(f"zoo folder: {zoo_dir()}")
+    typer.echo("presets: " + (", ".join(p.stem for p in presets) or "none built (mergeflow zoo build)"))
+    for record in built_models():
+        detail = record.get("task") or record.get("stage") or ""
+        typer.echo(
+            f"  {record['role']:<10}{detail:<18}{record['bytes'] / 1e6:>8.1f} MB  {Path(record['path']).name}"
+        )
+
+
+@app.command("eval")
+@friendly_errors
+def eval_command(
+    model: Annotated[Path, typer.Argument(help="A local HF model folder.")],
+    task: Annotated[
+        list[str] | None, typer.Option("--task", "-t", help="Task name (repeat); default: all.")
+    ] = None,
+    split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
+) -> None:
+    """Score MODEL on tasks by log-likelihood multiple choice; print accuracy per task."""
+    from mergeflow.errors import DataError
+    from mergeflow.eval.harness import evaluate
+    from mergeflow.eval.tasks import TASKS
+
+    names = task or list(TASKS)
+    unknown = [name for name in names if name not in TASKS]
+    if unknown:
+        raise DataError(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(TASKS)}")
+    scores = evaluate(model, names, split, progress=True)
+    typer.echo(f"{'task':<20}{'kind':<10}{'category':<24}{'accuracy':>9}")
+    for name, value in scores.items():
+        typer.echo(f"{name:<20}{TASKS[name].kind:<10}{TASKS[name].category:<24}{value:>9.3f}")
+
+
 @app.command("demo")
 @friendly_errors
 def demo_command(
@@ -149,6 +230,86 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
+
+
+stack_app = typer.Typer(
+    help="Run the local stack on 127.0.0.1: SeaweedFS (S3), MLflow and Prefect servers in the background.",
+    no_args_is_help=True,
+)
+app.add_typer(stack_app, name="stack")
+
+
+def stack_settings(
+    s3_port: int | None = None, mlflow_port: int | None = None, prefect_port: int | None = None
+):
+    """Settings with the command's port options over environment and settings file."""
+    from mergeflow.settings import load_settings
+
+    ports = {"s3_port": s3_port, "mlflow_port": mlflow_port, "prefect_port": prefect_port}
+    return load_settings(**{name: port for name, port in ports.items() if port is not None})
+
+
+def print_stack_env(settings) -> None:
+    from mergeflow import stack
+
+    lines = stack.env_lines(settings)
+    if lines:
+        typer.echo(f"client environment (also in {stack.env_file(settings)}; `source` it):")
+        typer.echo("\n".join(lines))
+
+
+@stack_app.command("up")
+@friendly_errors
+def stack_up(
+    service: Annotated[
+        list[str] | None,
+        typer.Option("--service", "-s", help="s3, mlflow or prefect (repeat; default all); mlflow needs s3."),
+    ] = None,
+    s3_port: Annotated[
+        int | None, typer.Option(help="S3 port [MERGEFLOW_S3_PORT; 8333].", min=1, max=65535)
+    ] = None,
+    mlflow_port: Annotated[
+        int | None, typer.Option(help="MLflow port [MERGEFLOW_MLFLOW_PORT; 5000].", min=1, max=65535)
+    ] = None,
+    prefect_port: Annotated[
+        int | None, typer.Option(help="Prefect port [MERGEFLOW_PREFECT_PORT; 4200].", min=1, max=65535)
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the services' health.", min=1)] = 120,
+) -> None:
+    """Start the services that are not running, wait until each is healthy, print the client environment."""
+    from mergeflow import stack
+
+    settings = stack_settings(s3_port, mlflow_port, prefect_port)
+    stack.up(settings, service, timeout=timeout, report=typer.echo)
+    typer.echo(f"logs, pid files and data: {settings.home / 'stack'}/<service>/")
+    print_stack_env(settings)
+
+
+@stack_app.command("down")
+@friendly_errors
+def stack_down() -> None:
+    """Stop every running service of the stack (SIGTERM, then SIGKILL after a grace period)."""
+    from mergeflow import stack
+
+    stack.down(stack_settings(), report=typer.echo)
+
+
+@stack_app.command("status")
+@friendly_errors
+def stack_status() -> None:
+    """Show each service: running or stopped, health, pid and URL; and the client environment."""
+    from mergeflow import stack
+
+    settings = stack_settings()
+    typer.echo(f"{'service':<9}{'state':<9}{'health':<10}{'pid':<9}url")
+    for s in stack.status(settings):
+        state = "running" if s.running else "stopped"
+        health = "-" if s.healthy is None else "healthy" if s.healthy else "UNHEALTHY"
+        typer.echo(f"{s.name:<9}{state:<9}{health:<10}{s.pid or '-'!s:<9}{s.url}")
+        if s.detail:
+            typer.echo(f"         {s.detail}")
+    typer.echo(f"logs, pid files and data: {settings.home / 'stack'}/<service>/")
+    print_stack_env(settings)
 
 
 if __name__ == "__main__":
