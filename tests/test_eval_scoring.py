@@ -63,10 +63,13 @@ def test_batched_scores_equal_naive_per_choice_scores(llama, tokenizer):
         [" Paris", " London Berlin", " maybe no"],  # multi-token choices
         [" yes", " no", " the service was terrible"],
     ]
-    scores = choice_logprobs(llama, tokenizer, prompts, choices, max_batch_tokens=40)
-    for prompt, options, got in zip(prompts, choices, scores, strict=True):
-        expected = [naive_logprob(llama, tokenizer, prompt, option) for option in options]
-        assert got == pytest.approx(expected, abs=1e-4)
+    expected = [[naive_logprob(llama, tokenizer, p, option) for option in options] for p, options in
+                zip(prompts, choices, strict=True)]
+    # One row per batch, and all rows in one padded batch.
+    for budget in (40, 4096):
+        scores = choice_logprobs(llama, tokenizer, prompts, choices, max_batch_tokens=budget)
+        for got, want in zip(scores, expected, strict=True):
+            assert got == pytest.approx(want, abs=1e-4)
 
 
 class BigramLM(torch.nn.Module):
@@ -77,7 +80,7 @@ class BigramLM(torch.nn.Module):
         self.embed = torch.nn.Embedding.from_pretrained(torch.eye(table.shape[0]))
         self.lm_head = torch.nn.Linear(table.shape[0], table.shape[1], bias=False)
         self.lm_head.weight.data = table.T.clone()
-        self.model = lambda input_ids: SimpleNamespace(last_hidden_state=self.embed(input_ids))
+        self.model = lambda input_ids, **_: SimpleNamespace(last_hidden_state=self.embed(input_ids))
 
 
 def test_scorer_picks_the_known_answer(tokenizer):

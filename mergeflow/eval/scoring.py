@@ -6,12 +6,12 @@ Prompt and choice are tokenised separately and concatenated (no BOS, no special 
 training in `mergeflow.zoo.training` builds its sequences the same way, so a model is scored
 on exactly the token sequences it was trained on.
 
-Speed matters here (a 135M model on 2 CPU cores, thousands of prompts), so:
-- when every choice of an example is a single token, one forward pass of the prompt scores
-  them all;
-- rows are sorted by length and packed into batches under a token budget, right-padded — with a
-  causal mask, real tokens never attend to padding on their right, so no attention mask is needed;
-- the vocabulary projection runs only at the positions that are scored.
+Speed matters here (a 135M model on 2 CPU cores, thousands of prompts), so each example is one
+row: the prompt once, then every choice's tokens but its last, each choice seeing only the prompt
+and its own earlier tokens (a per-row 4-D attention mask, positions restarting after the prompt).
+The first token of every choice is predicted from the prompt's last position. Rows are sorted by
+length and batched under a token budget, and the vocabulary projection runs only at the
+positions that are scored. The result equals scoring prompt + choice one pair at a time (tested).
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ from mergeflow.errors import DataError
 
 @dataclass(frozen=True)
 class _Row:
-    """One forward pass: `ids`, and for each scored choice the positions whose next-token
-    log-probabilities are summed, with the target tokens."""
+    """One example: `ids` = prompt + each choice but its last token; for each choice the
+    positions whose next-token log-probabilities are summed, with the target tokens."""
 
     example: int
     ids: list[int]
+    prompt_length: int
+    segments: list[tuple[int, int]]  # (start, length) of each choice's tokens in ids
     choices: list[tuple[int, list[int], list[int]]]  # (choice index, positions, targets)
 
 
@@ -56,13 +58,13 @@ def _rows(tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]]) -
         if not prompt_ids or any(not ids for ids in option_ids):
             raise DataError(f"example {i}: the prompt or a choice encodes to no tokens: {prompt[:60]!r}")
         last = len(prompt_ids) - 1
-        if all(len(ids) == 1 for ids in option_ids):
-            scored = [(c, [last], ids) for c, ids in enumerate(option_ids)]
-            rows.append(_Row(i, prompt_ids, scored))
-            continue
-        for c, ids in enumerate(option_ids):
-            positions = list(range(last, last + len(ids)))
-            rows.append(_Row(i, prompt_ids + ids[:-1], [(c, positions, ids)]))
+        ids, segments, scored = list(prompt_ids), [], []
+        for c, option in enumerate(option_ids):
+            start = len(ids)
+            ids += option[:-1]
+            segments.append((start, len(option) - 1))
+            scored.append((c, [last] + list(range(start, start + len(option) - 1)), option))
+        rows.append(_Row(i, ids, len(prompt_ids), segments, scored))
     return rows
 
 
@@ -78,6 +80,26 @@ def _batches(rows: list[_Row], max_tokens: int) -> list[list[_Row]]:
     if current:
         batches.append(current)
     return batches
+
+
+def _packed(batch: list[_Row], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, a boolean [batch, 1, query, key] mask and position ids for packed rows."""
+    width = len(batch[-1].ids)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    positions = torch.zeros((len(batch), width), dtype=torch.long)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = torch.eye(width, dtype=torch.bool).repeat(len(batch), 1, 1)  # padding sees itself only
+    for r, row in enumerate(batch):
+        ids[r, : len(row.ids)] = torch.tensor(row.ids)
+        prompt = row.prompt_length
+        mask[r, :prompt, :prompt] = causal[:prompt, :prompt]
+        positions[r, :prompt] = torch.arange(prompt)
+        for start, length in row.segments:
+            end = start + length
+            mask[r, start:end, :prompt] = True
+            mask[r, start:end, start:end] = causal[:length, :length]
+            positions[r, start:end] = torch.arange(prompt, prompt + length)
+    return ids, mask[:, None], positions
 
 
 def _hidden_and_head(model):
@@ -108,11 +130,7 @@ def choice_logprobs(
     scores = [[0.0] * len(options) for options in choices]
     batches = _batches(_rows(tokenizer, prompts, choices), max_batch_tokens)
     for batch in tqdm(batches, desc=description, unit="batch", disable=not progress, leave=False):
-        width = len(batch[-1].ids)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        for r, row in enumerate(batch):
-            ids[r, : len(row.ids)] = torch.tensor(row.ids)
-        ids = ids.to(device)
+        ids, mask, position_ids = (t.to(device) for t in _packed(batch, pad))
         # Gather every scored position of the batch, then project only those.
         row_index, position, targets, owners = [], [], [], []
         for r, row in enumerate(batch):
@@ -123,11 +141,11 @@ def choice_logprobs(
                 owners += [(row.example, c)] * len(positions)
         rows_t = torch.tensor(row_index, device=device)
         positions_t = torch.tensor(position, device=device)
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
         if body is not None:
-            hidden = body(input_ids=ids).last_hidden_state
-            logits = head(hidden[rows_t, positions_t])
+            logits = head(body(**inputs).last_hidden_state[rows_t, positions_t])
         else:
-            logits = model(input_ids=ids).logits[rows_t, positions_t]
+            logits = model(**inputs).logits[rows_t, positions_t]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         picked = logprobs[torch.arange(len(targets), device=device), torch.tensor(targets, device=device)]
         for (example, c), value in zip(owners, picked.tolist(), strict=True):
