@@ -1,0 +1,77 @@
+"""Time a cold build of a zoo preset (issue budget: tiny ≤ 15 min on 2 CPU cores) and record the
+expert-vs-base table, whether or not every expert passes the gate.
+
+    python bench/zoo_bench.py [--preset tiny]
+
+Builds into a fresh folder (bench/.zoo-build/<preset>), writes bench/results/zoo_build_<preset>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from mergeflow.errors import ZooError
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="tiny")
+    args = parser.parse_args()
+    folder = HERE / ".zoo-build" / args.preset
+    shutil.rmtree(folder, ignore_errors=True)
+    os.environ["MERGEFLOW_ZOO_DIR"] = str(folder)
+    from mergeflow.zoo.build import build_preset, built_models, load_index
+
+    started = time.perf_counter()
+    failure = None
+    try:
+        build_preset(args.preset, progress=False)
+    except ZooError as error:
+        failure = str(error)
+    total = time.perf_counter() - started
+    index = load_index(args.preset)
+    models = [
+        {"name": r["name"], "role": r["role"], "seconds": r.get("stats", {}).get("seconds")}
+        for r in built_models()
+    ]
+    rows = [row for family in index["families"].values() for row in family["table"]]
+    result = {
+        "preset": args.preset,
+        "total_seconds": round(total, 1),
+        "gate_failure": failure,
+        "models": models,
+        "table": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"zoo_build_{args.preset}.json").write_text(json.dumps(result, indent=2) + "\n")
+    passed = sum(row["gain"] >= index["min_gain"] for row in rows)
+    lines = [
+        f"# Cold build of zoo preset `{args.preset}`",
+        "",
+        f"Total: **{total / 60:.1f} min**; {passed}/{len(rows)} experts beat their base by "
+        f"≥ {index['min_gain']} validation accuracy.",
+        "",
+        "| family | task | base | expert | gain | multitask |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['family']} | {r['task']} | {r['base']:.2f} | {r['expert']:.2f} | {r['gain']:+.2f} | "
+        f"{r['multitask']:.2f} |"
+        for r in rows
+    ]
+    lines += ["", "| model | role | training seconds |", "|---|---|---|"]
+    lines += [f"| {m['name']} | {m['role']} | {m['seconds']} |" for m in models]
+    (RESULTS / f"zoo_build_{args.preset}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:3]))
+
+
+if __name__ == "__main__":
+    main()
