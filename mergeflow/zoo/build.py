@@ -70,10 +70,16 @@ def cached(name: str, key: str, build: Callable[[Path], dict]) -> tuple[Path, di
     return folder, record, True
 
 
+def device() -> torch.device:
+    """Train and score on the GPU when there is one; the CPU otherwise."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load(folder: Path):
     from mergeflow.eval.harness import load_model
 
-    return load_model(folder)
+    model, tokenizer = load_model(folder)
+    return model.to(device()), tokenizer
 
 
 def save(model, tokenizer, folder: Path) -> None:
@@ -146,7 +152,7 @@ class Builder:
                 pad_token_id=tokenizer.pad_token_id,
             )
             torch.manual_seed(spec.seed)
-            model = LlamaForCausalLM(config)
+            model = LlamaForCausalLM(config).to(device())
             sequences = training.text_windows(tokenizer, texts, spec.max_len)
             stats = training.train(
                 model, sequences, spec, _pad_id(tokenizer), f"pre-train {size.name}", self.progress

@@ -50,10 +50,10 @@ TINY = Preset(
         LlamaSize("5m", hidden_size=192, num_layers=6, intermediate_size=512, num_heads=6),
     ),
     vocab_size=8192,
-    pretrain=TrainSpec(steps=400, lr=3e-3, batch_size=16, max_len=128, warmup_steps=20),
-    instruct=TrainSpec(steps=150, lr=1e-3, batch_size=16, max_len=96),
-    expert=TrainSpec(steps=60, lr=1e-3, batch_size=16, max_len=96),
-    multitask=TrainSpec(steps=240, lr=1e-3, batch_size=16, max_len=96),
+    pretrain=TrainSpec(steps=300, lr=3e-3, batch_size=16, max_len=128, warmup_steps=20),
+    instruct=TrainSpec(steps=100, lr=2e-3, batch_size=16, max_len=96),
+    expert=TrainSpec(steps=80, lr=3e-3, batch_size=16, max_len=96),
+    multitask=TrainSpec(steps=320, lr=3e-3, batch_size=16, max_len=96),
 )
 
 SMOL = Preset(

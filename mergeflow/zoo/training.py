@@ -117,6 +117,7 @@ def train(
     if not sequences:
         raise ZooError(f"{description}: no training sequences")
     torch.manual_seed(spec.seed)
+    device = next(model.parameters()).device
     model.train()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.95)
@@ -133,7 +134,7 @@ def train(
     for step_indices in bar:
         # Right padding needs no attention mask under a causal mask; padded labels are ignored.
         ids, labels = _batch([sequences[i] for i in step_indices], pad_id)
-        loss = model(input_ids=ids, labels=labels).loss
+        loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss
         if not torch.isfinite(loss):
             raise ZooError(
                 f"{description}: loss became {loss.item()} at step {len(losses)}; lower the learning rate"
