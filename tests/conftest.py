@@ -13,7 +13,10 @@ from safetensors.torch import load_file
 # Hash caches and other state go to a throwaway folder, never the user's ~/.cache.
 os.environ.setdefault("MERGEFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="mergeflow-test-cache-"))
 
+from mergeflow.zoo.build import build_preset  # noqa: E402
 from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo  # noqa: E402
+from mergeflow.zoo.presets import LlamaSize, Preset  # noqa: E402
+from mergeflow.zoo.training import TrainSpec  # noqa: E402
 
 SMALL_ZOO = GeneratedZooSpec(num_experts=4, shard_bytes=60_000)
 
@@ -22,6 +25,32 @@ SMALL_ZOO = GeneratedZooSpec(num_experts=4, shard_bytes=60_000)
 def zoo(tmp_path_factory) -> dict[str, str]:
     """base + 4 experts with conflicting task vectors, sharded into several files each."""
     return build_generated_zoo(tmp_path_factory.mktemp("zoo"), SMALL_ZOO)
+
+
+# Micro models trained here in seconds; named so nobody mistakes them for the real zoo.
+MICRO = Preset(
+    name="micro-test",
+    description="test-only micro zoo",
+    sizes=(LlamaSize("micro", hidden_size=128, num_layers=2, intermediate_size=256, num_heads=4),),
+    vocab_size=4096,
+    pretrain=TrainSpec(steps=10, lr=3e-3, batch_size=8, max_len=64, warmup_steps=2),
+    instruct=TrainSpec(steps=10, lr=1e-3, batch_size=8, max_len=64, warmup_steps=2),
+    expert=TrainSpec(steps=100, lr=3e-3, batch_size=16, max_len=96),
+    multitask=TrainSpec(steps=20, lr=3e-3, batch_size=16, max_len=64),
+    instruct_examples=200,
+    tasks=("text_genre",),
+)
+
+
+@pytest.fixture(scope="session")
+def micro_zoo(tmp_path_factory):
+    """(zoo folder, preset index) of MICRO: PT and IT bases, a text_genre expert and a multitask
+    model each. MERGEFLOW_ZOO_DIR points at it while the fixture is built."""
+    folder = tmp_path_factory.mktemp("micro-zoo")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MERGEFLOW_ZOO_DIR", str(folder))
+        index = build_preset(MICRO, progress=False)
+    return folder, index
 
 
 def load_folder(folder: str | Path) -> dict[str, torch.Tensor]:

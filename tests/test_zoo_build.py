@@ -8,40 +8,16 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import MICRO
 from safetensors import safe_open
 
 from mergeflow.errors import ZooError
 from mergeflow.eval.harness import evaluate
 from mergeflow.zoo.build import RECORD, build_preset, built_models, load_index
-from mergeflow.zoo.presets import LlamaSize, Preset
-from mergeflow.zoo.training import TrainSpec
-
-# Micro models, trained here in seconds; named so nobody mistakes them for the real zoo.
-MICRO = Preset(
-    name="micro-test",
-    description="test-only micro zoo",
-    sizes=(LlamaSize("micro", hidden_size=128, num_layers=2, intermediate_size=256, num_heads=4),),
-    vocab_size=4096,
-    pretrain=TrainSpec(steps=10, lr=3e-3, batch_size=8, max_len=64, warmup_steps=2),
-    instruct=TrainSpec(steps=10, lr=1e-3, batch_size=8, max_len=64, warmup_steps=2),
-    expert=TrainSpec(steps=100, lr=3e-3, batch_size=16, max_len=96),
-    multitask=TrainSpec(steps=20, lr=3e-3, batch_size=16, max_len=64),
-    instruct_examples=200,
-    tasks=("text_genre",),
-)
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("zoo")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MERGEFLOW_ZOO_DIR", str(folder))
-        index = build_preset(MICRO, progress=False)
-        yield folder, index
-
-
-def test_an_expert_trained_here_beats_its_base_on_its_task(zoo, monkeypatch):
-    folder, index = zoo
+def test_an_expert_trained_here_beats_its_base_on_its_task(micro_zoo, monkeypatch):
+    folder, index = micro_zoo
     monkeypatch.setenv("MERGEFLOW_ZOO_DIR", str(folder))
     family = index["families"]["tinymicro-pt-trained-here"]
     row = family["table"][0]
@@ -52,8 +28,8 @@ def test_an_expert_trained_here_beats_its_base_on_its_task(zoo, monkeypatch):
     assert expert > base + 0.05
 
 
-def test_the_record_holds_the_hyper_parameters(zoo):
-    _, index = zoo
+def test_the_record_holds_the_hyper_parameters(micro_zoo):
+    _, index = micro_zoo
     expert = index["families"]["tinymicro-it-trained-here"]["experts"]["text_genre"]
     record = json.loads((Path(expert) / RECORD).read_text())
     assert record["train"] == dataclasses.asdict(MICRO.expert)
@@ -62,8 +38,8 @@ def test_the_record_holds_the_hyper_parameters(zoo):
         assert "model.embed_tokens.weight" in set(f.keys())
 
 
-def test_a_rebuild_is_served_from_the_cache(zoo, monkeypatch):
-    folder, _ = zoo
+def test_a_rebuild_is_served_from_the_cache(micro_zoo, monkeypatch):
+    folder, _ = micro_zoo
     monkeypatch.setenv("MERGEFLOW_ZOO_DIR", str(folder))
     again = build_preset(MICRO, progress=False)
     assert again["built_now"] == []
@@ -73,8 +49,8 @@ def test_a_rebuild_is_served_from_the_cache(zoo, monkeypatch):
     assert roles == ["base", "base", "expert", "expert", "multitask", "multitask", "tokenizer"]
 
 
-def test_a_changed_hyper_parameter_rebuilds_only_what_depends_on_it(zoo, monkeypatch):
-    folder, _ = zoo
+def test_a_changed_hyper_parameter_rebuilds_only_what_depends_on_it(micro_zoo, monkeypatch):
+    folder, _ = micro_zoo
     monkeypatch.setenv("MERGEFLOW_ZOO_DIR", str(folder))
     changed = dataclasses.replace(MICRO, multitask=dataclasses.replace(MICRO.multitask, steps=10))
     index = build_preset(changed, progress=False)
@@ -84,8 +60,8 @@ def test_a_changed_hyper_parameter_rebuilds_only_what_depends_on_it(zoo, monkeyp
     )
 
 
-def test_an_expert_that_does_not_beat_its_base_fails_loudly(zoo, monkeypatch):
-    folder, _ = zoo
+def test_an_expert_that_does_not_beat_its_base_fails_loudly(micro_zoo, monkeypatch):
+    folder, _ = micro_zoo
     monkeypatch.setenv("MERGEFLOW_ZOO_DIR", str(folder))
     impossible = dataclasses.replace(MICRO, min_gain=1.0)
     with pytest.raises(

@@ -1,0 +1,92 @@
+"""Resolve a model reference (local path, file:// or s3:// URI) to a verified local folder.
+
+A folder with a `mergeflow-manifest.json` is checked file by file against the sha256 and size it
+lists; any checkpoint must open (config, weights, index). S3 models are downloaded into
+`MERGEFLOW_CACHE_DIR/models/<hash of the manifest or the file listing>` through a staging folder
+renamed when complete, so a second fetch of the same model reads nothing but the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergeflow.checkpoint import MANIFEST, open_checkpoint
+from mergeflow.errors import CheckpointError
+from mergeflow.hashing import cache_dir, file_sha256, model_sha256
+from mergeflow.storage import locate
+
+
+@dataclass(frozen=True)
+class FetchedModel:
+    ref: str
+    path: Path
+    sha256: str  # content hash of config + weights (mergeflow.hashing.model_sha256)
+
+
+def verify_manifest(folder: Path, ref: str | None = None) -> None:
+    """Every file a mergeflow manifest lists exists with its size and sha256."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return
+    name = ref or str(folder)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{name}: {MANIFEST} is not valid JSON ({error})") from None
+    for entry in manifest.get("files", []):
+        path = folder / entry["path"]
+        if not path.is_file():
+            raise CheckpointError(f"{name}: {entry['path']} is listed in {MANIFEST} but missing")
+        if path.stat().st_size != entry["bytes"]:
+            raise CheckpointError(
+                f"{name}: {entry['path']} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+            )
+        actual = file_sha256(locate(str(path)))
+        if actual != entry["sha256"]:
+            raise CheckpointError(
+                f"{name}: {entry['path']} sha256 {actual[:12]}… does not match "
+                f"the manifest's {entry['sha256'][:12]}…"
+            )
+
+
+def fetch_model(ref: str) -> FetchedModel:
+    location = locate(ref)
+    folder = Path(location.path) if location.is_local else _download(ref)
+    verify_manifest(folder, ref)
+    checkpoint = open_checkpoint(str(folder))
+    try:
+        sha = model_sha256(checkpoint)
+    finally:
+        checkpoint.close()
+    return FetchedModel(ref, folder, sha)
+
+
+def _download(ref: str) -> Path:
+    location = locate(ref)
+    if not location.has_files():
+        raise CheckpointError(f"{ref}: no such model (nothing stored under this prefix)")
+    names = sorted(location.list_names())
+    if MANIFEST in names:
+        identity = location.child(MANIFEST).read_bytes()
+    else:
+        # Without a manifest, the listing (names and sizes) identifies the version.
+        identity = json.dumps([(n, location.child(n).size()) for n in names]).encode()
+    folder = cache_dir() / "models" / hashlib.sha256(ref.encode() + b"\0" + identity).hexdigest()[:24]
+    if folder.is_dir():
+        return folder
+    stage = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex[:8]}")
+    stage.mkdir(parents=True)
+    try:
+        for name in names:
+            # fs.get streams to disk; shards never sit whole in memory.
+            location.fs.get(location.child(name).path, str(stage / name))
+        verify_manifest(stage, ref)
+        stage.rename(folder)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return folder
