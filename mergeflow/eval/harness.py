@@ -36,8 +36,15 @@ def load_model(path: str | Path):
 def evaluate(
     path: str | Path, tasks: Sequence[str], split: str = "test", progress: bool = False
 ) -> dict[str, float]:
-    """Accuracy of one model on each task's split."""
+    """Accuracy of one model folder on each task's split."""
     model, tokenizer = load_model(path)
+    return evaluate_loaded(model, tokenizer, tasks, split, progress)
+
+
+def evaluate_loaded(
+    model, tokenizer, tasks: Sequence[str], split: str, progress: bool = False
+) -> dict[str, float]:
+    """Accuracy of a model already in memory on each task's split."""
     return {
         task: accuracy(model, tokenizer, load_task(task)[split], progress=progress, description=task)
         for task in tasks

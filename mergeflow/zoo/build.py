@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from mergeflow.errors import ZooError
 from mergeflow.eval import tasks as taskset
-from mergeflow.eval.scoring import accuracy
+from mergeflow.eval.harness import evaluate_loaded
 from mergeflow.zoo import RECORD, training, zoo_dir
 from mergeflow.zoo.presets import PRESETS, LlamaSize, Preset
 
@@ -93,7 +93,8 @@ class Builder:
         self.tasks = list(preset.tasks) if preset.tasks else taskset.held_in_tasks()
         self.built: list[str] = []
         self._pretraining_texts: list[str] | None = None
-        self.seen: set[str] = set()
+        # The tokenizer and each PT base are needed by several later models; resolve them once.
+        self._bases: dict[str, tuple[Path, str]] = {}
 
     def pretraining_texts(self) -> list[str]:
         if self._pretraining_texts is None:
@@ -102,6 +103,8 @@ class Builder:
 
     # -- bases -------------------------------------------------------------------------------
     def tokenizer(self) -> tuple[Path, str]:
+        if "tokenizer" in self._bases:
+            return self._bases["tokenizer"]
         texts = list(self.pretraining_texts())
         for task in self.tasks:
             texts += taskset.load_task(task)["train"]["prompt"]
@@ -115,11 +118,14 @@ class Builder:
 
         folder, _, built = cached(f"tokenizer-bpe{self.preset.vocab_size // 1024}k-trained-here", key, build)
         self._note(folder, built)
+        self._bases["tokenizer"] = folder, key
         return folder, key
 
     def pretrained(self, size: LlamaSize) -> tuple[Path, str]:
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+        if f"pt-{size.name}" in self._bases:
+            return self._bases[f"pt-{size.name}"]
         tokenizer_folder, tokenizer_key = self.tokenizer()
         spec = self.preset.pretrain
         texts = self.pretraining_texts()
@@ -149,10 +155,7 @@ class Builder:
             torch.manual_seed(spec.seed)
             model = LlamaForCausalLM(config).to(device())
             sequences = training.text_windows(tokenizer, texts, spec.max_len)
-            stats = training.train(
-                model, sequences, spec, _pad_id(tokenizer), f"pre-train {size.name}", self.progress
-            )
-            save(model, tokenizer, stage)
+            stats = self._train_and_save(stage, model, tokenizer, sequences, spec, f"pre-train {size.name}")
             return {
                 "role": "base",
                 "stage": "pt",
@@ -165,6 +168,7 @@ class Builder:
 
         folder, _, built = cached(f"tiny{size.name}-pt-trained-here", key, build)
         self._note(folder, built)
+        self._bases[f"pt-{size.name}"] = folder, key
         return folder, key
 
     def instruction_tuned(self, size: LlamaSize) -> tuple[Path, str]:
@@ -178,10 +182,9 @@ class Builder:
         def build(stage: Path) -> dict:
             model, tokenizer = load(parent)
             sequences = training.dataset_sequences(tokenizer, mixture, spec.max_len)
-            stats = training.train(
-                model, sequences, spec, _pad_id(tokenizer), f"instruction-tune {size.name}", self.progress
+            stats = self._train_and_save(
+                stage, model, tokenizer, sequences, spec, f"instruction-tune {size.name}"
             )
-            save(model, tokenizer, stage)
             return {
                 "role": "base",
                 "stage": "it",
@@ -219,13 +222,10 @@ class Builder:
             sequences = [
                 s for split in splits for s in training.dataset_sequences(tokenizer, split, spec.max_len)
             ]
-            stats = training.train(
-                model, sequences, spec, _pad_id(tokenizer), f"{family} {task or 'multitask'}", self.progress
+            stats = self._train_and_save(
+                stage, model, tokenizer, sequences, spec, f"{family} {task or 'multitask'}"
             )
-            validation = {
-                name: accuracy(model, tokenizer, taskset.load_task(name)["validation"]) for name in names
-            }
-            save(model, tokenizer, stage)
+            validation = evaluate_loaded(model, tokenizer, names, "validation")
             return {
                 "role": "expert" if task else "multitask",
                 "family": family,
@@ -247,9 +247,7 @@ class Builder:
         if path.is_file():
             return json.loads(path.read_text())
         model, tokenizer = load(base)
-        scores = {
-            name: accuracy(model, tokenizer, taskset.load_task(name)["validation"]) for name in self.tasks
-        }
+        scores = evaluate_loaded(model, tokenizer, self.tasks, "validation")
         tmp = path.with_suffix(".partial")
         tmp.write_text(json.dumps(scores, indent=2) + "\n")
         tmp.rename(path)
@@ -283,12 +281,16 @@ class Builder:
             "table": rows,
         }
 
+    def _train_and_save(self, stage: Path, model, tokenizer, sequences, spec, description: str) -> dict:
+        stats = training.train(model, sequences, spec, _pad_id(tokenizer), description, self.progress)
+        save(model, tokenizer, stage)
+        return stats
+
     def _note(self, folder: Path, built: bool) -> None:
         if built:
             self.built.append(folder.name)
-        if self.progress and folder.name not in self.seen:
+        if self.progress:
             tqdm.write(f"{'built ' if built else 'cached'} {folder.name}")
-        self.seen.add(folder.name)
 
 
 def build_preset(preset: str | Preset, progress: bool = True) -> dict:
