@@ -1,22 +1,34 @@
-"""merge_and_evaluate: fetch_experts → merge → evaluate_held_in → evaluate_held_out → register_model.
+"""merge_and_evaluate: fetch_experts → compute_task_vectors → merge → evaluate_held_in →
+evaluate_held_out → register_model.
 
-The parameters are one pydantic model, so the Prefect UI renders them as a form."""
+The parameters are one pydantic model, so the Prefect UI renders them as a form. With a `grid`,
+every combination is merged and scored on the held-in validation split first, and the best one
+(highest mean normalised held-in accuracy; the first in grid order on a tie) is the merge that
+is evaluated on `split` and registered.
+"""
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Literal
 
 import pandas as pd
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from mergeflow.eval.metrics import normalise, summary, task_infos
 from mergeflow.eval.tasks import held_out_tasks
-from tasks.evaluate import evaluate_held_in, evaluate_held_out
+from mergeflow.fetch import FetchedModel
+from mergeflow.settings import load_settings
+from tasks.compute_task_vectors import compute_task_vectors
+from tasks.evaluate import evaluate_held_in, evaluate_held_out, save_scores
 from tasks.fetch_experts import fetch_experts
-from tasks.merge import merge
+from tasks.merge import default_destination, merge, merge_key
 from tasks.register import register_model
+
+MAX_GRID_POINTS = 16
 
 
 class MergeRequest(BaseModel):
@@ -29,18 +41,42 @@ class MergeRequest(BaseModel):
     parameters: dict[str, float] = Field(
         default_factory=dict, description="Global method parameters, e.g. lambda, density, seed"
     )
+    grid: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="Values to try per parameter (e.g. lambda: [0.5, 1.0]); the best combination on "
+        f"held-in validation wins. At most {MAX_GRID_POINTS} combinations.",
+    )
     held_out: list[str] | None = Field(None, description="Held-out tasks; default all")
     split: Literal["validation", "test"] = "test"
-    destination: str = Field(description="Where the merged model goes (path or s3:// URI)")
+    destination: str | None = Field(
+        None, description="Where the merged model goes (path or s3:// URI); default under `artifacts`"
+    )
+    artifacts: str | None = Field(
+        None, description="Store for task vectors and merged models; default from mergeflow settings"
+    )
     register_in_mlflow: bool = True
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default from mergeflow settings")
+
+    @field_validator("grid")
+    @classmethod
+    def _small_grid(cls, grid: dict[str, list[float]]) -> dict[str, list[float]]:
+        empty = [name for name, values in grid.items() if not values]
+        if empty:
+            raise ValueError(f"grid parameter {empty[0]!r} has no values")
+        points = math.prod(len(values) for values in grid.values())
+        if points > MAX_GRID_POINTS:
+            raise ValueError(f"grid has {points} combinations; at most {MAX_GRID_POINTS} are allowed")
+        return grid
 
 
 class MergeOutcome(BaseModel):
     merged: str
+    parameters: dict[str, float]
     scores: list[dict]
+    scores_uri: str
     held_in_normalised: float
     held_out_normalised: float
+    grid_trials: list[dict] = []
     model_name: str | None = None
     model_version: str | None = None
     run_id: str | None = None
@@ -48,19 +84,26 @@ class MergeOutcome(BaseModel):
 
 @flow(name="merge-and-evaluate", log_prints=True)
 def merge_and_evaluate(request: MergeRequest) -> MergeOutcome:
+    store = request.artifacts or load_settings().artifacts
     base, experts = fetch_experts(request.base, request.experts)
-    merged = merge(base, experts, request.method, request.parameters, request.destination)
+    vectors = compute_task_vectors(base, experts, store)
+    trials = search_grid(request, base, experts, vectors, store) if request.grid else []
+    parameters = trials_best(trials) if trials else request.parameters
+    destination = request.destination or default_destination(
+        store, request.base_family, request.method, merge_key(request.method, parameters, base, vectors)
+    )
+    merged = merge(base, vectors, request.method, parameters, destination)
     held_in = evaluate_held_in(merged, experts, request.split)
-    held_out_names = request.held_out or held_out_tasks()
-    held_out = evaluate_held_out(merged, base, held_out_names, request.split)
+    held_out = evaluate_held_out(merged, base, request.held_out or held_out_tasks(), request.split)
     table = score_table(held_in, held_out, list(experts))
+    scores_uri = save_scores(table, merged)
     registered = None
     if request.register_in_mlflow:
         registered = register_model(
             merged,
             request.base_family,
             request.method,
-            request.parameters,
+            parameters,
             base,
             experts,
             table[table.model == "merged"],
@@ -68,10 +111,13 @@ def merge_and_evaluate(request: MergeRequest) -> MergeOutcome:
         )
     headline = summary(table).loc["merged", "normalised"]
     outcome = MergeOutcome(
-        merged=merged,
+        merged=merged.ref,
+        parameters=parameters,
         scores=table.to_dict("records"),
+        scores_uri=scores_uri,
         held_in_normalised=float(headline["held_in"]),
         held_out_normalised=float(headline["held_out"]),
+        grid_trials=trials,
         model_name=registered.model_name if registered else None,
         model_version=str(registered.version) if registered else None,
         run_id=registered.run_id if registered else None,
@@ -82,6 +128,40 @@ def merge_and_evaluate(request: MergeRequest) -> MergeOutcome:
         description=f"{request.method} merge of {len(experts)} experts",
     )
     return outcome
+
+
+def search_grid(
+    request: MergeRequest,
+    base: FetchedModel,
+    experts: dict[str, FetchedModel],
+    vectors: dict[str, FetchedModel],
+    store: str,
+) -> list[dict]:
+    """Merge and score every grid combination on the held-in validation split."""
+    names = sorted(request.grid)
+    trials = []
+    for values in itertools.product(*(request.grid[name] for name in names)):
+        parameters = request.parameters | dict(zip(names, values, strict=True))
+        key = merge_key(request.method, parameters, base, vectors)
+        candidate = merge(
+            base,
+            vectors,
+            request.method,
+            parameters,
+            default_destination(store, request.base_family, request.method, key),
+        )
+        held_in = evaluate_held_in(candidate, experts, "validation")
+        table = score_table(held_in, {"merged": {}, "base": {}}, list(experts))
+        value = float(summary(table).loc["merged", ("normalised", "held_in")])
+        print(f"grid {parameters}: held-in validation (÷ expert) {value:.3f}")
+        trials.append({"parameters": parameters, "held_in_validation": value, "merged": candidate.ref})
+    return trials
+
+
+def trials_best(trials: list[dict]) -> dict[str, float]:
+    # max keeps the first of equal values; NaN (an expert scoring 0) never wins.
+    scored = [t for t in trials if not math.isnan(t["held_in_validation"])] or trials
+    return max(scored, key=lambda t: t["held_in_validation"])["parameters"]
 
 
 def score_table(held_in: dict, held_out: dict, expert_tasks: list[str]) -> pd.DataFrame:
@@ -104,10 +184,16 @@ def report(request: MergeRequest, outcome: MergeOutcome, table: pd.DataFrame) ->
         if outcome.model_name
         else "not registered"
     )
+    grid = ""
+    if outcome.grid_trials:
+        grid = "\n\nGrid (held-in validation, ÷ expert):\n\n| parameters | score |\n|---|---|\n" + "\n".join(
+            f"| {t['parameters']} | {t['held_in_validation']:.3f} |" for t in outcome.grid_trials
+        )
     return (
         f"# {request.method} merge of {len(request.experts)} experts\n\n"
-        f"Merged model: `{outcome.merged}`  \n{registry}\n\n"
+        f"Merged model: `{outcome.merged}`  \nParameters: `{outcome.parameters}`  \n"
+        f"Scores: `{outcome.scores_uri}`  \n{registry}\n\n"
         f"Normalised held-in (÷ expert): **{outcome.held_in_normalised:.3f}**; "
         f"held-out (÷ base): **{outcome.held_out_normalised:.3f}**\n\n"
-        "| task | kind | category | accuracy | normalised |\n|---|---|---|---|---|\n" + rows + "\n"
+        "| task | kind | category | accuracy | normalised |\n|---|---|---|---|---|\n" + rows + grid + "\n"
     )

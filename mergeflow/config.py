@@ -245,4 +245,3 @@ def _describe(exc: ValidationError) -> str:
 
 def _is_union_branch(part: Any) -> bool:
     return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
-

@@ -35,6 +35,7 @@ from mergeflow.methods.kernels import abs_difference_
 from mergeflow.methods.primitives import NonFiniteInput
 from mergeflow.output import ShardedWriter, StagedOutput
 from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
+from mergeflow.task_vectors import check_task_vectors_match_base, task_vector_info
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,11 @@ def merge(
             PlannedTensor(e.name, out_dtype if out_dtype and e.dtype in FLOAT_DTYPES else e.dtype, e.shape)
             for e in reference.tensors.values()
         ]
+        base_sha = model_sha256(base) if base else None
+        check_task_vectors_match_base(base, base_sha, experts)
         inputs = {
-            "base": {"ref": base.ref, "sha256": model_sha256(base)} if base else None,
-            "models": [{"ref": c.ref, "sha256": model_sha256(c)} for c in experts],
+            "base": {"ref": base.ref, "sha256": base_sha} if base else None,
+            "models": [_input_record(c) for c in experts],
         }
         stage = StagedOutput(out, overwrite=overwrite)
         try:
@@ -120,6 +123,15 @@ def merge(
     written = sum(f["bytes"] for f in manifest["files"])
     log.info("merged %d tensors with %s into %s in %.1fs", len(plan), method.name, stage.target.uri, seconds)
     return MergeResult(stage.target.uri, manifest, len(plan), written, seconds)
+
+
+def _input_record(checkpoint: Checkpoint) -> dict:
+    """Lineage of one merged model: its hash and, for a task vector, the expert it came from."""
+    record = {"ref": checkpoint.ref, "sha256": model_sha256(checkpoint)}
+    info = task_vector_info(checkpoint)
+    if info is not None:
+        record["task_vector_of"] = {"ref": info["expert"], "sha256": info["expert_sha256"]}
+    return record
 
 
 def _release_large_blocks_to_the_os() -> None:
@@ -205,6 +217,8 @@ def _merge_all(
         _chunk_elements(work_bytes, n), n, itemsize, max(t.numel for t in reference.tensors.values())
     )
     chunk = workspace.chunk
+    # Task vector inputs hold τ; the engine adds the base back so every method sees models.
+    deltas = [task_vector_info(c) is not None for c in experts]
     reader = TensorFileReader()
     bar = tqdm(
         total=sum(t.nbytes for t in plan),
@@ -225,7 +239,9 @@ def _merge_all(
                     _copy(reader, ref_entry, target, writer, chunk, bar)
                     continue
                 params = resolve_parameters(config, target.name, layers)
-                tensor = _TensorMerge(target, method, base_entry, entries, params, reader, io, workspace)
+                tensor = _TensorMerge(
+                    target, method, base_entry, entries, deltas, params, reader, io, workspace
+                )
                 for merged in tensor.run():
                     writer.write(target.name, merged.to(target.dtype))
                     bar.update(merged.numel() * target.dtype.itemsize)
@@ -284,9 +300,9 @@ def _copy(reader, entry, target, writer, chunk, bar) -> None:
 class _TensorMerge:
     """Statistics then chunked merge for one tensor."""
 
-    def __init__(self, target, method, base_entry, entries, params, reader, io, workspace) -> None:
+    def __init__(self, target, method, base_entry, entries, deltas, params, reader, io, workspace) -> None:
         self.target, self.method, self.params = target, method, params
-        self.base_entry, self.entries = base_entry, entries
+        self.base_entry, self.entries, self.deltas = base_entry, entries, deltas
         self.reader, self.io, self.workspace = reader, io, workspace
         self.chunk = workspace.chunk
         self.numel = math.prod(target.shape)
@@ -320,7 +336,11 @@ class _TensorMerge:
             stats = []
             for i, entry in enumerate(self.entries):
                 magnitudes.copy_(self.reader.read(entry, 0, self.numel, into=raw))
-                if abs_difference_(magnitudes.numpy(), magnitudes.numpy(), base.numpy()):
+                if self.deltas[i]:
+                    magnitudes.abs_()
+                    if not torch.isfinite(magnitudes).all():
+                        self._name_non_finite_input(0, self.numel)
+                elif abs_difference_(magnitudes.numpy(), magnitudes.numpy(), base.numpy()):
                     self._name_non_finite_input(0, self.numel)
                 stats.append(method.model_statistic(magnitudes, self._params_of_model(i)))
             return torch.stack(stats)
@@ -350,8 +370,10 @@ class _TensorMerge:
             # page faults on every pass. Flat slices keep each view contiguous.
             base = self.workspace.base[:count].copy_(raw_base) if raw_base is not None else None
             models = self.workspace.models[: len(raw_models) * count].view(len(raw_models), count)
-            for row, raw in zip(models, raw_models, strict=True):
+            for row, raw, delta in zip(models, raw_models, self.deltas, strict=True):
                 row.copy_(raw)
+                if delta:
+                    row.add_(base)
             yield start, base, models
 
     def _read_raw(self, start: int, slot: int):

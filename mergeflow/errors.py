@@ -25,6 +25,11 @@ class StorageError(MergeflowError):
     """A storage location (local path or S3) cannot be reached or written."""
 
 
+class TransientStorageError(StorageError):
+    """A storage request failed in a way a retry may cure (connection, timeout, server error),
+    as opposed to a missing object or refused credentials."""
+
+
 class DataError(MergeflowError):
     """A data source (package archive, text file) is missing, corrupt or not in the expected format."""
 

@@ -40,6 +40,9 @@ from mergeflow.settings import load_settings
 MODEL_ARTIFACT_PATH = "model"
 SCORES_ARTIFACT = "scores/scores.csv"
 TRUNCATED_TAG = "mergeflow.truncated_params"
+# On every version: the merged model's content hash, so registering the same model again
+# returns its version instead of adding a duplicate.
+MODEL_SHA_TAG = "mergeflow.model_sha256"
 # Run parameters that mergeflow sets itself; a merge hyper-parameter may not reuse these names.
 RESERVED_PARAMS = ("method", "base", "experts", "expert_count")
 
@@ -61,6 +64,7 @@ class MergeRecord:
     output_uri: str | None  # where the merged model lives (s3://...), if anywhere but merged_folder
     prefect_flow_run_id: str | None
     prefect_flow_run_url: str | None
+    model_sha256: str | None = None  # content hash of the merged model (mergeflow.hashing)
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,11 @@ def client_for(tracking_uri: str | None = None) -> tuple[MlflowClient, str]:
 def register_merge(
     record: MergeRecord, tracking_uri: str | None = None, experiment: str = "mergeflow"
 ) -> RegisteredVersion:
-    """Log one run for the merge in `record` and register its model folder as a new version."""
+    """Log one run for the merge in `record` and register its model folder as a new version.
+
+    When a version of the same model (by `record.model_sha256`) is already registered, that
+    version is returned and nothing is logged: re-running a merge does not add duplicates.
+    """
     folder = Path(record.merged_folder)
     manifest = _read_manifest(folder, str(folder))
     _check_listed_files(folder, manifest, str(folder))
@@ -98,6 +106,9 @@ def register_merge(
 
     client, uri = client_for(tracking_uri)
     name = model_name(record.base_family)
+    existing = _version_of(client, name, record.model_sha256) if record.model_sha256 else None
+    if existing is not None:
+        return existing
     try:
         experiment_id = _experiment_id(client, uri, experiment)
         run = client.create_run(experiment_id, run_name=f"{record.method}-{record.base_family}")
@@ -299,10 +310,26 @@ def _create_version(client: MlflowClient, name: str, run_id: str, record: MergeR
         name,
         source=f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}",
         run_id=run_id,
-        tags={"mergeflow.method": record.method},
+        tags={"mergeflow.method": record.method}
+        | ({MODEL_SHA_TAG: record.model_sha256} if record.model_sha256 else {}),
         description=f"{record.method} merge of {len(record.experts)} experts onto {record.base}",
     )
     return int(version.version)
+
+
+def _version_of(client: MlflowClient, name: str, model_sha256: str) -> RegisteredVersion | None:
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    for version in versions:
+        if version.tags.get(MODEL_SHA_TAG) == model_sha256:
+            return RegisteredVersion(
+                version.run_id, name, int(version.version), f"models:/{name}/{version.version}"
+            )
+    return None
 
 
 def _download(client: MlflowClient, uri: str, source: str, dest: Path) -> str:

@@ -73,6 +73,11 @@ class Settings(BaseSettings):
         default=None, validation_alias="AWS_SECRET_ACCESS_KEY", description="S3 secret key."
     )
     bucket: str = Field(default="mergeflow", description="Bucket for mergeflow's artifacts and models.")
+    artifacts: str | None = Field(
+        default=None,
+        description="Where the pipeline keeps task vectors, merged models and score tables (path or "
+        "s3:// prefix); None means s3://<bucket> when an S3 endpoint is set, else <home>/artifacts.",
+    )
     mlflow_tracking_uri: str = Field(
         default="",
         validation_alias="MLFLOW_TRACKING_URI",
@@ -115,15 +120,17 @@ class Settings(BaseSettings):
             raise ValueError(f"'{bucket}' is not a valid S3 bucket name (3-63 of a-z, 0-9, '.', '-')")
         return bucket
 
-    @field_validator("s3_endpoint_url", "prefect_api_url")
+    @field_validator("s3_endpoint_url", "prefect_api_url", "artifacts")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
     @model_validator(mode="after")
-    def _default_tracking_uri(self) -> Settings:
+    def _defaults_from_home(self) -> Settings:
         if not self.mlflow_tracking_uri:
             self.mlflow_tracking_uri = f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}"
+        if not self.artifacts:
+            self.artifacts = f"s3://{self.bucket}" if self.s3_endpoint_url else str(self.home / "artifacts")
         return self
 
 

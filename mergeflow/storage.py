@@ -15,7 +15,7 @@ from pathlib import Path
 
 import fsspec
 
-from mergeflow.errors import StorageError
+from mergeflow.errors import StorageError, TransientStorageError
 
 S3_ENDPOINT_ENV = "MERGEFLOW_S3_ENDPOINT_URL"
 
@@ -94,6 +94,17 @@ class Location:
             return Path(self.path).read_bytes()
         return _guard(self, lambda: self.fs.cat_file(self.path))
 
+    def write_bytes(self, data: bytes) -> None:
+        """Write a whole small file; locally through a temporary name, so readers never see half."""
+        if self.is_local:
+            path = Path(self.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.partial")
+            partial.write_bytes(data)
+            partial.replace(path)
+            return
+        _guard(self, lambda: self.fs.pipe_file(self.path, data))
+
     def read_range(self, start: int, length: int) -> bytes:
         if self.is_local:
             with open(self.path, "rb") as f:
@@ -123,7 +134,7 @@ def _guard(location: Location, action):
     except PermissionError as exc:
         raise StorageError(f"{location.uri}: access denied (check the S3 credentials)") from exc
     except OSError as exc:
-        raise StorageError(f"{location.uri}: {type(exc).__name__}: {_redact(str(exc))}") from exc
+        raise TransientStorageError(f"{location.uri}: {type(exc).__name__}: {_redact(str(exc))}") from exc
 
 
 def _redact(message: str) -> str:

@@ -1,20 +1,19 @@
-"""register_model: an MLflow run per merge and a new version of the base family's registered model."""
+"""register_model: an MLflow run per merge and a version of the base family's registered model."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pandas as pd
 from prefect import runtime, task
 from prefect.cache_policies import NO_CACHE
 
-from mergeflow.fetch import FetchedModel, fetch_model
+from mergeflow.fetch import FetchedModel
 from mergeflow.registry import MergeRecord, RegisteredVersion, register_merge
+from tasks.retries import IO_RETRIES
 
 
-@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, task_run_name="register-model")
+@task(**IO_RETRIES, cache_policy=NO_CACHE, task_run_name="register-model")
 def register_model(
-    merged: str,
+    merged: FetchedModel,
     base_family: str,
     method: str,
     parameters: dict,
@@ -23,9 +22,10 @@ def register_model(
     scores: pd.DataFrame,
     tracking_uri: str | None = None,
 ) -> RegisteredVersion:
+    """A model already registered (same content hash) keeps its version; see register_merge."""
     inputs = [base, *experts.values()]
     record = MergeRecord(
-        merged_folder=Path(fetch_model(merged).path),
+        merged_folder=merged.path,
         base_family=base_family,
         method=method,
         parameters=parameters,
@@ -33,8 +33,9 @@ def register_model(
         experts=[expert.ref for expert in experts.values()],
         input_hashes={model.ref: model.sha256 for model in inputs},
         scores=scores,
-        output_uri=merged,
+        output_uri=merged.ref,
         prefect_flow_run_id=str(runtime.flow_run.id) if runtime.flow_run.id else None,
         prefect_flow_run_url=runtime.flow_run.ui_url,
+        model_sha256=merged.sha256,
     )
     return register_merge(record, tracking_uri=tracking_uri)

@@ -63,8 +63,10 @@ def test_batched_scores_equal_naive_per_choice_scores(llama, tokenizer):
         [" Paris", " London Berlin", " maybe no"],  # multi-token choices
         [" yes", " no", " the service was terrible"],
     ]
-    expected = [[naive_logprob(llama, tokenizer, p, option) for option in options] for p, options in
-                zip(prompts, choices, strict=True)]
+    expected = [
+        [naive_logprob(llama, tokenizer, p, option) for option in options]
+        for p, options in zip(prompts, choices, strict=True)
+    ]
     # One row per batch, and all rows in one padded batch.
     for budget in (40, 4096):
         scores = choice_logprobs(llama, tokenizer, prompts, choices, max_batch_tokens=budget)

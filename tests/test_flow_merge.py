@@ -35,6 +35,7 @@ def request_for(micro_zoo, tmp_path: Path, **overrides) -> MergeRequest:
         "held_out": ["part_of_speech"],
         "split": "validation",
         "destination": str(tmp_path / "merged"),
+        "artifacts": str(tmp_path / "artifacts"),
         "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
     } | overrides
     return MergeRequest(**values)
@@ -53,14 +54,21 @@ def test_a_merge_is_evaluated_registered_and_loads_back(prefect_api, micro_zoo, 
     assert tasks["text_genre"]["kind"] == "held_in" and tasks["part_of_speech"]["kind"] == "held_out"
     # A single expert merged with TIES at density 0.5 keeps only part of its task vector.
     assert 0 < outcome.held_in_normalised <= 1.5
+    # The merge read the stored task vector, whose lineage names the expert.
+    (vector,) = (tmp_path / "artifacts" / "task-vectors").iterdir()
+    lineage = manifest["inputs"]["models"][0]
+    assert lineage["ref"] == str(vector) and lineage["task_vector_of"]["ref"] == request.experts["text_genre"]
+    saved = Path(outcome.scores_uri).read_text()
+    assert saved.splitlines()[0] == "task,category,kind,model,raw,normalised" and "part_of_speech" in saved
 
     client = mlflow.MlflowClient(request.tracking_uri)
     run = client.get_run(outcome.run_id)
     assert run.data.params["method"] == "ties"
     assert "normalised/text_genre" in run.data.metrics
     assert run.data.tags["mergeflow.prefect_flow_run_id"] == str(state.state_details.flow_run_id)
-    folder = load_registered(outcome.model_name, outcome.model_version, tracking_uri=request.tracking_uri,
-                             dest=tmp_path / "loaded")
+    folder = load_registered(
+        outcome.model_name, outcome.model_version, tracking_uri=request.tracking_uri, dest=tmp_path / "loaded"
+    )
     assert (folder / "config.json").is_file()
 
 
@@ -74,17 +82,68 @@ def test_a_missing_expert_fails_the_run_and_registers_nothing(prefect_api, micro
     assert not (tmp_path / "merged").exists()
 
 
-def test_a_second_identical_run_reuses_the_reference_scores(prefect_api, micro_zoo, tmp_path):
-    request = request_for(micro_zoo, tmp_path, register_in_mlflow=False)
-    first = merge_and_evaluate(request, return_state=True)
-    second = merge_and_evaluate(request, return_state=True)
-    assert first.is_completed() and second.is_completed()
-
-    async def reference_states(flow_run_id):
+def task_run_states(flow_run_id) -> dict[str, str]:
+    async def read():
         async with get_client() as client:
             runs = await client.read_task_runs()
-            mine = [r for r in runs if r.flow_run_id == flow_run_id and "score-reference" in r.name]
-            return [r.state.name for r in mine]
+            return {r.name: r.state.name for r in runs if r.flow_run_id == flow_run_id}
 
-    states = asyncio.run(reference_states(second.state_details.flow_run_id))
-    assert states and all(name == "Cached" for name in states)
+    return asyncio.run(read())
+
+
+def test_a_second_identical_run_recomputes_nothing(prefect_api, micro_zoo, tmp_path):
+    request = request_for(micro_zoo, tmp_path, destination=None)
+    first = merge_and_evaluate(request, return_state=True)
+    assert first.is_completed()
+    merged = Path(first.result().merged)
+    assert merged.parent.parent == tmp_path / "artifacts" / "merged"
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "artifacts").rglob("*.safetensors")}
+
+    second = merge_and_evaluate(request, return_state=True)
+    assert second.is_completed()
+    # Every score comes from the cache; no task vector or merged shard was written again.
+    scores = {
+        name: state
+        for name, state in task_run_states(second.state_details.flow_run_id).items()
+        if name.startswith("score-")
+    }
+    assert set(scores) >= {
+        "score-merged-validation",
+        "score-base-validation",
+        "score-expert:text_genre-validation",
+    }
+    assert set(scores.values()) == {"Cached"}
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "artifacts").rglob("*.safetensors")} == written
+    # And the registry keeps one version of the one model.
+    assert second.result().model_version == first.result().model_version
+    versions = mlflow.MlflowClient(request.tracking_uri).search_model_versions(
+        "name='mergeflow-tinymicro-it'"
+    )
+    assert len(versions) == 1
+
+
+def test_a_grid_is_searched_on_validation_and_the_best_is_kept(prefect_api, micro_zoo, tmp_path):
+    request = request_for(
+        micro_zoo,
+        tmp_path,
+        method="task_arithmetic",
+        parameters={},
+        grid={"lambda": [0.0, 1.0]},
+        register_in_mlflow=False,
+    )
+    outcome = merge_and_evaluate(request)
+    trials = {t["parameters"]["lambda"]: t["held_in_validation"] for t in outcome.grid_trials}
+    assert set(trials) == {0.0, 1.0}
+    # λ = 0 is the base itself; the expert's own task vector at λ = 1 scores as the expert does.
+    assert trials[1.0] == pytest.approx(1.0)
+    assert trials[1.0] > trials[0.0]
+    assert outcome.parameters == {"lambda": 1.0}
+
+
+def test_a_grid_too_large_is_refused_before_anything_runs(micro_zoo, tmp_path):
+    with pytest.raises(ValueError, match="grid has 25 combinations; at most 16"):
+        request_for(
+            micro_zoo,
+            tmp_path,
+            grid={"lambda": [0.1, 0.2, 0.3, 0.4, 0.5], "density": [0.1, 0.2, 0.3, 0.4, 0.5]},
+        )
