@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
+from pathlib import Path
 from typing import Literal
 
 import pandas as pd
-from prefect import flow
+from prefect import flow, runtime
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field, field_validator
 
@@ -77,6 +79,7 @@ class MergeOutcome(BaseModel):
     held_in_normalised: float
     held_out_normalised: float
     grid_trials: list[dict] = []
+    flow_run_id: str | None = None
     model_name: str | None = None
     model_version: str | None = None
     run_id: str | None = None
@@ -118,6 +121,7 @@ def merge_and_evaluate(request: MergeRequest) -> MergeOutcome:
         held_in_normalised=float(headline["held_in"]),
         held_out_normalised=float(headline["held_out"]),
         grid_trials=trials,
+        flow_run_id=str(runtime.flow_run.id) if runtime.flow_run.id else None,
         model_name=registered.model_name if registered else None,
         model_version=str(registered.version) if registered else None,
         run_id=registered.run_id if registered else None,
@@ -197,3 +201,9 @@ def report(request: MergeRequest, outcome: MergeOutcome, table: pd.DataFrame) ->
         f"held-out (÷ base): **{outcome.held_out_normalised:.3f}**\n\n"
         "| task | kind | category | accuracy | normalised |\n|---|---|---|---|---|\n" + rows + grid + "\n"
     )
+
+
+if __name__ == "__main__":
+    # python -m flows.merge_and_evaluate request.json: run once, print the outcome as JSON.
+    request = MergeRequest.model_validate_json(Path(sys.argv[1]).read_text())
+    print(merge_and_evaluate(request).model_dump_json(indent=2))

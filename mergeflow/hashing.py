@@ -6,12 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 from mergeflow.checkpoint import CONFIG, MANIFEST, Checkpoint
 from mergeflow.storage import Location
 
 HASH_BLOCK = 8 << 20
+_CACHE_LOCK = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -28,12 +30,17 @@ def file_sha256(file: Location) -> str:
     stat = os.stat(file.path)
     key = f"{file.path}|{stat.st_size}|{stat.st_mtime_ns}"
     cache_file = cache_dir() / "file-hashes.json"
-    cache = _read_cache(cache_file)
-    if key not in cache:
-        digest = hashlib.sha256()
-        with open(file.path, "rb") as f:
-            while block := f.read(HASH_BLOCK):
-                digest.update(block)
+    known = _read_cache(cache_file).get(key)
+    if known:
+        return known
+    digest = hashlib.sha256()
+    with open(file.path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+    # Read-modify-write under a lock: threads (Prefect's mapped tasks) hash files concurrently.
+    # Between processes an update may be lost, which only costs a later re-hash.
+    with _CACHE_LOCK:
+        cache = _read_cache(cache_file)
         cache[key] = digest.hexdigest()
         _write_cache(cache_file, cache)
     return cache[key]
@@ -62,6 +69,6 @@ def _read_cache(path: Path) -> dict:
 
 def _write_cache(path: Path, cache: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(cache))
     os.replace(tmp, path)

@@ -135,6 +135,15 @@ def _guard(location: Location, action):
         raise StorageError(f"{location.uri}: access denied (check the S3 credentials)") from exc
     except OSError as exc:
         raise TransientStorageError(f"{location.uri}: {type(exc).__name__}: {_redact(str(exc))}") from exc
+    except _botocore_errors() as exc:  # the endpoint is unreachable or the connection broke
+        raise TransientStorageError(f"{location.uri}: {_redact(str(exc))}") from exc
+
+
+def _botocore_errors() -> tuple[type[Exception], ...]:
+    # Imported only once an error is being handled: botocore is slow to import.
+    from botocore.exceptions import BotoCoreError
+
+    return (BotoCoreError,)
 
 
 def _redact(message: str) -> str:

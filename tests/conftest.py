@@ -58,3 +58,12 @@ def load_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     for file in sorted(Path(folder).glob("*.safetensors")):
         tensors |= load_file(file)
     return tensors
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """Prefect's ephemeral API, one for the session (starting one costs seconds)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -10,17 +10,10 @@ from pathlib import Path
 import mlflow
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.merge_and_evaluate import MergeRequest, merge_and_evaluate
 from mergeflow.checkpoint import MANIFEST
 from mergeflow.registry import load_registered
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def request_for(micro_zoo, tmp_path: Path, **overrides) -> MergeRequest:

@@ -1,0 +1,143 @@
+"""The pipeline end to end on real servers: `mergeflow stack up` (SeaweedFS; an MLflow server
+whose artifacts go to S3; a Prefect server), the micro zoo published to S3 by publish_zoo, then
+merge_and_evaluate run by separate processes, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from test_stack import free_ports, get_json, sourced, stack_env
+
+from mergeflow.registry import load_registered
+from mergeflow.settings import Settings
+from mergeflow.stack import S3Credentials, down, s3_client, up
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, micro_zoo):
+    """(settings, environment of a client of the stack, S3 client)."""
+    home = tmp_path_factory.mktemp("e2e-home")
+    ports = free_ports(3)
+    settings = Settings(home=home, s3_port=ports[0], mlflow_port=ports[1], prefect_port=ports[2])
+    try:
+        up(settings, timeout=180)
+        env = sourced(home / "stack" / "env.sh", stack_env(home, ports))
+        env |= {
+            "MERGEFLOW_ZOO_DIR": str(micro_zoo[0]),
+            "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-client")),
+            "PYTHONPATH": str(ROOT),
+        }
+        s3 = s3_client(
+            env["MERGEFLOW_S3_ENDPOINT_URL"],
+            S3Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]),
+        )
+        yield settings, env, s3
+    finally:
+        down(settings)
+
+
+def run_flow(module: str, request: dict, env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    path = tmp_path / f"{module}-request.json"
+    path.write_text(json.dumps(request))
+    return subprocess.run(
+        [sys.executable, "-m", f"flows.{module}", str(path)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def outcome_of(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(proc.stdout[proc.stdout.index("{\n") :])
+
+
+def objects(s3, bucket: str, prefix: str) -> dict[str, str]:
+    """Key → ETag of every object under prefix."""
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"]: o["ETag"] + str(o["LastModified"]) for page in pages for o in page.get("Contents", [])}
+
+
+def test_publish_merge_evaluate_register_on_real_servers(stack, tmp_path):
+    settings, env, s3 = stack
+    bucket = settings.bucket
+
+    published = outcome_of(run_flow("publish_zoo", {"preset": "micro-test"}, env, tmp_path))
+    family = published["families"]["tinymicro-it-trained-here"]
+    assert family["base"].startswith(f"s3://{bucket}/zoo/micro-test/")
+    keys = objects(s3, bucket, "zoo/")
+    assert "zoo/micro-test.json" in keys
+    assert (
+        f"{family['experts']['text_genre'].removeprefix(f's3://{bucket}/')}/mergeflow-manifest.json" in keys
+    )
+    # Publishing again uploads nothing.
+    outcome_of(run_flow("publish_zoo", {"preset": "micro-test"}, env, tmp_path))
+    assert {k: v for k, v in objects(s3, bucket, "zoo/").items() if k != "zoo/micro-test.json"} == {
+        k: v for k, v in keys.items() if k != "zoo/micro-test.json"
+    }
+
+    request = {
+        "base": family["base"],
+        "base_family": "tinymicro-it",
+        "experts": family["experts"],
+        "method": "ties",
+        "parameters": {"density": 0.5, "lambda": 1.0},
+        "held_out": ["part_of_speech"],
+        "split": "validation",
+    }
+    first = outcome_of(run_flow("merge_and_evaluate", request, env, tmp_path))
+
+    # S3: task vector, merged shards and manifest, score table.
+    merged_prefix = first["merged"].removeprefix(f"s3://{bucket}/")
+    assert merged_prefix.startswith("merged/tinymicro-it/ties-")
+    stored = objects(s3, bucket, "")
+    assert f"{merged_prefix}/mergeflow-manifest.json" in stored
+    assert f"{merged_prefix}/model.safetensors" in stored and f"{merged_prefix}.scores.csv" in stored
+    assert any(key.startswith("task-vectors/") and key.endswith("mergeflow-manifest.json") for key in stored)
+
+    # Prefect server: the run completed.
+    api = env["PREFECT_API_URL"]
+    run = get_json(f"{api}/flow_runs/{first['flow_run_id']}")
+    assert run["state_type"] == "COMPLETED"
+
+    # MLflow server: metrics, tags, a registered version that loads back from S3 through it.
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    logged = client.get_run(first["run_id"])
+    assert logged.data.params["method"] == "ties"
+    assert {"normalised/text_genre", "raw/part_of_speech", "held_in_normalised_mean"} <= set(
+        logged.data.metrics
+    )
+    assert logged.data.tags["mergeflow.prefect_flow_run_id"] == first["flow_run_id"]
+    assert logged.data.tags["mergeflow.output_uri"] == first["merged"]
+    assert logged.info.artifact_uri.startswith("mlflow-artifacts:/")
+    assert any(key.startswith("mlflow/") and key.endswith("model/model.safetensors") for key in stored)
+    loaded = load_registered(
+        first["model_name"], first["model_version"], env["MLFLOW_TRACKING_URI"], tmp_path / "loaded"
+    )
+    assert (loaded / "model.safetensors").is_file()
+
+    # A second identical run recomputes nothing: scores cached, no object rewritten, same version.
+    second = outcome_of(run_flow("merge_and_evaluate", request, env, tmp_path))
+    task_runs = get_json(f"{api}/task_runs/filter", {"flow_runs": {"id": {"any_": [second["flow_run_id"]]}}})
+    scores = {r["name"]: r["state_name"] for r in task_runs if r["name"].startswith("score-")}
+    assert scores and set(scores.values()) == {"Cached"}, scores
+    assert {k: v for k, v in objects(s3, bucket, "").items() if not k.endswith(".scores.csv")} == {
+        k: v for k, v in stored.items() if not k.endswith(".scores.csv")
+    }
+    assert (second["model_version"], second["run_id"]) == (first["model_version"], first["run_id"])
+
+    # A missing expert fails the run with a clear message and registers nothing more.
+    missing = request | {"experts": {"text_genre": f"s3://{bucket}/zoo/no-such-expert"}}
+    failed = run_flow("merge_and_evaluate", missing, env, tmp_path)
+    assert failed.returncode != 0
+    assert "s3://mergeflow/zoo/no-such-expert: no such model" in failed.stdout + failed.stderr
+    assert len(client.search_model_versions("name='mergeflow-tinymicro-it'")) == 1
