@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, field_validator
 from mergeflow.eval.metrics import normalise, summary, task_infos
 from mergeflow.eval.tasks import held_out_tasks
 from mergeflow.fetch import FetchedModel
+from mergeflow.registry import run_url
 from mergeflow.settings import load_settings
 from tasks.compute_task_vectors import compute_task_vectors
 from tasks.evaluate import evaluate_held_in, evaluate_held_out, save_scores
@@ -183,11 +184,11 @@ def report(request: MergeRequest, outcome: MergeOutcome, table: pd.DataFrame) ->
         f"| {r.task} | {r.kind} | {r.category} | {r.raw:.3f} | {r.normalised:.3f} |"
         for r in merged.itertuples()
     )
-    registry = (
-        f"MLflow: model `{outcome.model_name}` version {outcome.model_version}, run `{outcome.run_id}`"
-        if outcome.model_name
-        else "not registered"
-    )
+    registry = "not registered"
+    if outcome.model_name:
+        link = run_url(outcome.run_id, request.tracking_uri)
+        run = f"[{outcome.run_id}]({link})" if link else f"`{outcome.run_id}`"
+        registry = f"MLflow: model `{outcome.model_name}` version {outcome.model_version}, run {run}"
     grid = ""
     if outcome.grid_trials:
         grid = "\n\nGrid (held-in validation, ÷ expert):\n\n| parameters | score |\n|---|---|\n" + "\n".join(

@@ -1,4 +1,5 @@
-"""Resolve a model reference (local path, file:// or s3:// URI) to a verified local folder.
+"""Resolve a model reference (local path, file://, s3:// or MLflow models:/<name>/<version or
+alias> URI) to a verified local folder.
 
 A folder with a `mergeflow-manifest.json` is checked file by file against the sha256 and size it
 lists; any checkpoint must open (config, weights, index). S3 models are downloaded into
@@ -19,6 +20,8 @@ from mergeflow.checkpoint import MANIFEST, open_checkpoint
 from mergeflow.errors import CheckpointError
 from mergeflow.hashing import cache_dir, file_sha256, model_sha256
 from mergeflow.storage import locate
+
+MLFLOW_SCHEME = "models:/"
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,11 @@ def verify_manifest(folder: Path, ref: str | None = None) -> None:
 
 
 def fetch_model(ref: str) -> FetchedModel:
-    location = locate(ref)
-    folder = Path(location.path) if location.is_local else _download(ref)
+    if ref.startswith(MLFLOW_SCHEME):
+        folder = _download_registered(ref)
+    else:
+        location = locate(ref)
+        folder = Path(location.path) if location.is_local else _download(ref)
     verify_manifest(folder, ref)
     checkpoint = open_checkpoint(str(folder))
     try:
@@ -64,6 +70,26 @@ def fetch_model(ref: str) -> FetchedModel:
     finally:
         checkpoint.close()
     return FetchedModel(ref, folder, sha)
+
+
+def _download_registered(ref: str) -> Path:
+    """models:/<name>/<version or alias> from the MLflow registry of mergeflow's settings, cached
+    by the version's run (an alias is resolved anew on every fetch); every file is checked
+    against the version's manifest on download."""
+    from mergeflow.registry import load_registered, resolve_version
+
+    name, _, which = ref.removeprefix(MLFLOW_SCHEME).partition("/")
+    if not name or not which:
+        raise CheckpointError(f"{ref}: an MLflow model reference is models:/<name>/<version or alias>")
+    version = resolve_version(name, which)
+    folder = (
+        cache_dir()
+        / "models"
+        / hashlib.sha256(f"{name}\0{version.run_id}\0{version.version}".encode()).hexdigest()[:24]
+    )
+    if not folder.is_dir():
+        load_registered(name, str(version.version), dest=folder)
+    return folder
 
 
 def _download(ref: str) -> Path:

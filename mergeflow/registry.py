@@ -38,6 +38,7 @@ from mergeflow.eval.metrics import COLUMNS
 from mergeflow.settings import load_settings
 
 MODEL_ARTIFACT_PATH = "model"
+CHALLENGER, CHAMPION = "challenger", "champion"
 SCORES_ARTIFACT = "scores/scores.csv"
 TRUNCATED_TAG = "mergeflow.truncated_params"
 # On every version: the merged model's content hash, so registering the same model again
@@ -127,6 +128,8 @@ def register_merge(
             client.log_text(run_id, record.scores.to_csv(index=False), SCORES_ARTIFACT)
         client.log_artifacts(run_id, str(folder), MODEL_ARTIFACT_PATH)
         version = _create_version(client, name, run_id, record)
+        # Every new merge is the challenger until `promote` decides on it.
+        client.set_registered_model_alias(name, CHALLENGER, str(version))
         client.set_tag(run_id, "mergeflow.registered_model", f"{name}/{version}")
         client.set_terminated(run_id, "FINISHED")
     except (MlflowException, OSError) as error:
@@ -145,15 +148,11 @@ def load_registered(
     complete and verified.
     """
     client, uri = client_for(tracking_uri)
-    label = f"{model_name} {version_or_alias}"
+    version = resolve_version(model_name, version_or_alias, tracking_uri)
     try:
-        if version_or_alias.isdigit():
-            version = client.get_model_version(model_name, version_or_alias)
-        else:
-            version = client.get_model_version_by_alias(model_name, version_or_alias)
         source = client.get_model_version_download_uri(model_name, version.version)
     except MlflowException as error:
-        raise RegistryError(f"{label} at {uri}: no such registered model version ({error.message})") from None
+        raise RegistryError(f"{model_name} version {version.version} at {uri}: {error.message}") from None
     label = f"{model_name} version {version.version}"
 
     target = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="mergeflow-")) / "model"
@@ -174,6 +173,34 @@ def load_registered(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def run_url(run_id: str, tracking_uri: str | None = None) -> str | None:
+    """The MLflow UI page of a run, when the tracking URI is a server (None for a local store)."""
+    client, uri = client_for(tracking_uri)
+    if not uri.startswith(("http://", "https://")):
+        return None
+    experiment_id = client.get_run(run_id).info.experiment_id
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def resolve_version(
+    model_name: str, version_or_alias: str, tracking_uri: str | None = None
+) -> RegisteredVersion:
+    """The registered version a number or an alias (e.g. "champion") names now."""
+    client, uri = client_for(tracking_uri)
+    try:
+        if version_or_alias.isdigit():
+            version = client.get_model_version(model_name, version_or_alias)
+        else:
+            version = client.get_model_version_by_alias(model_name, version_or_alias)
+    except MlflowException as error:
+        raise RegistryError(
+            f"{model_name} {version_or_alias} at {uri}: no such registered model version ({error.message})"
+        ) from None
+    return RegisteredVersion(
+        version.run_id, model_name, int(version.version), f"models:/{model_name}/{version.version}"
+    )
 
 
 def set_alias(model_name: str, alias: str, version: int | str, tracking_uri: str | None = None) -> None:

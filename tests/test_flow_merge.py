@@ -13,7 +13,8 @@ from prefect.client.orchestration import get_client
 
 from flows.merge_and_evaluate import MergeRequest, merge_and_evaluate
 from mergeflow.checkpoint import MANIFEST
-from mergeflow.registry import load_registered
+from mergeflow.fetch import fetch_model
+from mergeflow.registry import RegistryError, load_registered
 
 
 def request_for(micro_zoo, tmp_path: Path, **overrides) -> MergeRequest:
@@ -34,7 +35,7 @@ def request_for(micro_zoo, tmp_path: Path, **overrides) -> MergeRequest:
     return MergeRequest(**values)
 
 
-def test_a_merge_is_evaluated_registered_and_loads_back(prefect_api, micro_zoo, tmp_path):
+def test_a_merge_is_evaluated_registered_and_loads_back(prefect_api, micro_zoo, tmp_path, monkeypatch):
     request = request_for(micro_zoo, tmp_path)
     state = merge_and_evaluate(request, return_state=True)
     assert state.is_completed()
@@ -63,6 +64,12 @@ def test_a_merge_is_evaluated_registered_and_loads_back(prefect_api, micro_zoo, 
         outcome.model_name, outcome.model_version, tracking_uri=request.tracking_uri, dest=tmp_path / "loaded"
     )
     assert (folder / "config.json").is_file()
+    # A registered version is a model reference like any other, e.g. as the base of a later merge.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", request.tracking_uri)
+    fetched = fetch_model(f"models:/{outcome.model_name}/{outcome.model_version}")
+    assert fetched.sha256 == fetch_model(outcome.merged).sha256
+    with pytest.raises(RegistryError, match="mergeflow-tinymicro-it champion .*no such registered model version"):
+        fetch_model("models:/mergeflow-tinymicro-it/champion")
 
 
 def test_a_missing_expert_fails_the_run_and_registers_nothing(prefect_api, micro_zoo, tmp_path):

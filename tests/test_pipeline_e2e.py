@@ -108,6 +108,9 @@ def test_publish_merge_evaluate_register_on_real_servers(stack, tmp_path):
     api = env["PREFECT_API_URL"]
     run = get_json(f"{api}/flow_runs/{first['flow_run_id']}")
     assert run["state_type"] == "COMPLETED"
+    (artifact,) = get_json(f"{api}/artifacts/filter", {"artifacts": {"key": {"any_": ["merge-report"]}}})
+    assert f"{env['MLFLOW_TRACKING_URI']}/#/experiments/" in artifact["data"]
+    assert first["merged"] in artifact["data"] and "| text_genre | held_in |" in artifact["data"]
 
     # MLflow server: metrics, tags, a registered version that loads back from S3 through it.
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])

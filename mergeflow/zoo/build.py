@@ -307,7 +307,7 @@ def build_preset(preset: str | Preset, progress: bool = True) -> dict:
         base, key = builder.real_base()
         families[preset.real_base] = builder.family(preset.real_base, base, key, "it", "135m")
     for size in preset.sizes:
-        for stage in ("pt", "it"):
+        for stage in preset.stages:
             base, key = builder.pretrained(size) if stage == "pt" else builder.instruction_tuned(size)
             family = f"tiny{size.name}-{stage}-trained-here"
             families[family] = builder.family(family, base, key, stage, size.name)
