@@ -205,6 +205,35 @@ def eval_command(
         typer.echo(f"{name:<20}{TASKS[name].kind:<10}{TASKS[name].category:<24}{value:>9.3f}")
 
 
+@app.command("promote")
+@friendly_errors
+def promote_command(
+    model_name: Annotated[
+        str, typer.Argument(help="Registered model, e.g. mergeflow-tiny2m-pt-trained-here.")
+    ],
+    rollback: Annotated[
+        bool, typer.Option("--rollback", help="Point champion back at the previous champion.")
+    ] = False,
+    challenger: Annotated[str, typer.Option(help="Version number or alias to judge.")] = "challenger",
+    min_held_in: Annotated[float, typer.Option(help="Required normalised held-in mean.")] = 0.9,
+    max_held_out_drop: Annotated[
+        float, typer.Option(help="Allowed fall of the held-out mean below the champion's.")
+    ] = 0.0,
+) -> None:
+    """Judge the challenger against the champion and promote it when the gates pass (the promote
+    flow adds human approval), or roll the champion back. MLflow from MLFLOW_TRACKING_URI."""
+    from mergeflow import promotion
+
+    if rollback:
+        version = promotion.rollback(model_name)
+        typer.echo(f"champion of {model_name} is now version {version}")
+        return
+    gates = promotion.Gates(min_held_in=min_held_in, max_held_out_drop=max_held_out_drop)
+    decision = promotion.apply(promotion.decide(model_name, gates, challenger))
+    verdict = "promoted to champion" if decision.promoted else "not promoted"
+    typer.echo(f"{model_name} version {decision.challenger} {verdict}: {'; '.join(decision.reasons)}")
+
+
 @app.command("demo")
 @friendly_errors
 def demo_command(

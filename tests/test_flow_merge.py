@@ -68,7 +68,9 @@ def test_a_merge_is_evaluated_registered_and_loads_back(prefect_api, micro_zoo, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", request.tracking_uri)
     fetched = fetch_model(f"models:/{outcome.model_name}/{outcome.model_version}")
     assert fetched.sha256 == fetch_model(outcome.merged).sha256
-    with pytest.raises(RegistryError, match="mergeflow-tinymicro-it champion .*no such registered model version"):
+    with pytest.raises(
+        RegistryError, match="mergeflow-tinymicro-it champion .*no such registered model version"
+    ):
         fetch_model("models:/mergeflow-tinymicro-it/champion")
 
 
