@@ -15,20 +15,12 @@ import sys
 
 from prefect import flow
 
-from flows.merge_and_evaluate import MergeOutcome, MergeRequest, merge_and_evaluate
+from flows.merge_and_evaluate import PAPER_METHODS, MergeOutcome, MergeRequest, merge_and_evaluate
 from flows.publish_zoo import PublishRequest, publish_zoo
 from mergeflow.settings import Settings, load_settings
 
 PRESET = "demo"
 FAMILY = "tiny2m-pt-trained-here"
-# method → (fixed parameters, grid searched on held-in validation): the paper's settings,
-# with its λ search shrunk to two or three values.
-PAPER_METHODS: dict[str, tuple[dict[str, float], dict[str, list[float]]]] = {
-    "average": ({}, {}),
-    "task_arithmetic": ({}, {"lambda": [0.3, 0.6, 1.0]}),
-    "ties": ({"density": 0.2}, {"lambda": [0.6, 1.0]}),
-    "dare_ties": ({"density": 0.2, "seed": 0}, {"lambda": [0.6, 1.0]}),
-}
 
 
 @flow(name="demo", log_prints=True)

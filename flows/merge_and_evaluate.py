@@ -32,6 +32,14 @@ from tasks.merge import default_destination, merge, merge_key
 from tasks.register import register_model
 
 MAX_GRID_POINTS = 16
+# The paper's four methods as mergeflow runs them by default: method → (fixed parameters, grid
+# searched on held-in validation), the paper's λ search shrunk to two or three values.
+PAPER_METHODS: dict[str, tuple[dict[str, float], dict[str, list[float]]]] = {
+    "average": ({}, {}),
+    "task_arithmetic": ({}, {"lambda": [0.3, 0.6, 1.0]}),
+    "ties": ({"density": 0.2}, {"lambda": [0.6, 1.0]}),
+    "dare_ties": ({"density": 0.2, "seed": 0}, {"lambda": [0.6, 1.0]}),
+}
 
 
 class MergeRequest(BaseModel):

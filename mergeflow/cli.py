@@ -205,6 +205,41 @@ def eval_command(
         typer.echo(f"{name:<20}{TASKS[name].kind:<10}{TASKS[name].category:<24}{value:>9.3f}")
 
 
+expert_app = typer.Typer(help="Experts in the artifact store.", no_args_is_help=True)
+app.add_typer(expert_app, name="expert")
+
+
+@expert_app.command("publish")
+@friendly_errors
+def expert_publish(
+    folder: Annotated[Path, typer.Argument(help="The expert's HF checkpoint folder.")],
+    base: Annotated[str, typer.Option(help="Base family name, e.g. tiny2m-pt-trained-here.")],
+    task: Annotated[str, typer.Option(help="The held-in task the expert was trained for.")],
+    base_model: Annotated[
+        Path | None, typer.Option(help="The base's folder; needed the first time a base is used.")
+    ] = None,
+) -> None:
+    """Upload an expert (with a manifest) to <artifacts>/experts/BASE/TASK/ and emit the Prefect
+    event mergeflow.expert.landed, which starts the merge-on-landing deployment."""
+    from mergeflow.events import EXPERT_LANDED, emit
+    from mergeflow.experts import base_uri, publish_expert, read_announced, write_announced
+    from mergeflow.settings import load_settings
+
+    settings = load_settings()
+    expert = publish_expert(folder, base, task, settings.artifacts, base_model)
+    typer.echo(f"published {expert.uri} (sha256 {expert.sha256[:12]})")
+    if not settings.prefect_api_url:
+        typer.echo(
+            "no Prefect server (PREFECT_API_URL): no event sent; the watch-experts flow will announce it"
+        )
+        return
+    event = emit(EXPERT_LANDED, expert.uri, expert.payload(base_uri(settings.artifacts, base)), expert.sha256)
+    write_announced(
+        settings.artifacts, read_announced(settings.artifacts) | {f"{expert.uri}#{expert.sha256}"}
+    )
+    typer.echo(f"emitted {EXPERT_LANDED} (event {event})")
+
+
 @app.command("promote")
 @friendly_errors
 def promote_command(

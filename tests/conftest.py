@@ -18,6 +18,7 @@ from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo  # noq
 from mergeflow.zoo.presets import LlamaSize, Preset  # noqa: E402
 from mergeflow.zoo.training import TrainSpec  # noqa: E402
 
+ROOT = Path(__file__).parent.parent
 SMALL_ZOO = GeneratedZooSpec(num_experts=4, shard_bytes=60_000)
 
 
@@ -67,3 +68,32 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, micro_zoo):
+    """The whole stack (SeaweedFS, MLflow server, Prefect server) on free ports for the session:
+    (settings, environment of a client of it, S3 client). The micro zoo is its MERGEFLOW_ZOO_DIR."""
+    from stack_helpers import free_ports, sourced, stack_env
+
+    from mergeflow.settings import Settings
+    from mergeflow.stack import S3Credentials, down, s3_client, up
+
+    home = tmp_path_factory.mktemp("e2e-home")
+    ports = free_ports(3)
+    settings = Settings(home=home, s3_port=ports[0], mlflow_port=ports[1], prefect_port=ports[2])
+    try:
+        up(settings, timeout=180)
+        env = sourced(home / "stack" / "env.sh", stack_env(home, ports))
+        env |= {
+            "MERGEFLOW_ZOO_DIR": str(micro_zoo[0]),
+            "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-client")),
+            "PYTHONPATH": str(ROOT),
+        }
+        s3 = s3_client(
+            env["MERGEFLOW_S3_ENDPOINT_URL"],
+            S3Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]),
+        )
+        yield settings, env, s3
+    finally:
+        down(settings)

@@ -9,38 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from conftest import ROOT
 from mlflow import MlflowClient
-from test_stack import free_ports, get_json, sourced, stack_env
+from stack_helpers import get_json
 
 from mergeflow.registry import load_registered
-from mergeflow.settings import Settings
-from mergeflow.stack import S3Credentials, down, s3_client, up
-
-ROOT = Path(__file__).parent.parent
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, micro_zoo):
-    """(settings, environment of a client of the stack, S3 client)."""
-    home = tmp_path_factory.mktemp("e2e-home")
-    ports = free_ports(3)
-    settings = Settings(home=home, s3_port=ports[0], mlflow_port=ports[1], prefect_port=ports[2])
-    try:
-        up(settings, timeout=180)
-        env = sourced(home / "stack" / "env.sh", stack_env(home, ports))
-        env |= {
-            "MERGEFLOW_ZOO_DIR": str(micro_zoo[0]),
-            "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-client")),
-            "PYTHONPATH": str(ROOT),
-        }
-        s3 = s3_client(
-            env["MERGEFLOW_S3_ENDPOINT_URL"],
-            S3Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]),
-        )
-        yield settings, env, s3
-    finally:
-        down(settings)
 
 
 def run_flow(module: str, request: dict, env: dict, tmp_path: Path) -> subprocess.CompletedProcess:

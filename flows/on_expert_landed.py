@@ -1,0 +1,77 @@
+"""merge_on_landing: what a `mergeflow.expert.landed` event starts (deployment trigger in
+deployments/prefect.yaml): merge the latest expert per task of the base with the policy's
+methods, each registered in MLflow, where it becomes the `challenger`.
+
+Exactly once per expert set: after a short settling wait (so a burst of landings is one merge),
+the run looks up the set of latest experts; a set already merged (or being merged) is skipped.
+The deployment runs one at a time (concurrency limit 1, later runs queue), so two runs never
+decide on the same set at once.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from flows.merge_and_evaluate import PAPER_METHODS, MergeRequest, merge_and_evaluate
+from mergeflow.experts import base_uri
+from mergeflow.settings import load_settings
+from tasks.landing import claim_uri, find_latest_experts, read_claim, set_key, write_claim
+
+
+class LandingPolicy(BaseModel):
+    base: str = Field(description="Base family whose experts landed (the event's payload.base)")
+    methods: list[str] = Field(
+        default_factory=lambda: list(PAPER_METHODS), description="Paper methods to merge with"
+    )
+    settle_seconds: float = Field(20.0, ge=0, description="Wait this long for more landings first")
+    artifacts: str | None = Field(None, description="Artifact store; default from mergeflow settings")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default from mergeflow settings")
+
+
+@flow(name="merge-on-landing", log_prints=True)
+def merge_on_landing(policy: LandingPolicy) -> dict:
+    unknown = sorted(set(policy.methods) - set(PAPER_METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(PAPER_METHODS)}")
+    store = policy.artifacts or load_settings().artifacts
+    time.sleep(policy.settle_seconds)
+    experts = find_latest_experts(policy.base, store)
+    if not experts:
+        return {"merged": False, "reason": f"no experts of {policy.base} in {store}"}
+    key = set_key(experts, policy.methods)
+    claim = claim_uri(store, policy.base, key)
+    previous = read_claim(claim)
+    if previous is not None and previous["status"] != "failed":
+        print(f"expert set {key[:16]} of {policy.base} was already merged ({previous['status']}); skipping")
+        return {"merged": False, "reason": "already merged", "key": key}
+    record = {
+        "base": policy.base,
+        "experts": {t: e.uri for t, e in experts.items()},
+        "methods": policy.methods,
+    }
+    write_claim(claim, "running", record)
+    versions = {}
+    try:
+        for method in policy.methods:
+            parameters, grid = PAPER_METHODS[method]
+            outcome = merge_and_evaluate(
+                MergeRequest(
+                    base=base_uri(store, policy.base),
+                    base_family=policy.base,
+                    experts=record["experts"],
+                    method=method,
+                    parameters=parameters,
+                    grid=grid,
+                    artifacts=store,
+                    tracking_uri=policy.tracking_uri,
+                )
+            )
+            versions[method] = outcome.model_version
+    except BaseException:
+        write_claim(claim, "failed", record)
+        raise
+    write_claim(claim, "done", record | {"versions": versions})
+    return {"merged": True, "key": key, "versions": versions}

@@ -1,0 +1,189 @@
+"""Deployments, event-driven merges and promotion on real processes: the stack's Prefect server,
+MLflow server and SeaweedFS, `prefect deploy` from deployments/prefect.yaml, and a process
+worker running the flows from this checkout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from mlflow import MlflowClient
+from stack_helpers import get_json
+
+from mergeflow.publish import publish_folder
+
+BASE = "tinymicro-landing"
+MODEL = f"mergeflow-{BASE}"
+
+
+def prefect(env: dict, *args: str, timeout: float = 180) -> str:
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def mergeflow_cli(env: dict, *args: str) -> str:
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "mergeflow"), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def deployed(stack, tmp_path_factory):
+    """Deployments created from prefect.yaml and a process worker serving them."""
+    _, env, _ = stack
+    env = env | {"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
+    prefect(env, "work-pool", "create", "mergeflow", "--type", "process")
+    prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", timeout=300)
+    with open(tmp_path_factory.mktemp("worker") / "worker.log", "w") as log:
+        worker = subprocess.Popen(
+            [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "mergeflow"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield env
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=30)
+
+
+def runs_of(api: str, deployment: str) -> list[dict]:
+    (found,) = [d for d in get_json(f"{api}/deployments/filter", {}) if d["name"] == deployment]
+    return get_json(f"{api}/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [found["id"]]}}})
+
+
+def wait_for_runs(api: str, deployment: str, count: int, timeout: float = 600) -> list[dict]:
+    """The deployment's runs once `count` of them are final; fails on a failed run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = runs_of(api, deployment)
+        final = [r for r in runs if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")]
+        assert all(r["state_type"] == "COMPLETED" for r in final), [
+            (r["name"], r["state_name"]) for r in final
+        ]
+        if len(final) >= count:
+            return runs
+        time.sleep(2)
+    raise AssertionError(
+        f"{deployment}: {count} finished run(s) expected within {timeout}s; got {runs_of(api, deployment)}"
+    )
+
+
+def merge_runs(api: str) -> list[str]:
+    """Ids of every merge-and-evaluate run (the subflows merge-on-landing launches)."""
+    runs = get_json(f"{api}/flow_runs/filter", {"flows": {"name": {"any_": ["merge-and-evaluate"]}}})
+    return sorted(r["id"] for r in runs)
+
+
+def test_an_expert_landing_merges_once_and_promotion_follows(stack, deployed, micro_zoo):
+    settings, _, s3 = stack
+    env, api = deployed, deployed["PREFECT_API_URL"]
+    names = {d["name"] for d in get_json(f"{api}/deployments/filter", {})}
+    assert names >= {"merge-and-evaluate", "publish-zoo", "promote", "merge-on-landing", "watch-experts"}
+
+    family = micro_zoo[1]["families"]["tinymicro-it-trained-here"]
+    published = mergeflow_cli(
+        env,
+        "expert",
+        "publish",
+        family["experts"]["text_genre"],
+        "--base",
+        BASE,
+        "--task",
+        "text_genre",
+        "--base-model",
+        family["base"],
+    )
+    assert "emitted mergeflow.expert.landed" in published
+
+    (run,) = wait_for_runs(api, "merge-on-landing", 1)
+    merges = merge_runs(api)
+    assert len(merges) == 4
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    versions = client.search_model_versions(f"name='{MODEL}'")
+    (claim_key,) = [
+        o["Key"] for o in s3.list_objects_v2(Bucket=settings.bucket, Prefix=f"landings/{BASE}/")["Contents"]
+    ]
+    claim = json.loads(s3.get_object(Bucket=settings.bucket, Key=claim_key)["Body"].read())
+    assert claim["status"] == "done" and set(claim["versions"]) == {
+        "average",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+    }
+    # One version per distinct merged model: with a single expert, average and task arithmetic at
+    # λ = 1 both give the expert itself, and the registry keeps one version of one model.
+    assert len(versions) == len(set(claim["versions"].values())) >= 3
+    newest = max(int(v.version) for v in versions)
+    assert client.get_model_version_by_alias(MODEL, "challenger").version == str(newest)
+
+    # The same landing announced again (a duplicate event) and a copy of the expert uploaded by
+    # another tool (found by the watcher): the expert set is the same, so nothing merges again.
+    from mergeflow.events import EXPERT_LANDED, emit
+
+    expert_uri = published.split()[1]
+    sha = published.split("sha256 ")[1][:12]
+    payload = {
+        "base": BASE,
+        "task": "text_genre",
+        "sha256": sha,
+        "base_model": f"s3://{settings.bucket}/bases/{BASE}",
+    }
+    emit(EXPERT_LANDED, expert_uri, payload, sha, api_url=api)
+    with_env(
+        env,
+        publish_folder,
+        Path(family["experts"]["text_genre"]),
+        f"s3://{settings.bucket}/experts/{BASE}/text_genre/copy-by-other-tool",
+    )
+    prefect(env, "deployment", "run", "watch-experts/watch-experts")
+    wait_for_runs(api, "watch-experts", 1)
+    wait_for_runs(api, "merge-on-landing", 3)
+    assert merge_runs(api) == merges  # the two later runs launched no merge
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == len(versions)
+
+    # promote from the deployment: no champion yet, so the challenger passes permissive gates.
+    request = {"request": {"model_name": MODEL, "gates": {"min_held_in": 0.0}}}
+    prefect(env, "deployment", "run", "promote/promote", "--params", json.dumps(request))
+    wait_for_runs(api, "promote", 1)
+    assert client.get_model_version_by_alias(MODEL, "champion").version == str(newest)
+
+
+def with_env(env: dict, function, *args):
+    """Call `function` with the stack's S3 settings in os.environ."""
+    keys = ("MERGEFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.update({key: env[key] for key in keys})
+    try:
+        return function(*args)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
