@@ -81,7 +81,8 @@ def test_publish_merge_evaluate_register_on_real_servers(stack, tmp_path):
     api = env["PREFECT_API_URL"]
     run = get_json(f"{api}/flow_runs/{first['flow_run_id']}")
     assert run["state_type"] == "COMPLETED"
-    (artifact,) = get_json(f"{api}/artifacts/filter", {"artifacts": {"key": {"any_": ["merge-report"]}}})
+    only_this_run = {"key": {"any_": ["merge-report"]}, "flow_run_id": {"any_": [first["flow_run_id"]]}}
+    (artifact,) = get_json(f"{api}/artifacts/filter", {"artifacts": only_this_run})
     assert f"{env['MLFLOW_TRACKING_URI']}/#/experiments/" in artifact["data"]
     assert first["merged"] in artifact["data"] and "| text_genre | held_in |" in artifact["data"]
 

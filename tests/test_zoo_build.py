@@ -71,5 +71,5 @@ def test_an_expert_that_does_not_beat_its_base_fails_loudly(micro_zoo, monkeypat
 
 
 def test_an_unknown_preset_lists_the_presets():
-    with pytest.raises(ZooError, match="presets: smol, tiny"):
+    with pytest.raises(ZooError, match="presets: demo, smol, tiny"):
         build_preset("huge")
