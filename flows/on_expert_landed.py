@@ -1,6 +1,7 @@
 """merge_on_landing: what a `mergeflow.expert.landed` event starts (deployment trigger in
 deployments/prefect.yaml): merge the latest expert per task of the base with the policy's
-methods, each registered in MLflow, where it becomes the `challenger`.
+methods, each registered in MLflow, where it becomes the `challenger`; then the event
+`mergeflow.merge.registered`, on which the promote deployment judges the challenger.
 
 Exactly once per expert set: after a short settling wait (so a burst of landings is one merge),
 the run looks up the set of latest experts; a set already merged (or being merged) is skipped.
@@ -18,7 +19,14 @@ from pydantic import BaseModel, Field
 from flows.merge_and_evaluate import PAPER_METHODS, MergeRequest, merge_and_evaluate
 from mergeflow.experts import base_uri
 from mergeflow.settings import load_settings
-from tasks.landing import claim_uri, find_latest_experts, read_claim, set_key, write_claim
+from tasks.landing import (
+    announce_registered,
+    claim_uri,
+    find_latest_experts,
+    read_claim,
+    set_key,
+    write_claim,
+)
 
 
 class LandingPolicy(BaseModel):
@@ -74,4 +82,5 @@ def merge_on_landing(policy: LandingPolicy) -> dict:
         write_claim(claim, "failed", record)
         raise
     write_claim(claim, "done", record | {"versions": versions})
+    announce_registered(f"mergeflow-{policy.base}", versions)
     return {"merged": True, "key": key, "versions": versions}

@@ -17,6 +17,7 @@ from mergeflow.errors import MergeflowError
 from mergeflow.settings import load_settings
 
 EXPERT_LANDED = "mergeflow.expert.landed"
+MERGE_REGISTERED = "mergeflow.merge.registered"
 
 
 class EventError(MergeflowError):

@@ -10,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from mergeflow.events import EXPERT_LANDED, emit
+from mergeflow.events import EXPERT_LANDED, MERGE_REGISTERED, emit
 from mergeflow.experts import (
     ExpertVersion,
     base_uri,
@@ -19,6 +19,7 @@ from mergeflow.experts import (
     read_announced,
     write_announced,
 )
+from mergeflow.settings import load_settings
 from mergeflow.storage import locate
 from tasks.retries import IO_RETRIES
 
@@ -62,3 +63,14 @@ def announce_new_experts(store: str) -> list[str]:
     if new:
         write_announced(store, announced | {f"{e.uri}#{e.sha256}" for e in new})
     return [e.uri for e in new]
+
+
+@task(**IO_RETRIES, cache_policy=NO_CACHE, task_run_name="announce-registered")
+def announce_registered(model_name: str, versions: dict[str, str | None]) -> None:
+    """`mergeflow.merge.registered` for the newest version, so promotion can follow. Only a
+    Prefect server acts on events; on the ephemeral API there is nothing to tell."""
+    numbers = sorted({int(v) for v in versions.values() if v})
+    if not numbers or not load_settings().prefect_api_url:
+        return
+    uri = f"models:/{model_name}/{numbers[-1]}"
+    emit(MERGE_REGISTERED, uri, {"model_name": model_name, "version": numbers[-1]}, uri)

@@ -167,10 +167,18 @@ def test_an_expert_landing_merges_once_and_promotion_follows(stack, deployed, mi
     assert merge_runs(api) == merges  # the two later runs launched no merge
     assert len(client.search_model_versions(f"name='{MODEL}'")) == len(versions)
 
-    # promote from the deployment: no champion yet, so the challenger passes permissive gates.
-    request = {"request": {"model_name": MODEL, "gates": {"min_held_in": 0.0}}}
+    # The registration event started promote with the default gates, and with no champion yet
+    # the newest merge (it keeps ≥ 0.9 of the micro expert's accuracy) became champion.
+    (promotion,) = wait_for_runs(api, "promote", 1)
+    assert client.get_model_version_by_alias(MODEL, "champion").version == str(newest)
+    tags = client.get_model_version(MODEL, str(newest)).tags
+    assert tags["mergeflow.promotion.decision"] == "promoted"
+
+    # Run by hand with gates it cannot pass: a recorded rejection, the champion stays.
+    request = {"request": {"model_name": MODEL, "challenger": "1", "gates": {"min_held_in": 2.0}}}
     prefect(env, "deployment", "run", "promote/promote", "--params", json.dumps(request))
-    wait_for_runs(api, "promote", 1)
+    wait_for_runs(api, "promote", 2)
+    assert client.get_model_version(MODEL, "1").tags["mergeflow.promotion.decision"] == "rejected"
     assert client.get_model_version_by_alias(MODEL, "champion").version == str(newest)
 
 
