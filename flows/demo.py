@@ -15,8 +15,9 @@ import sys
 
 from prefect import flow
 
-from flows.merge_and_evaluate import PAPER_METHODS, MergeOutcome, MergeRequest, merge_and_evaluate
+from flows.merge_and_evaluate import MergeOutcome, MergeRequest, merge_and_evaluate
 from flows.publish_zoo import PublishRequest, publish_zoo
+from mergeflow.merges import PAPER_METHODS
 from mergeflow.settings import Settings, load_settings
 
 PRESET = "demo"

@@ -23,23 +23,16 @@ from pydantic import BaseModel, Field, field_validator
 from mergeflow.eval.metrics import normalise, summary, task_infos
 from mergeflow.eval.tasks import held_out_tasks
 from mergeflow.fetch import FetchedModel
+from mergeflow.merges import default_destination, merge_key
 from mergeflow.registry import run_url
 from mergeflow.settings import load_settings
 from tasks.compute_task_vectors import compute_task_vectors
 from tasks.evaluate import evaluate_held_in, evaluate_held_out, save_scores
 from tasks.fetch_experts import fetch_experts
-from tasks.merge import default_destination, merge, merge_key
+from tasks.merge import merge
 from tasks.register import register_model
 
 MAX_GRID_POINTS = 16
-# The paper's four methods as mergeflow runs them by default: method → (fixed parameters, grid
-# searched on held-in validation), the paper's λ search shrunk to two or three values.
-PAPER_METHODS: dict[str, tuple[dict[str, float], dict[str, list[float]]]] = {
-    "average": ({}, {}),
-    "task_arithmetic": ({}, {"lambda": [0.3, 0.6, 1.0]}),
-    "ties": ({"density": 0.2}, {"lambda": [0.6, 1.0]}),
-    "dare_ties": ({"density": 0.2, "seed": 0}, {"lambda": [0.6, 1.0]}),
-}
 
 
 class MergeRequest(BaseModel):
@@ -102,7 +95,10 @@ def merge_and_evaluate(request: MergeRequest) -> MergeOutcome:
     trials = search_grid(request, base, experts, vectors, store) if request.grid else []
     parameters = trials_best(trials) if trials else request.parameters
     destination = request.destination or default_destination(
-        store, request.base_family, request.method, merge_key(request.method, parameters, base, vectors)
+        store,
+        request.base_family,
+        request.method,
+        merge_key(request.method, parameters, base.sha256, [v.sha256 for v in vectors.values()]),
     )
     merged = merge(base, vectors, request.method, parameters, destination)
     held_in = evaluate_held_in(merged, experts, request.split)
@@ -155,7 +151,7 @@ def search_grid(
     trials = []
     for values in itertools.product(*(request.grid[name] for name in names)):
         parameters = request.parameters | dict(zip(names, values, strict=True))
-        key = merge_key(request.method, parameters, base, vectors)
+        key = key_of(request.method, parameters, base, vectors)
         candidate = merge(
             base,
             vectors,
@@ -169,6 +165,10 @@ def search_grid(
         print(f"grid {parameters}: held-in validation (÷ expert) {value:.3f}")
         trials.append({"parameters": parameters, "held_in_validation": value, "merged": candidate.ref})
     return trials
+
+
+def key_of(method: str, parameters: dict, base: FetchedModel, vectors: dict[str, FetchedModel]) -> str:
+    return merge_key(method, parameters, base.sha256, [vector.sha256 for vector in vectors.values()])
 
 
 def trials_best(trials: list[dict]) -> dict[str, float]:

@@ -16,8 +16,9 @@ import time
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from flows.merge_and_evaluate import PAPER_METHODS, MergeRequest, merge_and_evaluate
+from flows.merge_and_evaluate import MergeRequest, merge_and_evaluate
 from mergeflow.experts import base_uri
+from mergeflow.merges import PAPER_METHODS
 from mergeflow.settings import load_settings
 from tasks.landing import (
     announce_registered,
