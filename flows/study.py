@@ -1,0 +1,80 @@
+"""study: the paper's grid on a zoo preset (mergeflow.study), cells run in parallel on Dask.
+
+`study` reads its parameters and starts `study_cells` with a DaskTaskRunner: a local cluster of
+`workers` single-threaded workers by default, or the scheduler at `dask_address`. Every cell is
+a task cached by its content key, so an interrupted study resumes where it stopped. Results go
+to `<artifacts>/studies/<name>/results.parquet`, a parent MLflow run with a child per cell, and
+a report (Markdown + plots) logged to both MLflow and Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, unmapped
+from prefect_dask import DaskTaskRunner
+from pydantic import BaseModel, Field
+
+from mergeflow.settings import load_settings
+from mergeflow.study import StudyGrid, enumerate_cells
+from mergeflow.zoo.build import load_index
+from tasks.study import report_study, save_results, study_cell, study_references, study_task_vectors
+
+QUICK = StudyGrid(expert_counts=[1, 2], methods=["average", "ties"], seeds=[0, 1])
+
+
+class StudyRequest(BaseModel):
+    name: str = Field("tiny", description="Study name: results under <artifacts>/studies/<name>/")
+    preset: str = Field("tiny", description="Built zoo preset whose families are studied")
+    grid: StudyGrid = Field(default_factory=StudyGrid)
+    quick: bool = Field(False, description="Use the small grid (2 methods, 1-2 experts, 2 seeds)")
+    workers: int = Field(2, ge=1, description="Local Dask workers (one thread each)")
+    dask_address: str | None = Field(None, description="An existing Dask scheduler, e.g. tcp://host:8786")
+    artifacts: str | None = Field(None, description="Artifact store; default from mergeflow settings")
+    report_dir: str | None = Field(
+        None, description="Where the report goes; default ~/.mergeflow/studies/<name>"
+    )
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default from mergeflow settings")
+
+
+@flow(name="study", log_prints=True)
+def study(request: StudyRequest) -> dict:
+    settings = load_settings()
+    store = request.artifacts or settings.artifacts
+    grid = QUICK.model_copy(update={"families": request.grid.families}) if request.quick else request.grid
+    index = load_index(request.preset)
+    cells = enumerate_cells(index, grid)
+    families = sorted({cell.family for cell in cells})
+    print(f"study {request.name!r}: {len(cells)} cells over {len(families)} families of {request.preset!r}")
+    runner = (
+        DaskTaskRunner(address=request.dask_address)
+        if request.dask_address
+        else DaskTaskRunner(cluster_kwargs={"n_workers": request.workers, "threads_per_worker": 1})
+    )
+    table = study_cells.with_options(task_runner=runner)(index, cells, families, store, grid.held_out)
+    uri = save_results(table, f"{store.rstrip('/')}/studies/{request.name}/results.parquet")
+    folder = Path(request.report_dir or settings.home / "studies" / request.name)
+    run_id = report_study(request.name, table, folder, request.tracking_uri)
+    print(f"results: {uri}; report: {folder / 'report.md'}; MLflow run {run_id}")
+    return {"cells": len(cells), "results": uri, "report": str(folder / "report.md"), "mlflow_run_id": run_id}
+
+
+@flow(name="study-cells")
+def study_cells(
+    index: dict, cells: list, families: list[str], store: str, held_out: list[str] | None
+) -> pd.DataFrame:
+    # Task vectors first (one task per family), so parallel cells never compute the same one.
+    for future in [study_task_vectors.submit(index, family, store) for family in families]:
+        future.result()
+    cell_futures = study_cell.map(cells, unmapped(store), unmapped(held_out), unmapped(1))
+    reference_futures = [study_references.submit(index, family, held_out, 1) for family in families]
+    parts = [future.result() for future in cell_futures] + [future.result() for future in reference_futures]
+    return pd.concat(parts, ignore_index=True)
+
+
+if __name__ == "__main__":
+    # python -m flows.study request.json
+    print(json.dumps(study(StudyRequest.model_validate_json(Path(sys.argv[1]).read_text())), indent=2))
