@@ -240,6 +240,45 @@ def expert_publish(
     typer.echo(f"emitted {EXPERT_LANDED} (event {event})")
 
 
+@app.command("report")
+@friendly_errors
+def report_command(
+    study: Annotated[
+        str, typer.Argument(help="Study name (under <artifacts>/studies/) or a results.parquet path/URI.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Report folder; default ~/.mergeflow/studies/STUDY.")
+    ] = None,
+    mlflow: Annotated[bool, typer.Option(help="Also log the study and report to MLflow.")] = True,
+) -> None:
+    """Write a study's report: Markdown with the paper's findings checked, and PNG plots."""
+    import io
+
+    import pandas as pd
+
+    from mergeflow.report import findings, write_report
+    from mergeflow.settings import load_settings
+    from mergeflow.storage import locate
+
+    settings = load_settings()
+    source = (
+        study
+        if study.endswith(".parquet")
+        else f"{settings.artifacts.rstrip('/')}/studies/{study}/results.parquet"
+    )
+    name = Path(source).parent.name if study.endswith(".parquet") else study
+    table = pd.read_parquet(io.BytesIO(locate(source).read_bytes()))
+    folder = out or settings.home / "studies" / name
+    report = write_report(table, folder, title=f"mergeflow study {name!r}")
+    for finding in findings(table):
+        typer.echo(f"finding {finding.number}: {finding.verdict} — {finding.evidence}")
+    typer.echo(f"report: {report}")
+    if mlflow:
+        from mergeflow.tracking import log_study
+
+        typer.echo(f"MLflow run: {log_study(name, table, folder)}")
+
+
 @app.command("promote")
 @friendly_errors
 def promote_command(

@@ -181,3 +181,19 @@ def test_the_study_runs_on_dask_and_resumes_with_only_the_missing_cells(
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     # Children: one per cell and per family's multitask model, in each of the two runs.
     assert len(parents) == 2 and len(runs) == 2 + (2 + 2) + (4 + 2)
+
+
+def test_report_command_writes_the_report_from_a_results_table(tmp_path):
+    from typer.testing import CliRunner
+
+    from mergeflow.cli import app
+
+    results = tmp_path / "studies" / "hand" / "results.parquet"
+    results.parent.mkdir(parents=True)
+    paper_like(0.1, True).to_parquet(results)
+    outcome = CliRunner().invoke(
+        app, ["report", str(results), "--out", str(tmp_path / "report"), "--no-mlflow"]
+    )
+    assert outcome.exit_code == 0, outcome.output
+    assert "finding 1: reproduces" in outcome.output and "finding 5: reproduces" in outcome.output
+    assert (tmp_path / "report" / "report.md").is_file() and (tmp_path / "report" / "pt_vs_it.png").is_file()
