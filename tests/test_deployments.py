@@ -23,9 +23,10 @@ BASE = "tinymicro-landing"
 MODEL = f"mergeflow-{BASE}"
 
 
-def prefect(env: dict, *args: str, timeout: float = 180) -> str:
+def command(program: str, env: dict, *args: str, timeout: float = 300) -> str:
+    """Run one of the venv's commands (prefect, mergeflow) from the repository root."""
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "prefect"), *args],
+        [str(Path(sys.executable).parent / program), *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -36,17 +37,12 @@ def prefect(env: dict, *args: str, timeout: float = 180) -> str:
     return proc.stdout
 
 
+def prefect(env: dict, *args: str) -> str:
+    return command("prefect", env, *args)
+
+
 def mergeflow_cli(env: dict, *args: str) -> str:
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "mergeflow"), *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return command("mergeflow", env, *args)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +51,7 @@ def deployed(stack, tmp_path_factory):
     _, env, _ = stack
     env = env | {"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
     prefect(env, "work-pool", "create", "mergeflow", "--type", "process")
-    prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", timeout=300)
+    prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
     with open(tmp_path_factory.mktemp("worker") / "worker.log", "w") as log:
         worker = subprocess.Popen(
             [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "mergeflow"],
