@@ -91,6 +91,8 @@ def apply(decision: Decision, tracking_uri: str | None = None) -> Decision:
     not rejected by a person."""
     client, uri = client_for(tracking_uri)
     decision.promoted = decision.passed and decision.approved is not False
+    if decision.champion == decision.challenger:
+        return decision  # judging the champion itself changes nothing; its record stays
     tags = {
         "mergeflow.promotion.decision": "promoted" if decision.promoted else "rejected",
         "mergeflow.promotion.reasons": "; ".join(decision.reasons),

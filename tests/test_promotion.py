@@ -90,6 +90,11 @@ def test_gates_decide_and_the_decision_is_recorded_and_rolled_back(zoo, tmp_path
     assert tags["mergeflow.promotion.reasons"] == "held-out 0.900 < champion's 0.990 - allowed drop 0.020"
     assert tags["mergeflow.promotion.compared_with"] == str(better)
 
+    # Judging the champion itself changes nothing and keeps its record.
+    again = apply(decide(name, gates, str(better), uri), uri)
+    assert not again.promoted and again.reasons == [f"version {better} is already the champion"]
+    assert version_tags(uri, name, better)["mergeflow.promotion.decision"] == "promoted"
+
     weak = register(zoo, tmp_path, uri, "gates", 0.4, held_in=0.5, held_out=1.2)
     assert decide(name, gates, tracking_uri=uri).reasons == ["held-in 0.500 < required 0.900"]
 
