@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from mergeflow.settings import load_settings
 from mergeflow.study import StudyGrid, enumerate_cells
 from mergeflow.zoo.build import load_index
-from tasks.study import report_study, save_results, study_cell, study_references, study_task_vectors
+from tasks.study import report_study, save_results, study_cell, study_family
 
 QUICK = StudyGrid(expert_counts=[1, 2], methods=["average", "ties"], seeds=[0, 1])
 
@@ -66,13 +66,12 @@ def study(request: StudyRequest) -> dict:
 def study_cells(
     index: dict, cells: list, families: list[str], store: str, held_out: list[str] | None
 ) -> pd.DataFrame:
-    # Task vectors first (one task per family), so parallel cells never compute the same one.
-    for future in [study_task_vectors.submit(index, family, store) for family in families]:
-        future.result()
+    # Each family's shared work first (task vectors, reference scores), so parallel cells never
+    # compute the same thing twice; then every cell.
+    references = [study_family.submit(index, family, store, held_out, 1) for family in families]
+    parts = [future.result() for future in references]
     cell_futures = study_cell.map(cells, unmapped(store), unmapped(held_out), unmapped(1))
-    reference_futures = [study_references.submit(index, family, held_out, 1) for family in families]
-    parts = [future.result() for future in cell_futures] + [future.result() for future in reference_futures]
-    return pd.concat(parts, ignore_index=True)
+    return pd.concat(parts + [future.result() for future in cell_futures], ignore_index=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from mergeflow.checkpoint import INDEX, MANIFEST
 from mergeflow.errors import StorageError
 from mergeflow.safetensors_io import PlannedTensor, ShardFileWriter
-from mergeflow.storage import Location, locate
+from mergeflow.storage import Location, guarded, locate
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,8 @@ class StagedOutput:
 
     def _commit_s3(self) -> None:
         fs, prefix = self.target.fs, self.target.path
-        try:
+
+        def upload() -> None:
             if fs.exists(prefix):
                 fs.rm(f"{prefix}/{MANIFEST}") if fs.exists(f"{prefix}/{MANIFEST}") else None
                 fs.rm(prefix, recursive=True)
@@ -132,8 +133,10 @@ class StagedOutput:
                 if file.name != MANIFEST:
                     fs.put_file(str(file), f"{prefix}/{file.name}")
             fs.put_file(str(self.folder / MANIFEST), f"{prefix}/{MANIFEST}")
-        except OSError as exc:
-            raise StorageError(f"{self.target.uri}: upload failed: {exc}") from exc
+
+        try:
+            # S3 failures become one clear StorageError (transient ones marked so, for retries).
+            guarded(self.target, upload, "upload failed")
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
 

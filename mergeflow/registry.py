@@ -107,7 +107,10 @@ def register_merge(
 
     client, uri = client_for(tracking_uri)
     name = model_name(record.base_family)
-    existing = _version_of(client, name, record.model_sha256) if record.model_sha256 else None
+    try:
+        existing = _version_of(client, name, record.model_sha256) if record.model_sha256 else None
+    except MlflowException as error:
+        raise RegistryError(f"MLflow at {uri}: cannot look up {name}: {error.message}") from None
     if existing is not None:
         return existing
     try:

@@ -64,35 +64,35 @@ class Location:
         return Location(f"{self.uri.rstrip('/')}/{name}", f"{self.path.rstrip('/')}/{name}", False)
 
     def exists(self) -> bool:
-        return _guard(self, lambda: self.fs.exists(self.path))
+        return guarded(self, lambda: self.fs.exists(self.path))
 
     def is_dir(self) -> bool:
-        return _guard(self, lambda: self.fs.isdir(self.path))
+        return guarded(self, lambda: self.fs.isdir(self.path))
 
     def size(self) -> int:
         if self.is_local:
             return os.path.getsize(self.path)
-        return int(_guard(self, lambda: self.fs.size(self.path)))
+        return int(guarded(self, lambda: self.fs.size(self.path)))
 
     def has_files(self) -> bool:
         """A file at this path or anywhere under it; S3 folder entries and 'x/' markers don't count."""
         if self.is_local:
             path = Path(self.path)
             return path.is_file() or (path.is_dir() and any(p.is_file() for p in path.rglob("*")))
-        found = _guard(self, lambda: self.fs.find(self.path, detail=True))
+        found = guarded(self, lambda: self.fs.find(self.path, detail=True))
         return any(i["type"] == "file" and not i["name"].endswith("/") for i in found.values())
 
     def list_names(self) -> list[str]:
         """Names of the files directly inside this folder."""
         if self.is_local:
             return sorted(p.name for p in Path(self.path).iterdir() if p.is_file())
-        entries = _guard(self, lambda: self.fs.ls(self.path, detail=True, refresh=True))
+        entries = guarded(self, lambda: self.fs.ls(self.path, detail=True, refresh=True))
         return sorted(posixpath.basename(e["name"]) for e in entries if e["type"] == "file")
 
     def read_bytes(self) -> bytes:
         if self.is_local:
             return Path(self.path).read_bytes()
-        return _guard(self, lambda: self.fs.cat_file(self.path))
+        return guarded(self, lambda: self.fs.cat_file(self.path))
 
     def write_bytes(self, data: bytes) -> None:
         """Write a whole small file; locally through a temporary name, so readers never see half."""
@@ -103,13 +103,13 @@ class Location:
             partial.write_bytes(data)
             partial.replace(path)
             return
-        _guard(self, lambda: self.fs.pipe_file(self.path, data))
+        guarded(self, lambda: self.fs.pipe_file(self.path, data))
 
     def read_range(self, start: int, length: int) -> bytes:
         if self.is_local:
             with open(self.path, "rb") as f:
                 return os.pread(f.fileno(), length, start)
-        return _guard(self, lambda: self.fs.cat_file(self.path, start=start, end=start + length))
+        return guarded(self, lambda: self.fs.cat_file(self.path, start=start, end=start + length))
 
 
 def locate(ref: str) -> Location:
@@ -125,18 +125,20 @@ def locate(ref: str) -> Location:
     return Location(path, path, True)
 
 
-def _guard(location: Location, action):
-    """Run an S3 action, turning botocore/s3fs failures into one clear line."""
+def guarded(location: Location, action, what: str | None = None):
+    """Run an S3 action, turning botocore/s3fs failures into one clear line naming `location`
+    (and `what` was being done): TransientStorageError where a retry may cure it."""
+    prefix = f"{location.uri}: {what + ': ' if what else ''}"
     try:
         return action()
     except FileNotFoundError as exc:
-        raise StorageError(f"{location.uri}: not found") from exc
+        raise StorageError(f"{prefix}not found") from exc
     except PermissionError as exc:
-        raise StorageError(f"{location.uri}: access denied (check the S3 credentials)") from exc
+        raise StorageError(f"{prefix}access denied (check the S3 credentials)") from exc
     except OSError as exc:
-        raise TransientStorageError(f"{location.uri}: {type(exc).__name__}: {_redact(str(exc))}") from exc
+        raise TransientStorageError(f"{prefix}{type(exc).__name__}: {_redact(str(exc))}") from exc
     except _botocore_errors() as exc:  # the endpoint is unreachable or the connection broke
-        raise TransientStorageError(f"{location.uri}: {_redact(str(exc))}") from exc
+        raise TransientStorageError(f"{prefix}{_redact(str(exc))}") from exc
 
 
 def _botocore_errors() -> tuple[type[Exception], ...]:

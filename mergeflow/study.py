@@ -174,6 +174,19 @@ def run_cell(cell: Cell, store: str, held_out: list[str] | None = None) -> pd.Da
     return _with_cell_columns(table, cell, json.dumps(best, sort_keys=True))
 
 
+def prepare_family(
+    index: dict, family_name: str, store: str, held_out: list[str] | None = None
+) -> pd.DataFrame:
+    """Everything a family's cells share, done once before they run in parallel: its task
+    vectors, its experts' validation scores (for picking hyper-parameters) and its reference
+    rows. Returns the reference rows."""
+    family = index["families"][family_name]
+    for task, path in family["experts"].items():
+        ensure_task_vector(family["base"], path, store)
+        cached_scores(path, [task], "validation")
+    return reference_rows(index, family_name, held_out)
+
+
 def reference_rows(index: dict, family_name: str, held_out: list[str] | None = None) -> pd.DataFrame:
     """The base, every expert on its own task and the multitask model, normalised like merges."""
     family = index["families"][family_name]

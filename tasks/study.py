@@ -15,8 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from mergeflow.report import write_report
 from mergeflow.storage import locate
-from mergeflow.study import Cell, reference_rows, run_cell
-from mergeflow.task_vectors import ensure_task_vector
+from mergeflow.study import Cell, prepare_family, run_cell
 from mergeflow.tracking import log_study
 from tasks.retries import IO_RETRIES
 
@@ -37,16 +36,14 @@ def study_cell(cell: Cell, store: str, held_out: list[str] | None, threads: int)
     return run_cell(cell, store, held_out)
 
 
-@task(**IO_RETRIES, cache_policy=NO_CACHE, task_run_name="task-vectors-{family}")
-def study_task_vectors(index: dict, family: str, store: str) -> list[str]:
-    models = index["families"][family]
-    return [ensure_task_vector(models["base"], path, store).uri for path in models["experts"].values()]
-
-
-@task(cache_policy=NO_CACHE, task_run_name="references-{family}")
-def study_references(index: dict, family: str, held_out: list[str] | None, threads: int) -> pd.DataFrame:
+@task(**IO_RETRIES, cache_policy=NO_CACHE, task_run_name="prepare-{family}")
+def study_family(
+    index: dict, family: str, store: str, held_out: list[str] | None, threads: int
+) -> pd.DataFrame:
+    """Task vectors, expert validation scores and reference rows of one family (its cells'
+    shared work, done once); returns the reference rows."""
     torch.set_num_threads(threads)
-    return reference_rows(index, family, held_out)
+    return prepare_family(index, family, store, held_out)
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE, task_run_name="save-results")
