@@ -26,6 +26,7 @@ from mergeflow.fetch import FetchedModel
 from mergeflow.merges import default_destination, merge_key
 from mergeflow.registry import run_url
 from mergeflow.settings import load_settings
+from mergeflow.storage import NAME
 from tasks.compute_task_vectors import compute_task_vectors
 from tasks.evaluate import evaluate_held_in, evaluate_held_out, save_scores
 from tasks.fetch_experts import fetch_experts
@@ -37,7 +38,11 @@ MAX_GRID_POINTS = 16
 
 class MergeRequest(BaseModel):
     base: str = Field(description="Base model: local path, file:// or s3:// URI")
-    base_family: str = Field("default", description="Registered model name is mergeflow-<base_family>")
+    base_family: str = Field(
+        "default",
+        pattern=NAME.pattern,
+        description="Registered model name is mergeflow-<base_family>; letters, digits, '.', '_', '-'",
+    )
     experts: dict[str, str] = Field(description="Held-in task name → that task's expert (path or s3:// URI)")
     method: Literal[
         "average", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"

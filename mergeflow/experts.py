@@ -18,7 +18,7 @@ from mergeflow.checkpoint import MANIFEST, open_checkpoint
 from mergeflow.errors import CheckpointError
 from mergeflow.hashing import model_sha256
 from mergeflow.publish import publish_folder
-from mergeflow.storage import locate
+from mergeflow.storage import check_name, locate
 
 ANNOUNCED = "experts/.announced.json"
 
@@ -43,6 +43,8 @@ def publish_expert(
     folder: Path, base: str, task: str, store: str, base_model: Path | None = None
 ) -> ExpertVersion:
     """Upload `folder` as an expert of `base` for `task` (and `base_model` as the base)."""
+    check_name("base", base)
+    check_name("task", task)
     if base_model is not None:
         publish_folder(Path(base_model), base_uri(store, base))
     elif not locate(base_uri(store, base)).child(MANIFEST).exists():

@@ -36,6 +36,7 @@ from mergeflow.checkpoint import MANIFEST
 from mergeflow.errors import MergeflowError
 from mergeflow.eval.metrics import COLUMNS
 from mergeflow.settings import load_settings
+from mergeflow.storage import check_name
 
 MODEL_ARTIFACT_PATH = "model"
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -77,7 +78,7 @@ class RegisteredVersion:
 
 
 def model_name(base_family: str) -> str:
-    return f"mergeflow-{base_family}"
+    return f"mergeflow-{check_name('base family', base_family)}"
 
 
 def client_for(tracking_uri: str | None = None) -> tuple[MlflowClient, str]:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
 
-from mergeflow.errors import StorageError, TransientStorageError
+from mergeflow.errors import ConfigError, StorageError, TransientStorageError
 
 S3_ENDPOINT_ENV = "MERGEFLOW_S3_ENDPOINT_URL"
 
@@ -110,6 +111,20 @@ class Location:
             with open(self.path, "rb") as f:
                 return os.pread(f.fileno(), length, start)
         return guarded(self, lambda: self.fs.cat_file(self.path, start=start, end=start + length))
+
+
+# Names that become one segment of a storage path (base family, task): no separators, and no
+# leading "." (so never "." or ".."); also valid as part of an MLflow registered model name.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    if not NAME.match(value):
+        raise ConfigError(
+            f"{kind} name {value!r} is not allowed: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit (it becomes part of a storage path)"
+        )
+    return value
 
 
 def locate(ref: str) -> Location:
