@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,24 @@ def wait_for_runs(api: str, deployment: str, count: int, timeout: float = 600) -
     raise AssertionError(
         f"{deployment}: {count} finished run(s) expected within {timeout}s; got {runs_of(api, deployment)}"
     )
+
+
+def wait_for_paused(api: str, deployment: str, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        paused = [r["id"] for r in runs_of(api, deployment) if r["state_name"] == "Paused"]
+        if paused:
+            return paused[0]
+        time.sleep(1)
+    raise AssertionError(f"no paused {deployment} run within {timeout}s")
+
+
+def post_json(url: str, body: dict) -> None:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=30) as response:
+        assert response.status in (200, 201), response.read()
 
 
 def merge_runs(api: str) -> list[str]:
@@ -178,6 +197,24 @@ def test_an_expert_landing_merges_once_and_promotion_follows(stack, deployed, mi
     prefect(env, "deployment", "run", "promote/promote", "--params", json.dumps(request))
     wait_for_runs(api, "promote", 3)
     assert client.get_model_version(MODEL, "1").tags["mergeflow.promotion.decision"] == "rejected"
+    assert client.get_model_version_by_alias(MODEL, "champion").version == str(newest)
+
+    # With approval required, a run on the worker pauses; a person's answer through the API
+    # resumes it, and a rejection is recorded without moving the champion.
+    lenient = {"min_held_in": 0.0, "max_held_out_drop": 10.0}
+    request = {
+        "request": {"model_name": MODEL, "challenger": "1", "gates": lenient, "require_approval": True}
+    }
+    prefect(env, "deployment", "run", "promote/promote", "--params", json.dumps(request))
+    paused = wait_for_paused(api, "promote")
+    answer = {"run_input": {"approve": False, "comment": "held-out table looks off"}}
+    post_json(f"{api}/flow_runs/{paused}/resume", answer)
+    wait_for_runs(api, "promote", 4)
+    tags = client.get_model_version(MODEL, "1").tags
+    assert (tags["mergeflow.promotion.approved"], tags["mergeflow.promotion.comment"]) == (
+        "false",
+        "held-out table looks off",
+    )
     assert client.get_model_version_by_alias(MODEL, "champion").version == str(newest)
 
 
