@@ -5,16 +5,36 @@ from __future__ import annotations
 import json
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from mergeflow.cli import app, parse_size
 from mergeflow.methods import ALIASES, METHODS
 
 
-@pytest.mark.parametrize("command", [[], ["merge"], ["methods"], ["demo"], ["zoo"], ["zoo", "generate"]])
+def all_commands(group=None, prefix=()) -> list[tuple[str, ...]]:
+    """Every command path of the CLI, walked from the app itself."""
+    group = group or typer.main.get_command(app)
+    paths = [prefix]
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):  # a group (typer vendors its own click)
+            paths += all_commands(command, (*prefix, name))
+        else:
+            paths.append((*prefix, name))
+    return paths
+
+
+def test_the_walk_finds_the_commands():
+    assert {("merge",), ("expert", "publish"), ("stack", "up"), ("promote",), ("report",)} <= set(
+        all_commands()
+    )
+
+
+@pytest.mark.parametrize("command", all_commands(), ids=lambda c: " ".join(c) or "mergeflow")
 def test_every_command_has_help(command):
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
+    assert "TODO" not in result.output
 
 
 def test_methods_lists_every_method_and_alias():

@@ -1,0 +1,217 @@
+"""The `mergeflow` command line. Errors print as one line, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mergeflow.cli.common import friendly_errors, parse_size
+from mergeflow.cli.mlops import expert_app, promote_command, report_command
+from mergeflow.cli.stack import stack_app
+
+app = typer.Typer(help="Merge fine-tuned expert models, evaluate and register them.", no_args_is_help=True)
+zoo_app = typer.Typer(help="Build and list model zoos.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+@app.command("merge")
+@friendly_errors
+def merge_command(
+    config: Annotated[Path, typer.Argument(help="mergekit-style YAML config.", exists=False)],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output folder: path, file:// or s3:// URI.")],
+    threads: Annotated[int | None, typer.Option(help="Torch threads (default: all cores).", min=1)] = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Accept pickle (*.bin) checkpoints.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 500MB, 2GB.")] = "2GB",
+    work_memory: Annotated[str, typer.Option(help="Working memory for chunks of all models.")] = "64MB",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Merge the models in CONFIG into OUT, streaming tensor by tensor."""
+    from mergeflow.config import load_config
+    from mergeflow.engine import merge
+
+    result = merge(
+        load_config(config),
+        out,
+        threads=threads,
+        allow_pickle=allow_pickle,
+        overwrite=overwrite,
+        max_shard_bytes=parse_size(shard_size),
+        work_bytes=parse_size(work_memory),
+        progress=not quiet,
+    )
+    typer.echo(
+        f"merged {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) with "
+        f"{result.manifest['method']} into {result.output} in {result.seconds:.1f}s"
+    )
+
+
+@app.command("methods")
+def methods_command() -> None:
+    """List the merge methods with their parameters and defaults."""
+    from mergeflow.methods import ALIASES, METHODS
+
+    for method in METHODS.values():
+        aliases = [a for a, target in ALIASES.items() if target == method.name]
+        alias_text = f" (alias: {', '.join(aliases)})" if aliases else ""
+        typer.secho(f"{method.name}{alias_text}", bold=True)
+        typer.echo(f"  {method.summary}")
+        typer.echo(f"  {method.formula}")
+        for p in method.params:
+            default = "required" if p.default is None else f"default {p.default}"
+            scope = "per model" if p.per_model else "global"
+            typer.echo(f"    {p.name:<12} {scope:<9} {default:<14} {p.description}")
+
+
+@zoo_app.command("generate")
+@friendly_errors
+def zoo_generate(
+    folder: Annotated[Path, typer.Argument(help="Where to write base/ and expert_*/.")],
+    experts: Annotated[int, typer.Option(min=1)] = 4,
+    hidden_size: Annotated[int, typer.Option(min=8)] = 64,
+    layers: Annotated[int, typer.Option(min=1)] = 2,
+    vocab_size: Annotated[int, typer.Option(min=8)] = 256,
+    intermediate_size: Annotated[int, typer.Option(min=8)] = 128,
+    heads: Annotated[int, typer.Option(min=1)] = 4,
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16")] = "float32",
+    shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 200MB.")] = "1GB",
+    seed: int = 0,
+) -> None:
+    """Generate a random Llama base and experts with conflicting task vectors (untrained)."""
+    from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo
+
+    spec = GeneratedZooSpec(
+        hidden_size=hidden_size,
+        num_layers=layers,
+        vocab_size=vocab_size,
+        intermediate_size=intermediate_size,
+        num_heads=heads,
+        num_experts=experts,
+        dtype=dtype,
+        shard_bytes=parse_size(shard_size),
+        seed=seed,
+    )
+    paths = build_generated_zoo(folder, spec)
+    typer.echo(f"generated {len(paths) - 1} experts and a base under {folder}")
+
+
+@zoo_app.command("build")
+@friendly_errors
+def zoo_build(
+    preset: Annotated[
+        str, typer.Option(help="tiny (small models trained here) or smol (SmolLM2-135M).")
+    ] = "tiny",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Build (or reuse from the cache) a zoo preset: bases, one expert per held-in task, a multitask
+    model; print each expert's validation accuracy against its base's."""
+    from mergeflow.zoo import zoo_dir
+    from mergeflow.zoo.build import build_preset
+
+    try:
+        index = build_preset(preset, progress=not quiet)
+    finally:
+        print_zoo_table(preset)
+    typer.echo(
+        f"zoo preset {preset}: {len(index['built_now'])} models built now; "
+        f"index {zoo_dir()}/presets/{preset}.json"
+    )
+
+
+def print_zoo_table(preset: str) -> None:
+    from mergeflow.zoo import zoo_dir
+
+    path = zoo_dir() / "presets" / f"{preset}.json"
+    if not path.is_file():
+        return
+    import json
+
+    index = json.loads(path.read_text())
+    typer.echo(f"{'family':<26}{'task':<18}{'base':>7}{'expert':>8}{'gain':>7}{'multitask':>11}")
+    for family in index["families"].values():
+        for row in family["table"]:
+            mark = "" if row["gain"] >= index["min_gain"] else "  <- below the required gain"
+            typer.echo(
+                f"{row['family']:<26}{row['task']:<18}{row['base']:>7.3f}{row['expert']:>8.3f}"
+                f"{row['gain']:>+7.3f}{row['multitask']:>11.3f}{mark}"
+            )
+
+
+@zoo_app.command("list")
+@friendly_errors
+def zoo_list() -> None:
+    """List built presets and every cached zoo model."""
+    from mergeflow.zoo import zoo_dir
+    from mergeflow.zoo.build import built_models
+
+    presets = sorted((zoo_dir() / "presets").glob("*.json"))
+    typer.echo(f"zoo folder: {zoo_dir()}")
+    typer.echo("presets: " + (", ".join(p.stem for p in presets) or "none built (mergeflow zoo build)"))
+    for record in built_models():
+        detail = record.get("task") or record.get("stage") or ""
+        typer.echo(
+            f"  {record['role']:<10}{detail:<18}{record['bytes'] / 1e6:>8.1f} MB  {Path(record['path']).name}"
+        )
+
+
+@app.command("eval")
+@friendly_errors
+def eval_command(
+    model: Annotated[Path, typer.Argument(help="A local HF model folder.")],
+    task: Annotated[
+        list[str] | None, typer.Option("--task", "-t", help="Task name (repeat); default: all.")
+    ] = None,
+    split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
+) -> None:
+    """Score MODEL on tasks by log-likelihood multiple choice; print accuracy per task."""
+    from mergeflow.errors import DataError
+    from mergeflow.eval.harness import evaluate
+    from mergeflow.eval.tasks import TASKS
+
+    names = task or list(TASKS)
+    unknown = [name for name in names if name not in TASKS]
+    if unknown:
+        raise DataError(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(TASKS)}")
+    scores = evaluate(model, names, split, progress=True)
+    typer.echo(f"{'task':<20}{'kind':<10}{'category':<24}{'accuracy':>9}")
+    for name, value in scores.items():
+        typer.echo(f"{name:<20}{TASKS[name].kind:<10}{TASKS[name].category:<24}{value:>9.3f}")
+
+
+@app.command("demo")
+@friendly_errors
+def demo_command(
+    workdir: Annotated[Path, typer.Option(help="Where the zoo and merged models go.")] = Path(
+        ".mergeflow/demo"
+    ),
+) -> None:
+    """Generate a small zoo and merge it with every method; print a table."""
+    from mergeflow.demo import run_demo
+
+    typer.echo(f"mergeflow demo: generated Llama zoo (base + 4 experts) under {workdir}")
+    rows = run_demo(workdir)
+    typer.echo(f"{'method':<18}{'seconds':>9}{'|Δ|/|τ|':>10}{'cos(Δ,Στ)':>12}{'sign agree':>12}")
+    for r in rows:
+        typer.echo(
+            f"{r.method:<18}{r.seconds:>9.2f}{r.delta_norm:>10.3f}{r.cosine_to_sum:>12.3f}{r.agreement:>12.3f}"
+        )
+    typer.echo(f"merged models: {workdir / 'merged'}  (each has a mergeflow-manifest.json)")
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+app.add_typer(expert_app, name="expert")
+app.add_typer(stack_app, name="stack")
+app.command("report")(report_command)
+app.command("promote")(promote_command)

@@ -1,0 +1,5 @@
+"""python -m mergeflow.cli"""
+
+from mergeflow.cli import app
+
+app()

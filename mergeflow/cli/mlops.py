@@ -1,0 +1,109 @@
+"""Commands around the pipeline: publish an expert, report a study, promote a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mergeflow.cli.common import friendly_errors
+
+expert_app = typer.Typer(help="Experts in the artifact store.", no_args_is_help=True)
+
+
+@expert_app.command("publish")
+@friendly_errors
+def expert_publish(
+    folder: Annotated[Path, typer.Argument(help="The expert's HF checkpoint folder.")],
+    base: Annotated[str, typer.Option(help="Base family name, e.g. tiny2m-pt-trained-here.")],
+    task: Annotated[str, typer.Option(help="The held-in task the expert was trained for.")],
+    base_model: Annotated[
+        Path | None, typer.Option(help="The base's folder; needed the first time a base is used.")
+    ] = None,
+) -> None:
+    """Upload an expert (with a manifest) to <artifacts>/experts/BASE/TASK/ and emit the Prefect
+    event mergeflow.expert.landed, which starts the merge-on-landing deployment."""
+    from mergeflow.events import EXPERT_LANDED, emit
+    from mergeflow.experts import base_uri, publish_expert, read_announced, write_announced
+    from mergeflow.settings import load_settings
+
+    settings = load_settings()
+    expert = publish_expert(folder, base, task, settings.artifacts, base_model)
+    typer.echo(f"published {expert.uri} (sha256 {expert.sha256[:12]})")
+    if not settings.prefect_api_url:
+        typer.echo(
+            "no Prefect server (PREFECT_API_URL): no event sent; the watch-experts flow will announce it"
+        )
+        return
+    event = emit(EXPERT_LANDED, expert.uri, expert.payload(base_uri(settings.artifacts, base)), expert.sha256)
+    write_announced(
+        settings.artifacts, read_announced(settings.artifacts) | {f"{expert.uri}#{expert.sha256}"}
+    )
+    typer.echo(f"emitted {EXPERT_LANDED} (event {event})")
+
+
+@friendly_errors
+def report_command(
+    study: Annotated[
+        str, typer.Argument(help="Study name (under <artifacts>/studies/) or a results.parquet path/URI.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Report folder; default ~/.mergeflow/studies/STUDY.")
+    ] = None,
+    mlflow: Annotated[bool, typer.Option(help="Also log the study and report to MLflow.")] = True,
+) -> None:
+    """Write a study's report: Markdown with the paper's findings checked, and PNG plots."""
+    import io
+
+    import pandas as pd
+
+    from mergeflow.report import findings, write_report
+    from mergeflow.settings import load_settings
+    from mergeflow.storage import locate
+
+    settings = load_settings()
+    source = (
+        study
+        if study.endswith(".parquet")
+        else f"{settings.artifacts.rstrip('/')}/studies/{study}/results.parquet"
+    )
+    name = Path(source).parent.name if study.endswith(".parquet") else study
+    table = pd.read_parquet(io.BytesIO(locate(source).read_bytes()))
+    folder = out or settings.home / "studies" / name
+    report = write_report(table, folder, title=f"mergeflow study {name!r}")
+    for finding in findings(table):
+        typer.echo(f"finding {finding.number}: {finding.verdict} — {finding.evidence}")
+    typer.echo(f"report: {report}")
+    if mlflow:
+        from mergeflow.tracking import log_study
+
+        typer.echo(f"MLflow run: {log_study(name, table, folder)}")
+
+
+@friendly_errors
+def promote_command(
+    model_name: Annotated[
+        str, typer.Argument(help="Registered model, e.g. mergeflow-tiny2m-pt-trained-here.")
+    ],
+    rollback: Annotated[
+        bool, typer.Option("--rollback", help="Point champion back at the previous champion.")
+    ] = False,
+    challenger: Annotated[str, typer.Option(help="Version number or alias to judge.")] = "challenger",
+    min_held_in: Annotated[float, typer.Option(help="Required normalised held-in mean.")] = 0.9,
+    max_held_out_drop: Annotated[
+        float, typer.Option(help="Allowed fall of the held-out mean below the champion's.")
+    ] = 0.0,
+) -> None:
+    """Judge the challenger against the champion and promote it when the gates pass (the promote
+    flow adds human approval), or roll the champion back. MLflow from MLFLOW_TRACKING_URI."""
+    from mergeflow import promotion
+
+    if rollback:
+        version = promotion.rollback(model_name)
+        typer.echo(f"champion of {model_name} is now version {version}")
+        return
+    gates = promotion.Gates(min_held_in=min_held_in, max_held_out_drop=max_held_out_drop)
+    decision = promotion.apply(promotion.decide(model_name, gates, challenger))
+    verdict = "promoted to champion" if decision.promoted else "not promoted"
+    typer.echo(f"{model_name} version {decision.challenger} {verdict}: {'; '.join(decision.reasons)}")
