@@ -9,12 +9,15 @@ a report (Markdown + plots) logged to both MLflow and Prefect.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 from prefect import flow, unmapped
+from prefect.client.orchestration import get_client
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, Field
 
@@ -54,12 +57,30 @@ def study(request: StudyRequest) -> dict:
         if request.dask_address
         else DaskTaskRunner(cluster_kwargs={"n_workers": request.workers, "threads_per_worker": 1})
     )
-    table = study_cells.with_options(task_runner=runner)(index, cells, families, store, grid.held_out)
+    with api_shared_with_workers():
+        table = study_cells.with_options(task_runner=runner)(index, cells, families, store, grid.held_out)
     uri = save_results(table, f"{store.rstrip('/')}/studies/{request.name}/results.parquet")
     folder = Path(request.report_dir or settings.home / "studies" / request.name)
     run_id = report_study(request.name, table, folder, request.tracking_uri)
     print(f"results: {uri}; report: {folder / 'report.md'}; MLflow run {run_id}")
     return {"cells": len(cells), "results": uri, "report": str(folder / "report.md"), "mlflow_run_id": run_id}
+
+
+@contextlib.contextmanager
+def api_shared_with_workers():
+    """Dask workers are new processes: without PREFECT_API_URL each would start a temporary
+    Prefect server of its own (seconds of start-up and a CPU-hungry process per worker), and
+    their task runs would not show in this run's API. Local workers inherit the environment
+    when the cluster starts, so point it at the API this run uses for that long."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    with get_client(sync_client=True) as client:
+        os.environ["PREFECT_API_URL"] = str(client.api_url).rstrip("/")
+    try:
+        yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
 
 
 @flow(name="study-cells")
