@@ -36,8 +36,20 @@ class LandingPolicy(BaseModel):
         default_factory=lambda: list(PAPER_METHODS), description="Paper methods to merge with"
     )
     settle_seconds: float = Field(20.0, ge=0, description="Wait this long for more landings first")
+    stale_after_hours: float = Field(
+        6.0, gt=0, description="A merge still 'running' after this long is taken as crashed and redone"
+    )
     artifacts: str | None = Field(None, description="Artifact store; default from mergeflow settings")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default from mergeflow settings")
+
+
+def redo(claim: dict, stale_after_hours: float) -> bool:
+    """A failed merge is redone, and so is one 'running' for so long its run must have died."""
+    if claim["status"] == "failed":
+        return True
+    return (
+        claim["status"] == "running" and time.time() - claim.get("started_at", 0) > stale_after_hours * 3600
+    )
 
 
 @flow(name="merge-on-landing", log_prints=True)
@@ -53,13 +65,14 @@ def merge_on_landing(policy: LandingPolicy) -> dict:
     key = set_key(experts, policy.methods)
     claim = claim_uri(store, policy.base, key)
     previous = read_claim(claim)
-    if previous is not None and previous["status"] != "failed":
+    if previous is not None and not redo(previous, policy.stale_after_hours):
         print(f"expert set {key[:16]} of {policy.base} was already merged ({previous['status']}); skipping")
         return {"merged": False, "reason": "already merged", "key": key}
     record = {
         "base": policy.base,
         "experts": {t: e.uri for t, e in experts.items()},
         "methods": policy.methods,
+        "started_at": time.time(),
     }
     write_claim(claim, "running", record)
     versions = {}

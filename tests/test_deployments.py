@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -101,12 +102,31 @@ def wait_for_paused(api: str, deployment: str, timeout: float = 300) -> str:
     raise AssertionError(f"no paused {deployment} run within {timeout}s")
 
 
-def post_json(url: str, body: dict) -> None:
+def resume(api: str, flow_run_id: str, run_input: dict, timeout: float = 120) -> None:
+    """Resume a paused run with a person's answer, as the UI does. The server may answer 503
+    while its database is busy, or reject the input until the paused run has stored its form's
+    schema; both are retried until accepted."""
+    url = f"{api}/flow_runs/{flow_run_id}/resume"
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+        url,
+        data=json.dumps({"run_input": run_input}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
     )
-    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=30) as response:
-        assert response.status in (200, 201), response.read()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline, answer = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            with opener.open(request, timeout=30) as response:
+                answer = json.loads(response.read())
+            if answer.get("status") == "ACCEPT":
+                return
+        except urllib.error.HTTPError as error:
+            if error.code != 503:
+                raise
+            answer = {"status": 503}
+        time.sleep(1)
+    raise AssertionError(f"resume of {flow_run_id} not accepted within {timeout}s: {answer}")
 
 
 def merge_runs(api: str) -> list[str]:
@@ -207,8 +227,7 @@ def test_an_expert_landing_merges_once_and_promotion_follows(stack, deployed, mi
     }
     prefect(env, "deployment", "run", "promote/promote", "--params", json.dumps(request))
     paused = wait_for_paused(api, "promote")
-    answer = {"run_input": {"approve": False, "comment": "held-out table looks off"}}
-    post_json(f"{api}/flow_runs/{paused}/resume", answer)
+    resume(api, paused, {"approve": False, "comment": "held-out table looks off"})
     wait_for_runs(api, "promote", 4)
     tags = client.get_model_version(MODEL, "1").tags
     assert (tags["mergeflow.promotion.approved"], tags["mergeflow.promotion.comment"]) == (
@@ -231,3 +250,13 @@ def with_env(env: dict, function, *args):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def test_a_claim_is_redone_only_when_failed_or_stale():
+    from flows.on_expert_landed import redo
+
+    now = time.time()
+    assert redo({"status": "failed", "started_at": now}, 6)
+    assert not redo({"status": "done", "started_at": 0}, 6)
+    assert not redo({"status": "running", "started_at": now - 60}, 6)
+    assert redo({"status": "running", "started_at": now - 7 * 3600}, 6)
