@@ -14,9 +14,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeflow.checkpoint import MANIFEST, open_checkpoint
+from mergeflow.checkpoint import MANIFEST
 from mergeflow.errors import CheckpointError
-from mergeflow.hashing import model_sha256
+from mergeflow.hashing import model_sha256_at
 from mergeflow.publish import publish_folder
 from mergeflow.storage import check_name, locate
 
@@ -51,11 +51,7 @@ def publish_expert(
         raise CheckpointError(
             f"base {base!r} is not in {store} yet ({base_uri(store, base)}); pass --base-model PATH once"
         )
-    checkpoint = open_checkpoint(str(folder))
-    try:
-        sha = model_sha256(checkpoint)
-    finally:
-        checkpoint.close()
+    sha = model_sha256_at(str(folder))
     uri = f"{store.rstrip('/')}/experts/{base}/{task}/{sha[:12]}"
     publish_folder(Path(folder), uri)
     return _version(base, task, uri)
@@ -96,11 +92,7 @@ def write_announced(store: str, announced: set[str]) -> None:
 def _version(base: str, task: str, uri: str) -> ExpertVersion:
     location = locate(uri)
     manifest = json.loads(location.child(MANIFEST).read_bytes())
-    checkpoint = open_checkpoint(uri)
-    try:
-        sha = model_sha256(checkpoint)
-    finally:
-        checkpoint.close()
+    sha = model_sha256_at(uri)
     return ExpertVersion(base, task, location.uri, sha, manifest.get("created_at", ""))
 
 

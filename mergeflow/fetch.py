@@ -16,9 +16,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeflow.checkpoint import MANIFEST, open_checkpoint
+from mergeflow.checkpoint import MANIFEST
 from mergeflow.errors import CheckpointError
-from mergeflow.hashing import cache_dir, file_sha256, model_sha256
+from mergeflow.hashing import cache_dir, file_sha256, model_sha256_at
 from mergeflow.storage import locate
 
 MLFLOW_SCHEME = "models:/"
@@ -64,11 +64,7 @@ def fetch_model(ref: str) -> FetchedModel:
         location = locate(ref)
         folder = Path(location.path) if location.is_local else _download(ref)
     verify_manifest(folder, ref)
-    checkpoint = open_checkpoint(str(folder))
-    try:
-        sha = model_sha256(checkpoint)
-    finally:
-        checkpoint.close()
+    sha = model_sha256_at(str(folder))
     return FetchedModel(ref, folder, sha)
 
 

@@ -9,7 +9,7 @@ import os
 import threading
 from pathlib import Path
 
-from mergeflow.checkpoint import CONFIG, MANIFEST, Checkpoint
+from mergeflow.checkpoint import CONFIG, MANIFEST, Checkpoint, open_checkpoint
 from mergeflow.storage import Location
 
 HASH_BLOCK = 8 << 20
@@ -58,6 +58,15 @@ def model_sha256(checkpoint: Checkpoint) -> str:
     files = {CONFIG: checkpoint.location.child(CONFIG)} | {f.name: f for f in checkpoint.weight_files}
     lines = [f"{name} {recorded.get(name) or file_sha256(files[name])}" for name in sorted(names)]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def model_sha256_at(ref: str) -> str:
+    """model_sha256 of the checkpoint at `ref` (path or URI); reads headers and the manifest."""
+    checkpoint = open_checkpoint(ref)
+    try:
+        return model_sha256(checkpoint)
+    finally:
+        checkpoint.close()
 
 
 def _read_cache(path: Path) -> dict:

@@ -25,12 +25,11 @@ from pathlib import Path
 import pandas as pd
 from pydantic import BaseModel, Field, field_validator
 
-from mergeflow.checkpoint import open_checkpoint
 from mergeflow.errors import ConfigError
 from mergeflow.eval.harness import evaluate
 from mergeflow.eval.metrics import normalise, task_infos
 from mergeflow.eval.tasks import held_out_tasks
-from mergeflow.hashing import cache_dir, model_sha256
+from mergeflow.hashing import cache_dir, model_sha256_at
 from mergeflow.merges import PAPER_METHODS, default_destination, merge_key, merge_or_reuse
 from mergeflow.methods import METHODS
 from mergeflow.task_vectors import ensure_task_vector
@@ -137,9 +136,9 @@ def enumerate_cells(index: dict, grid: StudyGrid) -> list[Cell]:
 
 def run_cell(cell: Cell, store: str, held_out: list[str] | None = None) -> pd.DataFrame:
     """Merge and score one cell; rows in COLUMNS order (the merged model only)."""
-    base_sha = _model_sha(cell.base)
+    base_sha = model_sha256_at(cell.base)
     vectors = [ensure_task_vector(cell.base, path, store) for _, path in cell.experts]
-    models = [(v.uri, _model_sha(v.uri)) for v in vectors]
+    models = [(v.uri, model_sha256_at(v.uri)) for v in vectors]
     tasks = [task for task, _ in cell.experts]
     expert_paths = dict(cell.experts)
     fixed, grid = _settings(cell.method)
@@ -226,7 +225,7 @@ def cached_scores(path: str, tasks: list[str], split: str) -> dict[str, float]:
     content hash under MERGEFLOW_CACHE_DIR/scores/, so any model is scored once per task."""
     from mergeflow.fetch import fetch_model
 
-    sha = _model_sha(path)
+    sha = model_sha256_at(path)
     file = cache_dir() / "scores" / f"{sha}.json"
     known = _read_json(file)
     wanted = [t for t in tasks if f"{t}/{split}" not in known]
@@ -239,14 +238,6 @@ def cached_scores(path: str, tasks: list[str], split: str) -> dict[str, float]:
             partial.write_text(json.dumps(known, indent=1))
             partial.replace(file)
     return {t: known[f"{t}/{split}"] for t in tasks}
-
-
-def _model_sha(path: str) -> str:
-    checkpoint = open_checkpoint(path)
-    try:
-        return model_sha256(checkpoint)
-    finally:
-        checkpoint.close()
 
 
 def _read_json(file: Path) -> dict:

@@ -85,4 +85,3 @@ def stack_status() -> None:
             typer.echo(f"         {s.detail}")
     typer.echo(f"logs, pid files and data: {settings.home / 'stack'}/<service>/")
     print_stack_env(settings)
-
