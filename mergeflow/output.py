@@ -1,11 +1,13 @@
 """Writing a merged model: sharded safetensors into a staging folder, committed only when
 complete. Locally the staging folder is renamed into place; in S3 every object is uploaded
-first and the manifest last, so a prefix without a manifest is never a finished model."""
+first and the manifest last, so a prefix without a manifest is never a finished model; one
+writer at a time holds the prefix (mergeflow.write_lock)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import shutil
 import tempfile
 import uuid
@@ -18,6 +20,7 @@ from mergeflow.checkpoint import INDEX, MANIFEST
 from mergeflow.errors import StorageError
 from mergeflow.safetensors_io import PlannedTensor, ShardFileWriter
 from mergeflow.storage import Location, guarded, locate
+from mergeflow.write_lock import LOCK_NAME, write_lock
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ class StagedOutput:
 
     def __init__(self, out: str, overwrite: bool = False) -> None:
         self.target: Location = locate(out)
-        if not overwrite and self._target_has_content():
+        self.overwrite = overwrite
+        if not overwrite and any(self._existing_objects().values()):
             raise StorageError(f"{self.target.uri}: output already exists (pass --overwrite to replace it)")
         if self.target.is_local:
             parent = Path(self.target.path).parent
@@ -102,8 +106,18 @@ class StagedOutput:
         else:
             self.folder = Path(tempfile.mkdtemp(prefix="mergeflow-stage-"))
 
-    def _target_has_content(self) -> bool:
-        return self.target.has_files()
+    def _existing_objects(self) -> dict[str, bool]:
+        """What is already at the target: for S3 every key but another writer's lock, mapped to
+        whether it is content (folder entries and 'x/' markers are not, but a commit removes
+        them too)."""
+        if self.target.is_local:
+            return {self.target.path: True} if self.target.has_files() else {}
+        found = guarded(self.target, lambda: self.target.fs.find(self.target.path, detail=True))
+        return {
+            name: info["type"] == "file" and not name.endswith("/")
+            for name, info in found.items()
+            if posixpath.basename(name.rstrip("/")) != LOCK_NAME
+        }
 
     def commit(self, manifest: dict) -> None:
         (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -123,20 +137,29 @@ class StagedOutput:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
 
     def _commit_s3(self) -> None:
+        """Under the destination's write lock: remove what is there (the manifest first, so it
+        stops looking complete), upload every file, the manifest last."""
         fs, prefix = self.target.fs, self.target.path
-
-        def upload() -> None:
-            if fs.exists(prefix):
-                fs.rm(f"{prefix}/{MANIFEST}") if fs.exists(f"{prefix}/{MANIFEST}") else None
-                fs.rm(prefix, recursive=True)
-            for file in sorted(self.folder.iterdir()):
-                if file.name != MANIFEST:
-                    fs.put_file(str(file), f"{prefix}/{file.name}")
-            fs.put_file(str(self.folder / MANIFEST), f"{prefix}/{MANIFEST}")
-
         try:
-            # S3 failures become one clear StorageError (transient ones marked so, for retries).
-            guarded(self.target, upload, "upload failed")
+            with write_lock(self.target) as lock:
+                existing = self._existing_objects()
+                if any(existing.values()) and not self.overwrite:
+                    raise StorageError(
+                        f"{self.target.uri}: output already exists (another writer finished first; "
+                        "pass --overwrite to replace it)"
+                    )
+
+                def upload() -> None:
+                    manifest_key = f"{prefix}/{MANIFEST}"
+                    for key in sorted(existing, key=lambda k: k != manifest_key):
+                        lock.refresh()
+                        fs.rm_file(key)
+                    for file in sorted(self.folder.iterdir(), key=lambda f: f.name == MANIFEST):
+                        lock.refresh()
+                        fs.put_file(str(file), f"{prefix}/{file.name}")
+
+                # S3 failures become one clear StorageError (transient ones marked so, for retries).
+                guarded(self.target, upload, "upload failed")
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -19,6 +19,9 @@ from mergeflow.zoo.presets import LlamaSize, Preset  # noqa: E402
 from mergeflow.zoo.training import TrainSpec  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
+
+# The S3 server and S3 zoo fixtures (tests/s3_zoo.py) for test_s3 and reliability/test_bad_s3.
+pytest_plugins = ["s3_zoo"]
 SMALL_ZOO = GeneratedZooSpec(num_experts=4, shard_bytes=60_000)
 
 

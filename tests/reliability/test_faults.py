@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 from s3_server import free_port, start_s3_server
 
+from mergeflow import write_lock
 from mergeflow.checkpoint import MANIFEST
 from mergeflow.config import MergeConfig
 from mergeflow.engine import merge
@@ -19,6 +21,7 @@ from mergeflow.output import StagedOutput
 from mergeflow.registry import RegistryError, register_merge
 from mergeflow.settings import Settings
 from mergeflow.stack import S3Service, down, up
+from mergeflow.write_lock import LOCK_NAME, WriteLock
 
 BUCKET = "faults"
 
@@ -46,28 +49,103 @@ def s3(tmp_path, monkeypatch):
     server.stop()
 
 
+def average(zoo: dict[str, str]) -> MergeConfig:
+    return MergeConfig(
+        merge_method="average", models=[{"model": zoo["expert_0"]}, {"model": zoo["expert_1"]}]
+    )
+
+
 def shard_hashes(manifest: dict) -> dict[str, str]:
     return {f["path"]: f["sha256"] for f in manifest["files"]}
 
 
+def s3_keys(s3, prefix: str) -> list[str]:
+    listing = s3.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+    return sorted(o["Key"][len(prefix) :] for o in listing)
+
+
 def test_s3_stopping_mid_merge_fails_clearly_and_a_rerun_matches_an_undisturbed_merge(zoo, s3, monkeypatch):
     undisturbed = merge(ties(zoo), f"s3://{BUCKET}/undisturbed", max_shard_bytes=60_000)
-    commit = StagedOutput._commit_s3
+    refresh = WriteLock.refresh
+    uploads = []
 
-    def stop_then_commit(stage):
-        s3.stop()  # the server goes away after the shards are staged, as the upload starts
-        commit(stage)
+    def stop_during_upload(lock):
+        uploads.append(lock)
+        if len(uploads) == 3:  # two shards are up; the server goes away before the third
+            s3.stop()
+        refresh(lock)
 
-    monkeypatch.setattr(StagedOutput, "_commit_s3", stop_then_commit)
+    monkeypatch.setattr(WriteLock, "refresh", stop_during_upload)
     with pytest.raises(StorageError, match=f"s3://{BUCKET}/rerun"):
         merge(ties(zoo), f"s3://{BUCKET}/rerun", max_shard_bytes=60_000)
-    monkeypatch.setattr(StagedOutput, "_commit_s3", commit)
+    monkeypatch.setattr(WriteLock, "refresh", refresh)
 
     up(s3.settings, ["s3"])
-    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=BUCKET, Prefix="rerun/").get("Contents", [])]
-    assert f"rerun/{MANIFEST}" not in keys  # nothing looks complete
+    keys = s3_keys(s3, "rerun/")
+    assert MANIFEST not in keys  # nothing looks complete
+    assert LOCK_NAME in keys  # the server was away when the writer tried to release its lock
     rerun = merge(ties(zoo), f"s3://{BUCKET}/rerun", max_shard_bytes=60_000, overwrite=True)
     assert shard_hashes(rerun.manifest) == shard_hashes(undisturbed.manifest)
+    assert LOCK_NAME not in s3_keys(s3, "rerun/")
+
+
+def test_two_merges_racing_for_one_s3_destination_leave_one_complete_model(zoo, s3, monkeypatch):
+    destination = f"s3://{BUCKET}/raced"
+    configs = [ties(zoo), average(zoo)]
+    both_staged = threading.Barrier(len(configs))
+    commit = StagedOutput._commit_s3
+
+    def commit_together(stage):
+        both_staged.wait(timeout=120)  # both writers start their upload at the same moment
+        commit(stage)
+
+    monkeypatch.setattr(StagedOutput, "_commit_s3", commit_together)
+    errors = race(
+        [lambda c=c: merge(c, destination, max_shard_bytes=60_000, overwrite=True) for c in configs]
+    )
+    assert errors == []
+    fetched = fetch_model(destination)  # every file is the one the manifest lists (sha256)
+    assert json.loads((fetched.path / MANIFEST).read_text())["method"] in ("ties", "average")
+    assert LOCK_NAME not in s3_keys(s3, "raced/")
+
+
+def test_without_overwrite_the_second_of_two_racing_merges_fails_and_the_first_stays_whole(
+    zoo, s3, monkeypatch
+):
+    destination = f"s3://{BUCKET}/first-wins"
+    configs = [ties(zoo), average(zoo)]
+    both_staged = threading.Barrier(len(configs))
+    commit = StagedOutput._commit_s3
+
+    def commit_together(stage):
+        both_staged.wait(timeout=120)
+        commit(stage)
+
+    monkeypatch.setattr(StagedOutput, "_commit_s3", commit_together)
+    errors = race([lambda c=c: merge(c, destination, max_shard_bytes=60_000) for c in configs])
+    assert len(errors) == 1 and isinstance(errors[0], StorageError)
+    assert "already exists (another writer finished first" in str(errors[0])
+    assert (fetch_model(destination).path / MANIFEST).is_file()  # fetched and checked against it
+
+
+def test_a_writer_that_died_holding_the_lock_is_taken_over_and_a_live_one_waited_for(zoo, s3, monkeypatch):
+    destination = f"s3://{BUCKET}/locked"
+    client = s3.client()
+
+    def leave_lock(owner: str, age_s: float) -> None:
+        body = {"owner": owner, "refreshed_at": time.time() - age_s, "refreshed": "then"}
+        client.put_object(Bucket=BUCKET, Key=f"locked/{LOCK_NAME}", Body=json.dumps(body).encode())
+
+    monkeypatch.setattr(write_lock, "WAIT_S", 2)
+    leave_lock("build-host-7:4242:feedbeef", age_s=5)  # another machine, writing right now
+    with pytest.raises(StorageError, match=r"locked/\.write-lock: another writer \(build-host-7:4242"):
+        merge(ties(zoo), destination, max_shard_bytes=60_000)
+    assert s3_keys(s3, "locked/") == [LOCK_NAME]  # nothing of ours was uploaded
+
+    leave_lock("build-host-7:4242:feedbeef", age_s=write_lock.STALE_AFTER_S + 60)  # it stopped refreshing
+    merge(ties(zoo), destination, max_shard_bytes=60_000)
+    assert LOCK_NAME not in s3_keys(s3, "locked/")
+    assert (fetch_model(destination).path / MANIFEST).is_file()  # fetched and checked against it
 
 
 def test_a_corrupted_shard_in_s3_is_caught_by_the_manifest(zoo, s3):
@@ -83,28 +161,30 @@ def test_a_corrupted_shard_in_s3_is_caught_by_the_manifest(zoo, s3):
 
 def test_two_merges_racing_for_one_local_destination_leave_one_complete_model(zoo, tmp_path):
     destination = tmp_path / "out" / "merged"
-    configs = [
-        ties(zoo),
-        MergeConfig(merge_method="average", models=[{"model": zoo["expert_0"]}, {"model": zoo["expert_1"]}]),
-    ]
-    errors: list[BaseException] = []
-
-    def run(config):
-        try:
-            merge(config, str(destination), overwrite=True)
-        except BaseException as error:  # noqa: BLE001 - collected and asserted below
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(config,)) for config in configs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = race([lambda c=c: merge(c, str(destination), overwrite=True) for c in (ties(zoo), average(zoo))])
     assert errors == []
     manifest = json.loads((destination / MANIFEST).read_text())
     assert manifest["method"] in ("ties", "average")
     verify_manifest(destination)  # every file is the one its manifest lists
     assert sorted(p.name for p in destination.parent.iterdir()) == ["merged"]  # no staging left
+
+
+def race(writers) -> list[BaseException]:
+    """Run each writer in its own thread at once; the errors they raised."""
+    errors: list[BaseException] = []
+
+    def run(writer):
+        try:
+            writer()
+        except BaseException as error:  # noqa: BLE001 - collected and asserted by the caller
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(writer,)) for writer in writers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
 
 
 @pytest.fixture
