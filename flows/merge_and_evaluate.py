@@ -28,6 +28,7 @@ from mergeflow.registry import run_url
 from mergeflow.settings import load_settings
 from mergeflow.storage import NAME
 from tasks.compute_task_vectors import compute_task_vectors
+from tasks.credentials import load_credentials
 from tasks.evaluate import evaluate_held_in, evaluate_held_out, save_scores
 from tasks.fetch_experts import fetch_experts
 from tasks.merge import merge
@@ -94,6 +95,7 @@ class MergeOutcome(BaseModel):
 
 @flow(name="merge-and-evaluate", log_prints=True)
 def merge_and_evaluate(request: MergeRequest) -> MergeOutcome:
+    load_credentials()
     store = request.artifacts or load_settings().artifacts
     base, experts = fetch_experts(request.base, request.experts)
     vectors = compute_task_vectors(base, experts, store)

@@ -20,6 +20,7 @@ from flows.merge_and_evaluate import MergeRequest, merge_and_evaluate
 from mergeflow.experts import base_uri
 from mergeflow.merges import PAPER_METHODS
 from mergeflow.settings import load_settings
+from tasks.credentials import load_credentials
 from tasks.landing import (
     announce_registered,
     claim_uri,
@@ -54,6 +55,7 @@ def redo(claim: dict, stale_after_hours: float) -> bool:
 
 @flow(name="merge-on-landing", log_prints=True)
 def merge_on_landing(policy: LandingPolicy) -> dict:
+    load_credentials()
     unknown = sorted(set(policy.methods) - set(PAPER_METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(PAPER_METHODS)}")

@@ -19,6 +19,7 @@ from prefect.input import RunInput
 from pydantic import BaseModel, Field
 
 from mergeflow.promotion import HELD_IN, HELD_OUT, Decision, Gates
+from tasks.credentials import load_credentials
 from tasks.promote import apply_promotion, compare_with_champion
 
 
@@ -38,6 +39,7 @@ class Approval(RunInput):
 
 @flow(name="promote", log_prints=True)
 def promote(request: PromoteRequest) -> dict:
+    load_credentials()
     decision = compare_with_champion(
         request.model_name, request.challenger, request.gates, request.tracking_uri
     )

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from mergeflow.publish import published_index, zoo_destinations
 from mergeflow.settings import load_settings
 from mergeflow.zoo.build import load_index
+from tasks.credentials import load_credentials
 from tasks.publish import publish_model, save_index
 
 
@@ -28,6 +29,7 @@ class PublishRequest(BaseModel):
 @flow(name="publish-zoo", log_prints=True)
 def publish_zoo(request: PublishRequest) -> dict:
     """Returns the published index."""
+    load_credentials()
     root = request.artifacts or load_settings().artifacts
     index = load_index(request.preset)
     destinations = zoo_destinations(index, root)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 from mergeflow.settings import load_settings
 from mergeflow.study import StudyGrid, enumerate_cells
 from mergeflow.zoo.build import load_index
+from tasks.credentials import load_credentials
 from tasks.study import report_study, save_results, study_cell, study_family
 
 QUICK = StudyGrid(expert_counts=[1, 2], methods=["average", "ties"], seeds=[0, 1])
@@ -45,6 +46,7 @@ class StudyRequest(BaseModel):
 
 @flow(name="study", log_prints=True)
 def study(request: StudyRequest) -> dict:
+    load_credentials()
     settings = load_settings()
     store = request.artifacts or settings.artifacts
     grid = QUICK.model_copy(update={"families": request.grid.families}) if request.quick else request.grid

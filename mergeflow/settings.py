@@ -2,10 +2,11 @@
 
 The settings file is `mergeflow.toml` in the working directory, or the file named by
 MERGEFLOW_SETTINGS; its keys are the field names below (`bucket = "models"`, `s3_port = 9000`).
-Variables of mergeflow's own are `MERGEFLOW_<FIELD>`; the S3 credentials, the MLflow tracking
-URI and the Prefect API URL use the names their own tools read (AWS_*, MLFLOW_TRACKING_URI,
-PREFECT_API_URL), so one environment serves mergeflow, boto, MLflow and Prefect alike.
-Secrets are SecretStr: they never appear in a repr, a log or an error message.
+Variables of mergeflow's own are `MERGEFLOW_<FIELD>`; the S3 endpoint, the MLflow tracking URI
+and the Prefect API URL use the names their own tools read (AWS_ENDPOINT_URL,
+MLFLOW_TRACKING_URI, PREFECT_API_URL), so one environment serves mergeflow, boto, MLflow and
+Prefect alike. Credentials are not settings: they come from the environment (AWS_*) or from
+Prefect Secret blocks (tasks/credentials.py), and the settings file refuses them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,6 +28,7 @@ from mergeflow.errors import MergeflowError
 
 SETTINGS_FILE_ENV = "MERGEFLOW_SETTINGS"
 SETTINGS_FILE_NAME = "mergeflow.toml"
+CREDENTIAL_KEYS = {"aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
 # S3 bucket naming rules, checked early so a typo fails here rather than deep inside a request.
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -64,14 +66,6 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("MERGEFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"),
         description="S3-compatible endpoint (SeaweedFS, MinIO); None means AWS S3.",
     )
-    aws_access_key_id: SecretStr | None = Field(
-        default=None,
-        validation_alias="AWS_ACCESS_KEY_ID",
-        description="S3 access key; None means botocore's usual chain (profiles, instance roles).",
-    )
-    aws_secret_access_key: SecretStr | None = Field(
-        default=None, validation_alias="AWS_SECRET_ACCESS_KEY", description="S3 secret key."
-    )
     bucket: str = Field(default="mergeflow", description="Bucket for mergeflow's artifacts and models.")
     artifacts: str | None = Field(
         default=None,
@@ -107,6 +101,19 @@ class Settings(BaseSettings):
         if path is None:
             return init_settings, env_settings
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=path)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials_in_the_file(cls, data):
+        # Only the file can bring these keys (the fields do not exist). Refuse them by name, without
+        # the value: credentials come from the environment or Prefect Secret blocks, nowhere else.
+        found = sorted(CREDENTIAL_KEYS & set(data)) if isinstance(data, dict) else []
+        if found:
+            raise ValueError(
+                f"{', '.join(found)} cannot be set in the settings file: credentials are read from the "
+                "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or from Prefect Secret blocks"
+            )
+        return data
 
     @field_validator("home")
     @classmethod

@@ -118,3 +118,40 @@ def test_publish_merge_evaluate_register_on_real_servers(stack, tmp_path):
     assert failed.returncode != 0
     assert "s3://mergeflow/zoo/no-such-expert: no such model" in failed.stdout + failed.stderr
     assert len(client.search_model_versions("name='mergeflow-tinymicro-it'")) == 1
+
+
+SAVE_SECRETS = """
+import os, sys
+from prefect.blocks.system import Secret
+from tasks.credentials import secret_block_name
+for variable in sys.argv[1:]:
+    Secret(value=os.environ[variable]).save(secret_block_name(variable), overwrite=True)
+"""
+DELETE_SECRETS = """
+import sys
+from prefect.client.orchestration import get_client
+from tasks.credentials import secret_block_name
+with get_client(sync_client=True) as client:
+    for variable in sys.argv[1:]:
+        client.delete_block_document(client.read_block_document_by_name(secret_block_name(variable), "secret").id)
+"""
+
+
+def test_a_flow_without_credentials_in_its_environment_reads_them_from_secret_blocks(stack, tmp_path):
+    settings, env, s3 = stack
+    names = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+    subprocess.run([sys.executable, "-c", SAVE_SECRETS, *names], env=env, cwd=ROOT, check=True, timeout=120)
+    try:
+        bare = {k: v for k, v in env.items() if k not in names}
+        request = {"preset": "micro-test", "artifacts": f"s3://{settings.bucket}/from-secret-blocks"}
+        proc = run_flow("publish_zoo", request, bare, tmp_path)
+        published = outcome_of(proc)
+    finally:
+        subprocess.run([sys.executable, "-c", DELETE_SECRETS, *names], env=env, cwd=ROOT, timeout=120)
+    assert published["families"]["tinymicro-it-trained-here"]["base"].startswith(
+        f"s3://{settings.bucket}/from-secret-blocks/"
+    )
+    assert "from-secret-blocks/zoo/micro-test.json" in objects(s3, settings.bucket, "from-secret-blocks/")
+    output = proc.stdout + proc.stderr
+    assert "credentials from Secret blocks: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in output
+    assert env["AWS_SECRET_ACCESS_KEY"] not in output

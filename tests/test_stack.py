@@ -308,7 +308,6 @@ def test_settings_read_the_tools_own_variables_and_hide_secrets(monkeypatch, tmp
     settings = load_settings()
     assert settings.home == tmp_path / "user" / ".mergeflow", "HOME is not MERGEFLOW_HOME"
     assert settings.s3_endpoint_url == "http://aws-endpoint:9000"
-    assert settings.aws_secret_access_key.get_secret_value() == "very-secret-value"
     assert settings.mlflow_tracking_uri == "http://mlflow:5000"
     assert settings.prefect_api_url == "http://prefect:4200/api"
     assert "very-secret-value" not in repr(settings) and "AKIDEXAMPLE" not in repr(settings)
@@ -323,6 +322,11 @@ def test_settings_read_the_tools_own_variables_and_hide_secrets(monkeypatch, tmp
         ({"MERGEFLOW_BUCKET": "Bad_Bucket"}, "bucket (MERGEFLOW_BUCKET): 'Bad_Bucket' is not a valid"),
         ({"file": "s3_prot = 1\n"}, "s3_prot: Extra inputs are not permitted"),
         ({"file": "bucket = [\n"}, "invalid TOML"),
+        (
+            {"file": 'aws_secret_access_key = "very-secret-value"\n'},
+            "aws_secret_access_key cannot be set in the settings file: credentials are read from the "
+            "environment",
+        ),
         ({"MERGEFLOW_SETTINGS": "/nonexistent/mergeflow.toml"}, "no such settings file"),
     ],
 )
