@@ -3,8 +3,9 @@ deployments/prefect.yaml): merge the latest expert per task of the base with the
 methods, each registered in MLflow, where it becomes the `challenger`; then the event
 `mergeflow.merge.registered`, on which the promote deployment judges the challenger.
 
-Exactly once per expert set: after a short settling wait (so a burst of landings is one merge),
-the run looks up the set of latest experts; a set already merged (or being merged) is skipped.
+Exactly once per expert set: a run whose set of latest experts is already merged (or being
+merged) ends at once; otherwise it waits a short settling time (so a burst of landings is one
+merge), looks the set up again, claims it and merges.
 The deployment runs one at a time (concurrency limit 1, later runs queue), so two runs never
 decide on the same set at once.
 """
@@ -53,6 +54,19 @@ def redo(claim: dict, stale_after_hours: float) -> bool:
     )
 
 
+def skip_if_merged(policy: LandingPolicy, store: str, experts: dict | None = None) -> dict | None:
+    """The run's result when the current set of latest experts needs no merge, else None."""
+    experts = experts if experts is not None else find_latest_experts(policy.base, store)
+    if not experts:
+        return None
+    key = set_key(experts, policy.methods)
+    previous = read_claim(claim_uri(store, policy.base, key))
+    if previous is None or redo(previous, policy.stale_after_hours):
+        return None
+    print(f"expert set {key[:16]} of {policy.base} was already merged ({previous['status']}); skipping")
+    return {"merged": False, "reason": "already merged", "key": key}
+
+
 @flow(name="merge-on-landing", log_prints=True)
 def merge_on_landing(policy: LandingPolicy) -> dict:
     load_credentials()
@@ -60,16 +74,20 @@ def merge_on_landing(policy: LandingPolicy) -> dict:
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(PAPER_METHODS)}")
     store = policy.artifacts or load_settings().artifacts
+    # A burst's later runs find its set merged (or being merged) already and end at once,
+    # instead of each waiting out the settling time first.
+    skipped = skip_if_merged(policy, store)
+    if skipped:
+        return skipped
     time.sleep(policy.settle_seconds)
     experts = find_latest_experts(policy.base, store)
     if not experts:
         return {"merged": False, "reason": f"no experts of {policy.base} in {store}"}
+    skipped = skip_if_merged(policy, store, experts)
+    if skipped:
+        return skipped
     key = set_key(experts, policy.methods)
     claim = claim_uri(store, policy.base, key)
-    previous = read_claim(claim)
-    if previous is not None and not redo(previous, policy.stale_after_hours):
-        print(f"expert set {key[:16]} of {policy.base} was already merged ({previous['status']}); skipping")
-        return {"merged": False, "reason": "already merged", "key": key}
     record = {
         "base": policy.base,
         "experts": {t: e.uri for t, e in experts.items()},

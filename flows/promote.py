@@ -16,7 +16,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from mergeflow.promotion import HELD_IN, HELD_OUT, Decision, Gates
 from tasks.credentials import load_credentials
@@ -30,6 +30,12 @@ class PromoteRequest(BaseModel):
     require_approval: bool = Field(False, description="Pause for a person's approval when the gates pass")
     approval_timeout_s: int = Field(24 * 3600, gt=0, description="How long to wait for the approval")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default from mergeflow settings")
+
+    @field_validator("challenger", mode="before")
+    @classmethod
+    def _version_number_as_text(cls, value):
+        # An event trigger may render a version number as an int.
+        return str(value) if isinstance(value, int) else value
 
 
 class Approval(RunInput):

@@ -51,7 +51,9 @@ def publish_folder(folder: Path, dest: str) -> bool:
                 "format": "mergeflow-manifest/1",
                 "kind": "published",
                 "mergeflow_version": mergeflow.__version__,
-                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                # Microseconds: "the latest expert of a task" is decided by this, and a burst of
+                # uploads lands several within one second.
+                "created_at": datetime.now(UTC).isoformat(timespec="microseconds"),
                 "source": str(folder),
                 "files": files,
             }

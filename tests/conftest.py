@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -100,6 +103,32 @@ def stack(tmp_path_factory, micro_zoo):
         yield settings, env, s3
     finally:
         down(settings)
+
+
+@pytest.fixture(scope="session")
+def deployed(stack, tmp_path_factory):
+    """Deployments created from prefect.yaml and a process worker serving them, for the session:
+    the stack's client environment, tuned so the worker polls every 2 s."""
+    from stack_helpers import prefect
+
+    _, env, _ = stack
+    env = env | {"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
+    prefect(env, "work-pool", "create", "mergeflow", "--type", "process")
+    prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    with open(tmp_path_factory.mktemp("worker") / "worker.log", "w") as log:
+        worker = subprocess.Popen(
+            [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "mergeflow"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield env
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=30)
 
 
 # --- the reliability suite's count (tests/reliability) ----------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -15,81 +16,23 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 from mlflow import MlflowClient
-from stack_helpers import get_json
+from stack_helpers import (
+    ROOT,
+    free_ports,
+    get_json,
+    merge_runs,
+    mergeflow_cli,
+    prefect,
+    runs_of,
+    wait_for_runs,
+    with_env,
+)
 
 from mergeflow.publish import publish_folder
 
 BASE = "tinymicro-landing"
 MODEL = f"mergeflow-{BASE}"
-
-
-def command(program: str, env: dict, *args: str, timeout: float = 300) -> str:
-    """Run one of the venv's commands (prefect, mergeflow) from the repository root."""
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / program), *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
-def prefect(env: dict, *args: str) -> str:
-    return command("prefect", env, *args)
-
-
-def mergeflow_cli(env: dict, *args: str) -> str:
-    return command("mergeflow", env, *args)
-
-
-@pytest.fixture(scope="module")
-def deployed(stack, tmp_path_factory):
-    """Deployments created from prefect.yaml and a process worker serving them."""
-    _, env, _ = stack
-    env = env | {"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
-    prefect(env, "work-pool", "create", "mergeflow", "--type", "process")
-    prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
-    with open(tmp_path_factory.mktemp("worker") / "worker.log", "w") as log:
-        worker = subprocess.Popen(
-            [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "mergeflow"],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            yield env
-        finally:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=30)
-
-
-def runs_of(api: str, deployment: str) -> list[dict]:
-    (found,) = [d for d in get_json(f"{api}/deployments/filter", {}) if d["name"] == deployment]
-    return get_json(f"{api}/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [found["id"]]}}})
-
-
-def wait_for_runs(api: str, deployment: str, count: int, timeout: float = 600) -> list[dict]:
-    """The deployment's runs once `count` of them are final; fails on a failed run."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        runs = runs_of(api, deployment)
-        final = [r for r in runs if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")]
-        assert all(r["state_type"] == "COMPLETED" for r in final), [
-            (r["name"], r["state_name"]) for r in final
-        ]
-        if len(final) >= count:
-            return runs
-        time.sleep(2)
-    raise AssertionError(
-        f"{deployment}: {count} finished run(s) expected within {timeout}s; got {runs_of(api, deployment)}"
-    )
 
 
 def wait_for_paused(api: str, deployment: str, timeout: float = 300) -> str:
@@ -127,12 +70,6 @@ def resume(api: str, flow_run_id: str, run_input: dict, timeout: float = 120) ->
             answer = {"status": 503}
         time.sleep(1)
     raise AssertionError(f"resume of {flow_run_id} not accepted within {timeout}s: {answer}")
-
-
-def merge_runs(api: str) -> list[str]:
-    """Ids of every merge-and-evaluate run (the subflows merge-on-landing launches)."""
-    runs = get_json(f"{api}/flow_runs/filter", {"flows": {"name": {"any_": ["merge-and-evaluate"]}}})
-    return sorted(r["id"] for r in runs)
 
 
 def test_an_expert_landing_merges_once_and_promotion_follows(stack, deployed, micro_zoo):
@@ -237,21 +174,6 @@ def test_an_expert_landing_merges_once_and_promotion_follows(stack, deployed, mi
     assert client.get_model_version_by_alias(MODEL, "champion").version == str(newest)
 
 
-def with_env(env: dict, function, *args):
-    """Call `function` with the stack's S3 settings in os.environ."""
-    keys = ("MERGEFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-    saved = {key: os.environ.get(key) for key in keys}
-    os.environ.update({key: env[key] for key in keys})
-    try:
-        return function(*args)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def test_a_claim_is_redone_only_when_failed_or_stale():
     from flows.on_expert_landed import redo
 
@@ -260,3 +182,86 @@ def test_a_claim_is_redone_only_when_failed_or_stale():
     assert not redo({"status": "done", "started_at": 0}, 6)
     assert not redo({"status": "running", "started_at": now - 60}, 6)
     assert redo({"status": "running", "started_at": now - 7 * 3600}, 6)
+
+
+def test_a_version_registered_outside_mergeflow_is_judged_through_the_mlflow_webhook(
+    stack, deployed, tmp_path
+):
+    """`mergeflow webhook relay` + `mergeflow webhook create`: MLflow's signed delivery of a
+    new version becomes mergeflow.merge.registered, and the promote deployment judges it."""
+    env, api = deployed | {"MERGEFLOW_WEBHOOK_SECRET": secrets.token_hex(16)}, deployed["PREFECT_API_URL"]
+    model = "mergeflow-registered-by-hand"
+    (port,) = free_ports(1)
+    with open(tmp_path / "relay.log", "w") as log:
+        relay = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mergeflow"), "webhook", "relay", "--port", str(port)],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for_health(f"http://127.0.0.1:{port}/health", relay)
+        mergeflow_cli(env, "webhook", "create", f"http://127.0.0.1:{port}/mlflow")
+
+        # A delivery not signed with the webhook's secret is refused.
+        forged = urllib.request.Request(
+            f"http://127.0.0.1:{port}/mlflow",
+            data=b'{"entity": "model_version", "action": "created", "data": {}}',
+            headers={
+                "X-MLflow-Delivery-Id": "x",
+                "X-MLflow-Timestamp": str(int(time.time())),
+                "X-MLflow-Signature": "v1,AAAA",
+            },
+            method="POST",
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(forged, timeout=10)
+        assert refused.value.code == 401
+
+        # Another tool registers a version whose run logged the paper's normalised means.
+        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        run = client.create_run(client.create_experiment(f"by-hand-{secrets.token_hex(4)}"))
+        client.log_metric(run.info.run_id, "held_in_normalised_mean", 0.95)
+        client.log_metric(run.info.run_id, "held_out_normalised_mean", 1.01)
+        client.set_terminated(run.info.run_id)
+        client.create_registered_model(model)
+        version = client.create_model_version(model, f"runs:/{run.info.run_id}/model", run.info.run_id)
+
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            judged = [
+                r
+                for r in runs_of(api, "promote")
+                if r["parameters"].get("request", {}).get("model_name") == model
+                and r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")
+            ]
+            if judged:
+                break
+            time.sleep(2)
+        assert [r["state_type"] for r in judged] == ["COMPLETED"], (
+            judged,
+            (tmp_path / "relay.log").read_text(),
+        )
+        assert (
+            client.get_model_version(model, version.version).tags["mergeflow.promotion.decision"]
+            == "promoted"
+        )
+        assert client.get_model_version_by_alias(model, "champion").version == version.version
+    finally:
+        os.killpg(relay.pid, signal.SIGTERM)
+        relay.wait(timeout=30)
+
+
+def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the relay exited with {process.returncode}"
+        try:
+            get_text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5)
+            if get_text.read().strip() == b"ok":
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} not healthy within {timeout}s")

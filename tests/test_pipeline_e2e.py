@@ -133,7 +133,8 @@ from prefect.client.orchestration import get_client
 from tasks.credentials import secret_block_name
 with get_client(sync_client=True) as client:
     for variable in sys.argv[1:]:
-        client.delete_block_document(client.read_block_document_by_name(secret_block_name(variable), "secret").id)
+        block = client.read_block_document_by_name(secret_block_name(variable), "secret")
+        client.delete_block_document(block.id)
 """
 
 

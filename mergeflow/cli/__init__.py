@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from mergeflow.cli.common import friendly_errors, parse_size
-from mergeflow.cli.mlops import expert_app, promote_command, report_command
+from mergeflow.cli.mlops import expert_app, promote_command, report_command, webhook_app
 from mergeflow.cli.stack import stack_app
 
 app = typer.Typer(help="Merge fine-tuned expert models, evaluate and register them.", no_args_is_help=True)
@@ -213,5 +213,6 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
 
 app.add_typer(expert_app, name="expert")
 app.add_typer(stack_app, name="stack")
+app.add_typer(webhook_app, name="webhook")
 app.command("report")(report_command)
 app.command("promote")(promote_command)

@@ -107,3 +107,70 @@ def promote_command(
     decision = promotion.apply(promotion.decide(model_name, gates, challenger))
     verdict = "promoted to champion" if decision.promoted else "not promoted"
     typer.echo(f"{model_name} version {decision.challenger} {verdict}: {'; '.join(decision.reasons)}")
+
+
+webhook_app = typer.Typer(
+    help="MLflow webhooks into the promotion path (new model versions → promote).", no_args_is_help=True
+)
+WEBHOOK_SECRET_ENV = "MERGEFLOW_WEBHOOK_SECRET"
+WEBHOOK_NAME = "mergeflow-promotion"
+
+
+def _webhook_secret() -> str:
+    import os
+
+    from mergeflow.errors import ConfigError
+
+    secret = os.environ.get(WEBHOOK_SECRET_ENV, "")
+    if len(secret) < 16:
+        raise ConfigError(
+            f"set {WEBHOOK_SECRET_ENV} to a random string of at least 16 characters (the same for "
+            "`webhook create` and `webhook relay`), e.g. export "
+            f"{WEBHOOK_SECRET_ENV}=$(python -c 'import secrets; print(secrets.token_hex(32))')"
+        )
+    return secret
+
+
+@webhook_app.command("relay")
+@friendly_errors
+def webhook_relay_command(
+    port: Annotated[int, typer.Option(help="Port to listen on (127.0.0.1).")] = 5050,
+) -> None:
+    """Serve until stopped: turn MLflow's signed model_version.created deliveries (POST /mlflow)
+    into the Prefect event mergeflow.merge.registered. Secret from MERGEFLOW_WEBHOOK_SECRET,
+    Prefect from PREFECT_API_URL."""
+    from mergeflow.settings import load_settings
+    from mergeflow.webhooks import PATH, relay_server
+
+    api_url = load_settings().prefect_api_url
+    if not api_url:
+        raise typer.BadParameter("no Prefect server: set PREFECT_API_URL (e.g. source the stack's env.sh)")
+    server = relay_server(port, _webhook_secret(), api_url)
+    typer.echo(f"relaying MLflow webhooks from http://127.0.0.1:{port}{PATH} to {api_url}", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@webhook_app.command("create")
+@friendly_errors
+def webhook_create_command(
+    url: Annotated[str, typer.Argument(help="The relay's URL, e.g. http://127.0.0.1:5050/mlflow.")],
+) -> None:
+    """Create (or update) the MLflow webhook that posts model_version.created to the relay,
+    signed with MERGEFLOW_WEBHOOK_SECRET. MLflow from MLFLOW_TRACKING_URI."""
+    from mlflow import MlflowClient
+
+    from mergeflow.settings import load_settings
+
+    client = MlflowClient(load_settings().mlflow_tracking_uri)
+    secret = _webhook_secret()
+    existing = [hook for hook in client.list_webhooks() if hook.name == WEBHOOK_NAME]
+    if existing:
+        hook = client.update_webhook(existing[0].webhook_id, url=url, secret=secret, status="ACTIVE")
+    else:
+        hook = client.create_webhook(WEBHOOK_NAME, url, events=["model_version.created"], secret=secret)
+    typer.echo(f"MLflow webhook {hook.name} ({hook.webhook_id}) → {url}")

@@ -6,8 +6,10 @@ and data (SeaweedFS's volumes, MLflow's and Prefect's sqlite databases).
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import os
+import secrets
 import shlex
 import sys
 import urllib.request
@@ -18,7 +20,7 @@ from typing import ClassVar
 
 from mergeflow.settings import Settings
 from mergeflow.stack import seaweed
-from mergeflow.stack.processes import HOST, StackError
+from mergeflow.stack.processes import HOST, StackError, write_private
 
 # Environment variable prefixes a server must not inherit from the user's shell: they would
 # point it at another database, S3 account or API than the stack's own.
@@ -182,8 +184,25 @@ class MlflowService(Service):
             # MLflow 3 starts a huey job runner (GenAI scorers, prompt optimisation) by
             # default; mergeflow uses none of it, and it is one more process.
             MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+            # Webhooks (`mergeflow webhook create`) reach the relay on this machine: MLflow
+            # allows only https to public addresses unless told otherwise. Everything here is
+            # on 127.0.0.1. The key keeps stored webhook secrets readable across restarts; the
+            # short cache lets a new webhook take effect within seconds (default 60 s).
+            MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https",
+            MLFLOW_WEBHOOK_CACHE_TTL="5",
+            MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true",
+            MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=self.webhook_encryption_key(),
         )
         return command, env
+
+    def webhook_encryption_key(self) -> str:
+        """A Fernet key, generated once and kept in a 0600 file of the service's folder."""
+        path = self.folder / "webhook-encryption-key"
+        if path.is_file():
+            return path.read_text().strip()
+        key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+        write_private(path, key + "\n")
+        return key
 
     def probe(self, port: int, starting: bool = False) -> Callable[[], None]:
         return http_probe(f"{self.url(port)}/health", "OK")
@@ -215,6 +234,9 @@ class PrefectService(Service):
             PREFECT_HOME=str(self.folder / "home"),
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             PREFECT_SERVER_UI_ENABLED="true",
+            # A run queued behind a deployment's concurrency limit asks again after this long
+            # (default 30 s): a burst of landings drains in a few minutes, not ten.
+            PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="5",
         )
         return command, env
 
