@@ -25,17 +25,18 @@ from tasks.promote import apply_promotion, compare_with_champion
 
 class PromoteRequest(BaseModel):
     model_name: str = Field(description="Registered model, e.g. mergeflow-tiny2m-pt-trained-here")
-    challenger: str = Field("challenger", description="Version number or alias to judge")
+    # An int too: an event trigger renders `{{ event.payload.version }}` as a number, and the
+    # server checks parameters against this schema before the run exists. Always text after.
+    challenger: str | int = Field("challenger", description="Version number or alias to judge")
     gates: Gates = Field(default_factory=Gates)
     require_approval: bool = Field(False, description="Pause for a person's approval when the gates pass")
     approval_timeout_s: int = Field(24 * 3600, gt=0, description="How long to wait for the approval")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default from mergeflow settings")
 
-    @field_validator("challenger", mode="before")
+    @field_validator("challenger")
     @classmethod
-    def _version_number_as_text(cls, value):
-        # An event trigger may render a version number as an int.
-        return str(value) if isinstance(value, int) else value
+    def _as_text(cls, value: str | int) -> str:
+        return str(value)
 
 
 class Approval(RunInput):

@@ -4,8 +4,11 @@ worker running the flows from this checkout."""
 
 from __future__ import annotations
 
+import ast
+import importlib
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -16,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 from stack_helpers import (
     ROOT,
@@ -265,3 +269,54 @@ def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 60) ->
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"{url} not healthy within {timeout}s")
+
+
+# What mergeflow's events carry (tasks/landing.py, mergeflow/webhooks.py, `expert publish`).
+SAMPLE_PAYLOADS = {
+    "mergeflow.merge.registered": {
+        "model_name": "mergeflow-tiny2m-pt",
+        "version": 4,
+        "source": "mlflow-webhook",
+    },
+    "mergeflow.expert.landed": {
+        "base": "tiny2m-pt",
+        "task": "topic",
+        "sha256": "ab" * 32,
+        "base_model": "s3://b/m",
+    },
+}
+
+
+def render_like_prefect(value, payload: dict):
+    """A trigger's parameter template rendered as Prefect does: Jinja's native mode, so a value
+    that reads as a Python literal (a version number) arrives as that type, not as text."""
+    if isinstance(value, dict):
+        return {key: render_like_prefect(item, payload) for key, item in value.items()}
+    match = re.fullmatch(r"\{\{\s*event\.payload\.(\w+)\s*\}\}", value) if isinstance(value, str) else None
+    if not match:
+        return value
+    rendered = str(payload[match.group(1)])
+    try:
+        return ast.literal_eval(rendered)
+    except (ValueError, SyntaxError):
+        return rendered
+
+
+def test_every_trigger_renders_parameters_its_flow_accepts():
+    """The server validates a triggered run's parameters against the flow's schema before the
+    run exists; a mismatch only shows as a line in the server's log."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
+
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    checked = 0
+    for deployment in spec["deployments"]:
+        module, name = deployment["entrypoint"].removesuffix(".py").replace("/", ".").split(":")
+        flow = getattr(importlib.import_module(module.replace(".py", "")), name)
+        schema = parameter_schema(flow.fn).model_dump_for_openapi()
+        for trigger in deployment.get("triggers", []):
+            (event,) = trigger["expect"]
+            parameters = render_like_prefect(trigger["parameters"], SAMPLE_PAYLOADS[event])
+            assert validate(parameters, schema, ignore_required=False) == [], (deployment["name"], parameters)
+            checked += 1
+    assert checked == 2
