@@ -31,17 +31,24 @@ class FetchedModel:
     sha256: str  # content hash of config + weights (mergeflow.hashing.model_sha256)
 
 
-def verify_manifest(folder: Path, ref: str | None = None) -> None:
-    """Every file a mergeflow manifest lists exists with its size and sha256."""
+def verify_manifest(
+    folder: Path, ref: str | None = None, required: bool = False, hashes: bool = True
+) -> None:
+    """Every file a mergeflow manifest lists exists with its size and (with `hashes`) sha256.
+    Without a manifest there is nothing to check, unless it is `required`."""
     manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        return
     name = ref or str(folder)
+    if not manifest_path.is_file():
+        if required:
+            raise CheckpointError(f"{name}: {MANIFEST} is missing, so the model files cannot be verified")
+        return
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{name}: {MANIFEST} is not valid JSON ({error})") from None
-    for entry in manifest.get("files", []):
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+        raise CheckpointError(f"{name}: {MANIFEST} has no list of files")
+    for entry in manifest["files"]:
         path = folder / entry["path"]
         if not path.is_file():
             raise CheckpointError(f"{name}: {entry['path']} is listed in {MANIFEST} but missing")
@@ -49,7 +56,7 @@ def verify_manifest(folder: Path, ref: str | None = None) -> None:
             raise CheckpointError(
                 f"{name}: {entry['path']} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
             )
-        actual = file_sha256(locate(str(path)))
+        actual = file_sha256(locate(str(path))) if hashes else entry["sha256"]
         if actual != entry["sha256"]:
             raise CheckpointError(
                 f"{name}: {entry['path']} sha256 {actual[:12]}… does not match "

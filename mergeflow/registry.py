@@ -16,8 +16,6 @@ global tracking state, so parallel registrations against different stores do not
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import shutil
 import tempfile
@@ -32,9 +30,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
 
-from mergeflow.checkpoint import MANIFEST
-from mergeflow.errors import MergeflowError
+from mergeflow.errors import CheckpointError, MergeflowError
 from mergeflow.eval.metrics import COLUMNS
+from mergeflow.fetch import verify_manifest
 from mergeflow.settings import load_settings
 from mergeflow.storage import check_name
 
@@ -100,8 +98,7 @@ def register_merge(
     version is returned and nothing is logged: re-running a merge does not add duplicates.
     """
     folder = Path(record.merged_folder)
-    manifest = _read_manifest(folder, str(folder))
-    _check_listed_files(folder, manifest, str(folder))
+    _verify(folder, str(folder), hashes=False)  # cheap: MLflow hashes nothing, downloads do
     params, truncated = _params(record)
     metrics = _metrics(record.scores)
     tags = _tags(record, truncated)
@@ -166,9 +163,7 @@ def load_registered(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         downloaded = Path(_download(client, uri, source, staging))
-        manifest = _read_manifest(downloaded, label)
-        _check_listed_files(downloaded, manifest, label)
-        _check_hashes(downloaded, manifest, label)
+        _verify(downloaded, label, hashes=True)
         if target.exists():
             target.rmdir()
         downloaded.rename(target)
@@ -373,43 +368,8 @@ def _download(client: MlflowClient, uri: str, source: str, dest: Path) -> str:
     return download_artifacts(artifact_uri=source, dst_path=str(dest), tracking_uri=uri)
 
 
-# --- manifest checks -----------------------------------------------------------------------------
-
-
-def _read_manifest(folder: Path, label: str) -> dict:
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise RegistryError(f"{label}: {MANIFEST} is missing, so the model files cannot be verified")
+def _verify(folder: Path, label: str, hashes: bool) -> None:
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise RegistryError(f"{label}: {MANIFEST} is not valid JSON ({error})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
-        raise RegistryError(f"{label}: {MANIFEST} has no list of files")
-    return manifest
-
-
-def _check_listed_files(folder: Path, manifest: dict, label: str) -> None:
-    """Every listed file exists with its size (cheap; the hashes are checked on download)."""
-    for entry in manifest["files"]:
-        path = folder / entry["path"]
-        if not path.is_file():
-            raise RegistryError(f"{label}: {entry['path']} is listed in {MANIFEST} but missing")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise RegistryError(
-                f"{label}: {entry['path']} has {size} bytes, {MANIFEST} says {entry['bytes']}"
-            )
-
-
-def _check_hashes(folder: Path, manifest: dict, label: str) -> None:
-    for entry in manifest["files"]:
-        digest = hashlib.sha256()
-        with open(folder / entry["path"], "rb") as file:
-            while block := file.read(1 << 20):
-                digest.update(block)
-        if digest.hexdigest() != entry["sha256"]:
-            raise RegistryError(
-                f"{label}: {entry['path']} sha256 {digest.hexdigest()[:12]}… does not match "
-                f"{MANIFEST}'s {entry['sha256'][:12]}…"
-            )
+        verify_manifest(folder, label, required=True, hashes=hashes)
+    except CheckpointError as error:
+        raise RegistryError(str(error)) from None
