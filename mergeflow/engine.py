@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 import mergeflow
 from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, num_layers, open_checkpoint
+from mergeflow.compatibility import FLOAT_DTYPES, check_compatible
 from mergeflow.config import MergeConfig, resolve_parameters
-from mergeflow.errors import IncompatibleModelsError, NonFiniteError
+from mergeflow.errors import NonFiniteError
 from mergeflow.hashing import model_sha256
 from mergeflow.methods import Chunk, MergeMethod
 from mergeflow.methods.kernels import abs_difference_
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WORK_BYTES = 64 << 20
 DEFAULT_SHARD_BYTES = 2 << 30
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -147,55 +147,6 @@ def _release_large_blocks_to_the_os() -> None:
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-
-
-def check_compatible(reference: Checkpoint, experts: list[Checkpoint]) -> None:
-    """Before heavy work: same architecture, same tensor names and shapes, float weights."""
-    ref_arch = _architecture(reference)
-    for other in experts:
-        if other is reference:
-            continue
-        arch = _architecture(other)
-        if ref_arch and arch and ref_arch != arch:
-            raise IncompatibleModelsError(
-                f"architectures differ: '{reference.ref}' is {ref_arch}, '{other.ref}' is {arch}"
-            )
-        _check_vocab(reference, other)
-        missing = [n for n in reference.tensors if n not in other.tensors]
-        extra = [n for n in other.tensors if n not in reference.tensors]
-        if missing or extra:
-            detail = f"lacks '{missing[0]}'" if missing else f"has extra tensor '{extra[0]}'"
-            raise IncompatibleModelsError(
-                f"tensor names differ: '{other.ref}' {detail} compared with '{reference.ref}' "
-                f"({len(missing)} missing, {len(extra)} extra)"
-            )
-        for name, entry in reference.tensors.items():
-            theirs = other.tensors[name]
-            if theirs.shape != entry.shape:
-                raise IncompatibleModelsError(
-                    f"tensor '{name}': shape {list(theirs.shape)} in '{other.ref}' but "
-                    f"{list(entry.shape)} in '{reference.ref}'"
-                )
-            if (theirs.dtype in FLOAT_DTYPES) != (entry.dtype in FLOAT_DTYPES):
-                raise IncompatibleModelsError(
-                    f"tensor '{name}': dtype {theirs.dtype} in '{other.ref}' "
-                    f"but {entry.dtype} in '{reference.ref}'"
-                )
-
-
-def _architecture(checkpoint: Checkpoint) -> str | None:
-    config = checkpoint.config or {}
-    arch = config.get("architectures") or config.get("model_type")
-    return ",".join(arch) if isinstance(arch, list) else arch
-
-
-def _check_vocab(reference: Checkpoint, other: Checkpoint) -> None:
-    mine, theirs = ((c.config or {}).get("vocab_size") for c in (reference, other))
-    if mine is not None and theirs is not None and mine != theirs:
-        raise IncompatibleModelsError(
-            f"vocab sizes differ: '{reference.ref}' has vocab_size {mine}, '{other.ref}' has "
-            f"{theirs}; models with different tokenizers cannot be merged tensor by tensor"
-        )
 
 
 def _merge_all(

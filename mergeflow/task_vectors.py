@@ -23,6 +23,7 @@ import torch
 
 import mergeflow
 from mergeflow.checkpoint import CONFIG, MANIFEST, Checkpoint, open_checkpoint
+from mergeflow.compatibility import FLOAT_DTYPES, check_compatible
 from mergeflow.errors import CheckpointError, IncompatibleModelsError
 from mergeflow.hashing import model_sha256
 from mergeflow.output import ShardedWriter, StagedOutput, WrittenFile
@@ -30,7 +31,6 @@ from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
 from mergeflow.storage import locate
 
 MARKER = "mergeflow_task_vector"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 CHUNK_ELEMENTS = 4 << 20
 
 
@@ -74,8 +74,6 @@ def ensure_task_vector(base_ref: str, expert_ref: str, store: str) -> TaskVector
 
 def write_task_vector(base: Checkpoint, expert: Checkpoint, out: str, base_sha: str, expert_sha: str) -> None:
     """Stream τ = expert − base tensor by tensor (in chunks) into a staged checkpoint at `out`."""
-    from mergeflow.engine import check_compatible
-
     if task_vector_info(base) or task_vector_info(expert):
         which = base if task_vector_info(base) else expert
         raise CheckpointError(f"model '{which.ref}' is already a task vector; give the base and the expert")

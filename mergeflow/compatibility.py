@@ -1,0 +1,61 @@
+"""Whether models can be merged tensor by tensor, checked before any heavy work: same
+architecture and vocabulary, the same tensor names and shapes, float weights where the
+reference has them. Each refusal names both models and the tensor or field that differs."""
+
+from __future__ import annotations
+
+import torch
+
+from mergeflow.checkpoint import Checkpoint
+from mergeflow.errors import IncompatibleModelsError
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_compatible(reference: Checkpoint, experts: list[Checkpoint]) -> None:
+    """Before heavy work: same architecture, same tensor names and shapes, float weights."""
+    ref_arch = _architecture(reference)
+    for other in experts:
+        if other is reference:
+            continue
+        arch = _architecture(other)
+        if ref_arch and arch and ref_arch != arch:
+            raise IncompatibleModelsError(
+                f"architectures differ: '{reference.ref}' is {ref_arch}, '{other.ref}' is {arch}"
+            )
+        _check_vocab(reference, other)
+        missing = [n for n in reference.tensors if n not in other.tensors]
+        extra = [n for n in other.tensors if n not in reference.tensors]
+        if missing or extra:
+            detail = f"lacks '{missing[0]}'" if missing else f"has extra tensor '{extra[0]}'"
+            raise IncompatibleModelsError(
+                f"tensor names differ: '{other.ref}' {detail} compared with '{reference.ref}' "
+                f"({len(missing)} missing, {len(extra)} extra)"
+            )
+        for name, entry in reference.tensors.items():
+            theirs = other.tensors[name]
+            if theirs.shape != entry.shape:
+                raise IncompatibleModelsError(
+                    f"tensor '{name}': shape {list(theirs.shape)} in '{other.ref}' but "
+                    f"{list(entry.shape)} in '{reference.ref}'"
+                )
+            if (theirs.dtype in FLOAT_DTYPES) != (entry.dtype in FLOAT_DTYPES):
+                raise IncompatibleModelsError(
+                    f"tensor '{name}': dtype {theirs.dtype} in '{other.ref}' "
+                    f"but {entry.dtype} in '{reference.ref}'"
+                )
+
+
+def _architecture(checkpoint: Checkpoint) -> str | None:
+    config = checkpoint.config or {}
+    arch = config.get("architectures") or config.get("model_type")
+    return ",".join(arch) if isinstance(arch, list) else arch
+
+
+def _check_vocab(reference: Checkpoint, other: Checkpoint) -> None:
+    mine, theirs = ((c.config or {}).get("vocab_size") for c in (reference, other))
+    if mine is not None and theirs is not None and mine != theirs:
+        raise IncompatibleModelsError(
+            f"vocab sizes differ: '{reference.ref}' has vocab_size {mine}, '{other.ref}' has "
+            f"{theirs}; models with different tokenizers cannot be merged tensor by tensor"
+        )
