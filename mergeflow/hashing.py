@@ -30,20 +30,14 @@ def file_sha256(file: Location) -> str:
     stat = os.stat(file.path)
     key = f"{file.path}|{stat.st_size}|{stat.st_mtime_ns}"
     cache_file = cache_dir() / "file-hashes.json"
-    known = _read_cache(cache_file).get(key)
+    known = read_json_cache(cache_file).get(key)
     if known:
         return known
     digest = hashlib.sha256()
     with open(file.path, "rb") as f:
         while block := f.read(HASH_BLOCK):
             digest.update(block)
-    # Read-modify-write under a lock: threads (Prefect's mapped tasks) hash files concurrently.
-    # Between processes an update may be lost, which only costs a later re-hash.
-    with _CACHE_LOCK:
-        cache = _read_cache(cache_file)
-        cache[key] = digest.hexdigest()
-        _write_cache(cache_file, cache)
-    return cache[key]
+    return update_json_cache(cache_file, {key: digest.hexdigest()})[key]
 
 
 def model_sha256(checkpoint: Checkpoint) -> str:
@@ -69,15 +63,23 @@ def model_sha256_at(ref: str) -> str:
         checkpoint.close()
 
 
-def _read_cache(path: Path) -> dict:
+def read_json_cache(path: Path) -> dict:
+    """A JSON cache file's content; an absent or damaged file is an empty cache."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
 
 
-def _write_cache(path: Path, cache: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(cache))
-    os.replace(tmp, path)
+def update_json_cache(path: Path, entries: dict) -> dict:
+    """Add `entries` to a JSON cache file and return its new content. Read-modify-write under a
+    lock, as threads (Prefect's mapped tasks, the study's cells) update caches concurrently; the
+    file is replaced whole, so readers never see half. Between processes an update may be lost,
+    which only costs recomputing it later."""
+    with _CACHE_LOCK:
+        cache = read_json_cache(path) | entries
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
+        partial.write_text(json.dumps(cache, indent=1))
+        os.replace(partial, path)
+        return cache

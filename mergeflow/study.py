@@ -16,11 +16,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import random
-import threading
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import pandas as pd
 from pydantic import BaseModel, Field, field_validator
@@ -29,7 +26,7 @@ from mergeflow.errors import ConfigError
 from mergeflow.eval.harness import evaluate
 from mergeflow.eval.metrics import normalise, task_infos
 from mergeflow.eval.tasks import held_out_tasks
-from mergeflow.hashing import cache_dir, model_sha256_at
+from mergeflow.hashing import cache_dir, model_sha256_at, read_json_cache, update_json_cache
 from mergeflow.merges import PAPER_METHODS, default_destination, merge_key, merge_or_reuse
 from mergeflow.methods import METHODS
 from mergeflow.task_vectors import ensure_task_vector
@@ -217,8 +214,6 @@ def _settings(method: str) -> tuple[dict, dict]:
 
 # --- scores cached by content -----------------------------------------------------------------
 
-_SCORES_LOCK = threading.Lock()
-
 
 def cached_scores(path: str, tasks: list[str], split: str) -> dict[str, float]:
     """Accuracy of the model at `path` (local or s3://) on each task, cached by the model's
@@ -227,21 +222,9 @@ def cached_scores(path: str, tasks: list[str], split: str) -> dict[str, float]:
 
     sha = model_sha256_at(path)
     file = cache_dir() / "scores" / f"{sha}.json"
-    known = _read_json(file)
+    known = read_json_cache(file)
     wanted = [t for t in tasks if f"{t}/{split}" not in known]
     if wanted:
         fresh = evaluate(fetch_model(path).path, wanted, split)
-        with _SCORES_LOCK:
-            known = _read_json(file) | {f"{t}/{split}": v for t, v in fresh.items()}
-            file.parent.mkdir(parents=True, exist_ok=True)
-            partial = file.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
-            partial.write_text(json.dumps(known, indent=1))
-            partial.replace(file)
+        known = update_json_cache(file, {f"{t}/{split}": v for t, v in fresh.items()})
     return {t: known[f"{t}/{split}"] for t in tasks}
-
-
-def _read_json(file: Path) -> dict:
-    try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}

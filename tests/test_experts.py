@@ -24,10 +24,3 @@ def test_the_latest_expert_of_a_task_is_the_last_published_even_within_one_secon
         "topic": published[2].uri,
     }
 
-
-def test_publishing_the_same_expert_again_adds_no_version(zoo, tmp_path):
-    store = str(tmp_path / "store")
-    first = publish_expert(Path(zoo["expert_0"]), "fam", "topic", store, base_model=Path(zoo["base"]))
-    again = publish_expert(Path(zoo["expert_0"]), "fam", "topic", store)
-    assert again.uri == first.uri and again.sha256 == first.sha256
-    assert [e.uri for e in list_experts(store, "fam")] == [first.uri]

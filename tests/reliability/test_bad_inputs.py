@@ -91,6 +91,14 @@ def test_tensor_shapes_differ(small, tmp_path):
     assert_fails_cleanly(ties(small, broken), tmp_path, IncompatibleModelsError, "model.norm.weight", "[65]")
 
 
+def test_integer_weights_where_the_base_has_floats(small, tmp_path):
+    broken = copy_expert(small, tmp_path)
+    edit_tensors(broken, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int32)}))
+    assert_fails_cleanly(
+        ties(small, broken), tmp_path, IncompatibleModelsError, "model.norm.weight", "dtype torch.int32"
+    )
+
+
 def test_missing_tensor(small, tmp_path):
     broken = copy_expert(small, tmp_path)
     edit_tensors(broken, lambda t: t.pop("lm_head.weight"))
