@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -109,26 +106,15 @@ def stack(tmp_path_factory, micro_zoo):
 def deployed(stack, tmp_path_factory):
     """Deployments created from prefect.yaml and a process worker serving them, for the session:
     the stack's client environment, tuned so the worker polls every 2 s."""
-    from stack_helpers import prefect
+    from stack_helpers import background, prefect
 
     _, env, _ = stack
     env = env | {"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
     prefect(env, "work-pool", "create", "mergeflow", "--type", "process")
     prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
-    with open(tmp_path_factory.mktemp("worker") / "worker.log", "w") as log:
-        worker = subprocess.Popen(
-            [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "mergeflow"],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            yield env
-        finally:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=30)
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    with background("prefect", ["worker", "start", "--pool", "mergeflow"], env, log):
+        yield env
 
 
 # --- the reliability suite's count (tests/reliability) ----------------------------------------

@@ -7,12 +7,9 @@ from __future__ import annotations
 import ast
 import importlib
 import json
-import os
 import re
 import secrets
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +20,7 @@ import yaml
 from mlflow import MlflowClient
 from stack_helpers import (
     ROOT,
+    background,
     free_ports,
     get_json,
     merge_runs,
@@ -196,16 +194,8 @@ def test_a_version_registered_outside_mergeflow_is_judged_through_the_mlflow_web
     env, api = deployed | {"MERGEFLOW_WEBHOOK_SECRET": secrets.token_hex(16)}, deployed["PREFECT_API_URL"]
     model = "mergeflow-registered-by-hand"
     (port,) = free_ports(1)
-    with open(tmp_path / "relay.log", "w") as log:
-        relay = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mergeflow"), "webhook", "relay", "--port", str(port)],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
+    relay_args = ["webhook", "relay", "--port", str(port)]
+    with background("mergeflow", relay_args, env, tmp_path / "relay.log") as relay:
         wait_for_health(f"http://127.0.0.1:{port}/health", relay)
         mergeflow_cli(env, "webhook", "create", f"http://127.0.0.1:{port}/mlflow")
 
@@ -253,9 +243,6 @@ def test_a_version_registered_outside_mergeflow_is_judged_through_the_mlflow_web
             == "promoted"
         )
         assert client.get_model_version_by_alias(model, "champion").version == version.version
-    finally:
-        os.killpg(relay.pid, signal.SIGTERM)
-        relay.wait(timeout=30)
 
 
 def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 60) -> None:

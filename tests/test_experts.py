@@ -23,4 +23,3 @@ def test_the_latest_expert_of_a_task_is_the_last_published_even_within_one_secon
         "sentiment": published[3].uri,
         "topic": published[2].uri,
     }
-
