@@ -32,10 +32,11 @@ class FetchedModel:
 
 
 def verify_manifest(
-    folder: Path, ref: str | None = None, required: bool = False, hashes: bool = True
+    folder: Path, ref: str | None = None, required: bool = False, hashes: bool = True, remember: bool = True
 ) -> None:
     """Every file a mergeflow manifest lists exists with its size and (with `hashes`) sha256.
-    Without a manifest there is nothing to check, unless it is `required`."""
+    Without a manifest there is nothing to check, unless it is `required`. `remember`: keep
+    the hashes in the file-hash cache (not for a throwaway download folder)."""
     manifest_path = folder / MANIFEST
     name = ref or str(folder)
     if not manifest_path.is_file():
@@ -56,7 +57,9 @@ def verify_manifest(
             raise CheckpointError(
                 f"{name}: {entry['path']} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
             )
-        actual = file_sha256(locate(str(path))) if hashes else entry["sha256"]
+        if not hashes:
+            continue
+        actual = file_sha256(locate(str(path)), remember)
         if actual != entry["sha256"]:
             raise CheckpointError(
                 f"{name}: {entry['path']} sha256 {actual[:12]}… does not match "

@@ -20,8 +20,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MERGEFLOW_CACHE_DIR", Path.home() / ".cache" / "mergeflow"))
 
 
-def file_sha256(file: Location) -> str:
-    if not file.is_local:
+def file_sha256(file: Location, remember: bool = True) -> str:
+    """sha256 of one file. A local file's hash is remembered by (path, size, mtime) unless
+    `remember` is off, for files in a throwaway folder that would only grow the cache."""
+    if not file.is_local or not remember:
         digest = hashlib.sha256()
         with file.fs.open(file.path, "rb", block_size=HASH_BLOCK) as f:
             while block := f.read(HASH_BLOCK):

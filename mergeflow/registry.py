@@ -370,6 +370,7 @@ def _download(client: MlflowClient, uri: str, source: str, dest: Path) -> str:
 
 def _verify(folder: Path, label: str, hashes: bool) -> None:
     try:
-        verify_manifest(folder, label, required=True, hashes=hashes)
+        # Downloads land in a throwaway folder: their hashes are not worth remembering.
+        verify_manifest(folder, label, required=True, hashes=hashes, remember=False)
     except CheckpointError as error:
         raise RegistryError(str(error)) from None

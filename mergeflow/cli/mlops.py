@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -148,9 +149,8 @@ def webhook_relay_command(
     server = relay_server(port, _webhook_secret(), api_url)
     typer.echo(f"relaying MLflow webhooks from http://127.0.0.1:{port}{PATH} to {api_url}", err=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a person stops it
+            server.serve_forever()
     finally:
         server.server_close()
 
