@@ -124,7 +124,7 @@ def _body() -> bytes:
 def _put(location: Location, condition: dict, lost: bool = False) -> str | None:
     """A conditional PUT of a fresh lock body: its ETag, or None when the condition fails
     (with `lost`, a StorageError instead: this writer no longer holds the lock)."""
-    bucket, key = location.path.split("/", 1)
+    bucket, key = _bucket_and_key(location)
 
     def put() -> str | None:
         try:
@@ -145,7 +145,7 @@ def _put(location: Location, condition: dict, lost: bool = False) -> str | None:
 
 def _read(location: Location) -> tuple[dict | None, str]:
     """The lock's content and ETag, or (None, "") when there is no lock."""
-    bucket, key = location.path.split("/", 1)
+    bucket, key = _bucket_and_key(location)
 
     async def get_object() -> tuple[bytes, str]:
         response = await location.fs._call_s3("get_object", Bucket=bucket, Key=key)
@@ -170,7 +170,7 @@ def _read(location: Location) -> tuple[dict | None, str]:
 
 
 def _release(lock: WriteLock) -> None:
-    bucket, key = lock.location.path.split("/", 1)
+    bucket, key = _bucket_and_key(lock.location)
     # Lost to another writer, or the server is away: a lock left behind is taken over later
     # (it names this process, which holds it no longer), so there is nothing more to do.
     with contextlib.suppress(StorageError):
@@ -178,6 +178,11 @@ def _release(lock: WriteLock) -> None:
             lock.location,
             lambda: lock.location.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=lock.etag),
         )
+
+
+def _bucket_and_key(location: Location) -> tuple[str, str]:
+    bucket, key = location.path.split("/", 1)
+    return bucket, key
 
 
 def _precondition_failed(error: OSError) -> bool:
