@@ -52,12 +52,21 @@ def naive_logprob(model, tokenizer, prompt: str, choice: str) -> float:
     return sum(logprobs[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(choice_ids))
 
 
-def test_batched_scores_equal_naive_per_choice_scores(llama, tokenizer):
-    prompts = [
-        "Sentiment of: the movie was wonderful\nAnswer:",
-        "Capital?\nAnswer:",
-        "Which city is the capital of France? the acting was great and the food was cold\nAnswer:",
-    ]
+MIXED_PROMPTS = [
+    "Sentiment of: the movie was wonderful\nAnswer:",
+    "Capital?\nAnswer:",
+    "Which city is the capital of France? the acting was great and the food was cold\nAnswer:",
+]
+# One instruction in front of every prompt, as in a task: its tokens are run once and cached.
+SHARED_PROMPTS = [
+    "Which city is the capital of France?\nthe movie was wonderful\nAnswer:",
+    "Which city is the capital of France?\nAnswer:",
+    "Which city is the capital of France?\nthe acting was great and the food was cold\nAnswer:",
+]
+
+
+@pytest.mark.parametrize("prompts", [MIXED_PROMPTS, SHARED_PROMPTS], ids=["mixed", "shared-instruction"])
+def test_batched_scores_equal_naive_per_choice_scores(llama, tokenizer, prompts):
     choices = [
         [" positive", " negative"],  # likely single tokens: one forward scores both
         [" Paris", " London Berlin", " maybe no"],  # multi-token choices

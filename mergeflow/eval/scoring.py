@@ -11,13 +11,16 @@ row: the prompt once, then every choice's tokens but its last, each choice seein
 and its own earlier tokens (a per-row 4-D attention mask, positions restarting after the prompt).
 The first token of every choice is predicted from the prompt's last position. Rows are sorted by
 length and batched under a token budget, and the vocabulary projection runs only at the
-positions that are scored. The result equals scoring prompt + choice one pair at a time (tested).
+positions that are scored. The tokens every prompt of a call starts with (a task's instruction,
+about a third of all prompt tokens) are run once and their keys and values reused by every
+batch. The result equals scoring prompt + choice one pair at a time (tested).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -68,6 +71,27 @@ def _rows(tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]]) -
     return rows
 
 
+def _shared_prefix(rows: list[_Row]) -> int:
+    """How many leading tokens every row shares, leaving each at least its last prompt token
+    (the position that predicts every choice's first token)."""
+    first = rows[0].ids
+    shared = min(row.prompt_length for row in rows) - 1
+    for row in rows:
+        while shared and row.ids[:shared] != first[:shared]:
+            shared -= 1
+    return shared
+
+
+def _without_prefix(row: _Row, shared: int) -> _Row:
+    return replace(
+        row,
+        ids=row.ids[shared:],
+        prompt_length=row.prompt_length - shared,
+        segments=[(start - shared, length) for start, length in row.segments],
+        choices=[(c, [p - shared for p in positions], targets) for c, positions, targets in row.choices],
+    )
+
+
 def _batches(rows: list[_Row], max_tokens: int) -> list[list[_Row]]:
     rows = sorted(rows, key=lambda r: len(r.ids))
     batches, current = [], []
@@ -82,8 +106,9 @@ def _batches(rows: list[_Row], max_tokens: int) -> list[list[_Row]]:
     return batches
 
 
-def _packed(batch: list[_Row], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, a boolean [batch, 1, query, key] mask and position ids for packed rows."""
+def _packed(batch: list[_Row], pad: int, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, a boolean [batch, 1, query, key] mask and position ids for packed rows
+    that follow `shared` cached tokens (every row sees all of them)."""
     width = len(batch[-1].ids)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
     positions = torch.zeros((len(batch), width), dtype=torch.long)
@@ -99,7 +124,8 @@ def _packed(batch: list[_Row], pad: int) -> tuple[torch.Tensor, torch.Tensor, to
             mask[r, start:end, :prompt] = True
             mask[r, start:end, start:end] = causal[:length, :length]
             positions[r, start:end] = torch.arange(prompt, prompt + length)
-    return ids, mask[:, None], positions
+    seen_prefix = torch.ones(len(batch), width, shared, dtype=torch.bool)
+    return ids, torch.cat([seen_prefix, mask], dim=2)[:, None], positions + shared
 
 
 def _hidden_and_head(model):
@@ -112,13 +138,24 @@ def _hidden_and_head(model):
     return None, None
 
 
+def _prefix_cache(body, rows: list[_Row], device) -> tuple[int, object | None]:
+    """(number of shared leading tokens, their key/value cache), or (0, None) when there is
+    nothing to share or the model returns no cache."""
+    shared = _shared_prefix(rows) if body is not None and rows else 0
+    if not shared:
+        return 0, None
+    output = body(input_ids=torch.tensor([rows[0].ids[:shared]], device=device), use_cache=True)
+    cache = getattr(output, "past_key_values", None)
+    return (shared, cache) if cache is not None else (0, None)
+
+
 @torch.no_grad()
 def choice_logprobs(
     model,
     tokenizer,
     prompts: Sequence[str],
     choices: Sequence[Sequence[str]],
-    max_batch_tokens: int = 4096,
+    max_batch_tokens: int = 1024,
     progress: bool = False,
     description: str = "scoring",
 ) -> list[list[float]]:
@@ -128,9 +165,11 @@ def choice_logprobs(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     body, head = _hidden_and_head(model)
     scores = [[0.0] * len(options) for options in choices]
-    batches = _batches(_rows(tokenizer, prompts, choices), max_batch_tokens)
+    rows = _rows(tokenizer, prompts, choices)
+    shared, prefix_cache = _prefix_cache(body, rows, device)
+    batches = _batches([_without_prefix(row, shared) for row in rows], max_batch_tokens)
     for batch in tqdm(batches, desc=description, unit="batch", disable=not progress, leave=False):
-        ids, mask, position_ids = (t.to(device) for t in _packed(batch, pad))
+        ids, mask, position_ids = (t.to(device) for t in _packed(batch, pad, shared))
         # Gather every scored position of the batch, then project only those.
         row_index, position, targets, owners = [], [], [], []
         for r, row in enumerate(batch):
@@ -142,6 +181,10 @@ def choice_logprobs(
         rows_t = torch.tensor(row_index, device=device)
         positions_t = torch.tensor(position, device=device)
         inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)  # each forward appends its keys to the cache
+            cache.batch_repeat_interleave(len(batch))
+            inputs |= {"past_key_values": cache, "use_cache": True}
         if body is not None:
             logits = head(body(**inputs).last_hidden_state[rows_t, positions_t])
         else:
