@@ -1,0 +1,46 @@
+"""The training loss projects to the vocabulary only where there are labels; it must equal the
+model's own loss, and its gradients the model's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mergeflow.zoo.training import IGNORE, _loss
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("answer_only", [True, False], ids=["answer-only", "every-token"])
+def test_the_loss_and_its_gradients_equal_the_models_own(answer_only):
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    if answer_only:  # prompts of different lengths, then padding on the last row
+        labels[0, :7] = IGNORE
+        labels[1, :4] = IGNORE
+        labels[2, :9] = IGNORE
+        labels[2, 11:] = IGNORE
+    ours = _loss(model, ids, labels)
+    ours.backward()
+    our_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    theirs = model(input_ids=ids, labels=labels).loss
+    theirs.backward()
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+    for ours_g, p in zip(our_grads, model.parameters(), strict=True):
+        torch.testing.assert_close(ours_g, p.grad, rtol=1e-5, atol=1e-7)
