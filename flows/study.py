@@ -22,7 +22,7 @@ from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, Field
 
 from mergeflow.settings import load_settings
-from mergeflow.study import StudyGrid, enumerate_cells
+from mergeflow.study import StudyGrid, enumerate_cells, largest_first
 from mergeflow.zoo.build import load_index
 from tasks.credentials import load_credentials
 from tasks.study import report_study, save_results, study_cell, study_family
@@ -93,7 +93,7 @@ def study_cells(
     # compute the same thing twice; then every cell.
     references = [study_family.submit(index, family, store, held_out, 1) for family in families]
     parts = [future.result() for future in references]
-    cell_futures = study_cell.map(cells, unmapped(store), unmapped(held_out), unmapped(1))
+    cell_futures = study_cell.map(largest_first(cells), unmapped(store), unmapped(held_out), unmapped(1))
     return pd.concat(parts + [future.result() for future in cell_futures], ignore_index=True)
 
 

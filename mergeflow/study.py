@@ -128,6 +128,17 @@ def enumerate_cells(index: dict, grid: StudyGrid) -> list[Cell]:
     return cells
 
 
+def largest_first(cells: list[Cell]) -> list[Cell]:
+    """Cells in the order to hand to parallel workers: the costliest first, so that the last
+    cells to finish are short ones and no worker idles while another runs a long cell. A cell
+    costs about one merge and one scoring of its held-in tasks per hyper-parameter candidate."""
+
+    def cost(cell: Cell) -> int:
+        return cell.n_experts * len(_candidates(cell.method))
+
+    return sorted(cells, key=cost, reverse=True)  # stable: equal costs keep the grid's order
+
+
 # --- running a cell -------------------------------------------------------------------------
 
 
@@ -138,7 +149,6 @@ def run_cell(cell: Cell, store: str, held_out: list[str] | None = None) -> pd.Da
     models = [(v.uri, model_sha256_at(v.uri)) for v in vectors]
     tasks = [task for task, _ in cell.experts]
     expert_paths = dict(cell.experts)
-    fixed, grid = _settings(cell.method)
 
     def merged(parameters: dict) -> str:
         key = merge_key(cell.method, parameters, base_sha, [sha for _, sha in models])
@@ -152,9 +162,7 @@ def run_cell(cell: Cell, store: str, held_out: list[str] | None = None) -> pd.Da
             tasks
         )
 
-    candidates = [
-        fixed | dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())
-    ]
+    candidates = _candidates(cell.method)
     best = (
         max(candidates, key=lambda p: held_in_mean(merged(p), "validation"))
         if len(candidates) > 1
@@ -207,9 +215,11 @@ def _with_cell_columns(table: pd.DataFrame, cell: Cell, parameters: str) -> pd.D
     return table[COLUMNS].reset_index(drop=True)
 
 
-def _settings(method: str) -> tuple[dict, dict]:
-    """The paper's settings for its methods; other methods run at their defaults."""
-    return PAPER_METHODS.get(method, ({}, {}))
+def _candidates(method: str) -> list[dict]:
+    """The hyper-parameter settings tried for a method, the paper's for its methods (fixed
+    values plus a λ grid); other methods run once at their defaults."""
+    fixed, grid = PAPER_METHODS.get(method, ({}, {}))
+    return [fixed | dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
 # --- scores cached by content -----------------------------------------------------------------

@@ -12,7 +12,7 @@ from prefect.client.orchestration import get_client
 
 from flows.study import StudyRequest, study
 from mergeflow.report import findings, write_report
-from mergeflow.study import COLUMNS, StudyGrid, choose_experts, enumerate_cells
+from mergeflow.study import COLUMNS, StudyGrid, choose_experts, enumerate_cells, largest_first
 
 TASKS = ["closed_book_qa", "definitions", "hypernyms", "sentiment", "text_genre", "topic"]
 
@@ -48,6 +48,21 @@ def test_the_grid_is_every_family_count_seed_and_method_without_repeated_sets():
         by_seed.setdefault((c.family, c.n_experts, c.seed), set()).add(c.experts)
     assert all(len(sets) == 1 for sets in by_seed.values())
     assert all(len(c.experts) == c.n_experts for c in cells)
+
+
+def test_workers_get_the_costliest_cells_first():
+    index = index_of({"a-pt": ("pt", "2m")})
+    grid = StudyGrid(expert_counts=[1, 2, 4], methods=["average", "task_arithmetic"], seeds=[0])
+    order = [(c.method, c.n_experts) for c in largest_first(enumerate_cells(index, grid))]
+    # task arithmetic tries 3 λ values: 3 merges + scorings per cell, averaging 1
+    assert order == [
+        ("task_arithmetic", 4),
+        ("task_arithmetic", 2),
+        ("average", 4),
+        ("task_arithmetic", 1),
+        ("average", 2),
+        ("average", 1),
+    ]
 
 
 def test_seeded_choice_is_reproducible_and_seeds_differ():
