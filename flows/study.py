@@ -22,10 +22,10 @@ from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, Field
 
 from mergeflow.settings import load_settings
-from mergeflow.study import StudyGrid, enumerate_cells, largest_first
+from mergeflow.study import StudyGrid, enumerate_cells, largest_first, shared_scorings
 from mergeflow.zoo.build import load_index
 from tasks.credentials import load_credentials
-from tasks.study import report_study, save_results, study_cell, study_family
+from tasks.study import report_study, save_results, study_cell, study_family, study_scores
 
 QUICK = StudyGrid(expert_counts=[1, 2], methods=["average", "ties"], seeds=[0, 1])
 
@@ -89,8 +89,15 @@ def api_shared_with_workers():
 def study_cells(
     index: dict, cells: list, families: list[str], store: str, held_out: list[str] | None
 ) -> pd.DataFrame:
-    # Each family's shared work first (task vectors, reference scores), so parallel cells never
-    # compute the same thing twice; then every cell.
+    # Each family's shared work first (reference scores, shared out among the workers, then task
+    # vectors), so parallel cells never compute the same thing twice; then every cell.
+    scorings = [
+        study_scores.submit(path, tasks, splits, 1)
+        for family in families
+        for path, tasks, splits in shared_scorings(index, family, held_out)
+    ]
+    for future in scorings:
+        future.result()
     references = [study_family.submit(index, family, store, held_out, 1) for family in families]
     parts = [future.result() for future in references]
     cell_futures = study_cell.map(largest_first(cells), unmapped(store), unmapped(held_out), unmapped(1))

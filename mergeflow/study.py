@@ -178,16 +178,37 @@ def run_cell(cell: Cell, store: str, held_out: list[str] | None = None) -> pd.Da
     return _with_cell_columns(table, cell, json.dumps(best, sort_keys=True))
 
 
+def shared_scorings(
+    index: dict, family_name: str, held_out: list[str] | None = None
+) -> list[tuple[str, list[str], list[str]]]:
+    """The scorings a family's cells share, as (model, tasks, splits): the base and the
+    multitask model on every task's test split, each expert on its own task's validation split
+    (hyper-parameters are picked against it) and test split. They are independent of each
+    other, so parallel workers can share them out; the costliest come first."""
+    family = index["families"][family_name]
+    everything = sorted(family["experts"]) + (held_out or held_out_tasks())
+    scorings = [(family["base"], everything, ["test"]), (family["multitask"], everything, ["test"])]
+    scorings += [(path, [task], ["validation", "test"]) for task, path in sorted(family["experts"].items())]
+    return scorings
+
+
+def score(path: str, tasks: list[str], splits: list[str]) -> None:
+    """Fill the score cache for one model (see `cached_scores`)."""
+    for split in splits:
+        cached_scores(path, tasks, split)
+
+
 def prepare_family(
     index: dict, family_name: str, store: str, held_out: list[str] | None = None
 ) -> pd.DataFrame:
     """Everything a family's cells share, done once before they run in parallel: its task
-    vectors, its experts' validation scores (for picking hyper-parameters) and its reference
-    rows. Returns the reference rows."""
+    vectors and its `shared_scorings` (quick when those ran already). Returns the family's
+    reference rows."""
     family = index["families"][family_name]
-    for task, path in family["experts"].items():
+    for path, tasks, splits in shared_scorings(index, family_name, held_out):
+        score(path, tasks, splits)
+    for path in family["experts"].values():
         ensure_task_vector(family["base"], path, store)
-        cached_scores(path, [task], "validation")
     return reference_rows(index, family_name, held_out)
 
 

