@@ -128,7 +128,7 @@ def _packed(batch: list[_Row], pad: int, shared: int = 0) -> tuple[torch.Tensor,
     return ids, torch.cat([seen_prefix, mask], dim=2)[:, None], positions + shared
 
 
-def _hidden_and_head(model):
+def body_and_head(model):
     """The decoder body and the output projection, so logits are computed only where needed.
     Models without that split (not the case for the Llama family) fall back to full logits."""
     body = getattr(model, "model", None)
@@ -163,7 +163,7 @@ def choice_logprobs(
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    body, head = _hidden_and_head(model)
+    body, head = body_and_head(model)
     scores = [[0.0] * len(options) for options in choices]
     rows = _rows(tokenizer, prompts, choices)
     shared, prefix_cache = _prefix_cache(body, rows, device)

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergeflow.errors import ZooError
-from mergeflow.eval.scoring import encode_many
+from mergeflow.eval.scoring import body_and_head, encode_many
 
 IGNORE = -100
 
@@ -110,8 +110,8 @@ def _loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     only there: with the loss on answers alone, most positions need no logits, and the output
     layer is a fifth of SmolLM2's compute and half of a 2M model's. Same value as the
     model's own `labels=` loss."""
-    body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    if body is None or head is None:
+    body, head = body_and_head(model)
+    if body is None:
         return model(input_ids=ids, labels=labels).loss
     targets = labels[:, 1:]
     scored = targets != IGNORE
