@@ -46,6 +46,24 @@ MICRO = Preset(
 )
 
 
+def random_llama(vocab_size: int, tie_word_embeddings: bool = False):
+    """A 2-layer Llama with seeded random weights, for checking computations on a real model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    return LlamaForCausalLM(config)
+
+
 @pytest.fixture(scope="session")
 def micro_zoo(tmp_path_factory):
     """(zoo folder, preset index) of MICRO: PT and IT bases, a text_genre expert and a multitask

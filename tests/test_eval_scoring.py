@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import random_llama
 
 from mergeflow.errors import DataError
 from mergeflow.eval.metrics import TaskInfo, normalise, summary
@@ -30,17 +30,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def llama(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config).eval()
+    return random_llama(len(tokenizer)).eval()
 
 
 def naive_logprob(model, tokenizer, prompt: str, choice: str) -> float:

@@ -5,29 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import random_llama
 
 from mergeflow.zoo.training import IGNORE, _loss
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
-
-
 @pytest.mark.parametrize("answer_only", [True, False], ids=["answer-only", "every-token"])
 def test_the_loss_and_its_gradients_equal_the_models_own(answer_only):
-    model = tiny_llama()
+    model = random_llama(97, tie_word_embeddings=True)
     ids = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     if answer_only:  # prompts of different lengths, then padding on the last row
