@@ -91,6 +91,35 @@ def prefect_api():
         yield
 
 
+def settled_task_runs(ready, flow_run_id=None, timeout: float = 60.0) -> list:
+    """The task runs (of one flow run, or all of them), once `ready(runs)` holds and every run has a
+    final state: the server records task run states from events, a moment after a flow returns."""
+    import asyncio
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])) if flow_run_id else None
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=flow_runs)
+
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = asyncio.run(read())
+        # A task run can be listed before its first state has arrived: its state is None then.
+        settled = all(r.state is not None and r.state.is_final() for r in runs) and ready(runs)
+        if settled or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
+
+
+def state_name(task_run) -> str:
+    return task_run.state.name if task_run.state else "no state yet"
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, micro_zoo):
     """The whole stack (SeaweedFS, MLflow server, Prefect server) on free ports for the session:

@@ -3,15 +3,12 @@ local MLflow sqlite store, the micro zoo trained in the test session."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from conftest import settled_task_runs, state_name
 
 from flows.merge_and_evaluate import MergeRequest, merge_and_evaluate
 from mergeflow.checkpoint import MANIFEST
@@ -86,26 +83,6 @@ def test_a_missing_expert_fails_the_run_and_registers_nothing(prefect_api, micro
     assert not (tmp_path / "merged").exists()
 
 
-def task_run_states(flow_run_id, expected: set[str], timeout: float = 60) -> dict[str, str]:
-    """Name → state of the flow run's task runs, once `expected` are all there and final: the
-    server records task run states from events, a moment after the flow itself returns."""
-
-    async def read():
-        async with get_client() as client:
-            runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-            )
-            return {r.name: r.state for r in runs}
-
-    deadline = time.monotonic() + timeout
-    while True:
-        states = asyncio.run(read())
-        settled = expected <= set(states) and all(s.is_final() for s in states.values())
-        if settled or time.monotonic() > deadline:
-            return {name: state.name for name, state in states.items()}
-        time.sleep(0.5)
-
-
 def test_a_second_identical_run_recomputes_nothing(prefect_api, micro_zoo, tmp_path):
     request = request_for(micro_zoo, tmp_path, destination=None)
     first = merge_and_evaluate(request, return_state=True)
@@ -118,11 +95,10 @@ def test_a_second_identical_run_recomputes_nothing(prefect_api, micro_zoo, tmp_p
     assert second.is_completed()
     # Every score comes from the cache; no task vector or merged shard was written again.
     expected = {"score-merged-validation", "score-base-validation", "score-expert:text_genre-validation"}
-    scores = {
-        name: state
-        for name, state in task_run_states(second.state_details.flow_run_id, expected).items()
-        if name.startswith("score-")
-    }
+    runs = settled_task_runs(
+        lambda runs: expected <= {r.name for r in runs}, second.state_details.flow_run_id
+    )
+    scores = {r.name: state_name(r) for r in runs if r.name.startswith("score-")}
     assert set(scores) >= expected
     assert set(scores.values()) == {"Cached"}
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "artifacts").rglob("*.safetensors")} == written

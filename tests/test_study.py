@@ -3,12 +3,10 @@ flow on the micro zoo (Dask workers, cells cached so a second run only does what
 
 from __future__ import annotations
 
-import asyncio
-
 import mlflow
 import pandas as pd
 import pytest
-from prefect.client.orchestration import get_client
+from conftest import settled_task_runs, state_name
 
 from flows.study import StudyRequest, study
 from mergeflow.report import findings, write_report
@@ -140,17 +138,17 @@ def test_a_finding_that_needs_an_absent_axis_says_so(tmp_path):
     assert {p.name for p in tmp_path.glob("*.png")} >= {"scores_vs_experts.png", "pt_vs_it.png"}
 
 
-def cell_run_states() -> dict[str, list[str]]:
-    """Task run name → the states of every run of that cell task, oldest first."""
+def cell_run_states(count: int) -> dict[str, list[str]]:
+    """Task run name → the states of every run of that cell task, oldest first, once `count` cell
+    runs are recorded."""
 
-    async def read():
-        async with get_client() as client:
-            return await client.read_task_runs()
+    def cells(runs):
+        return [r for r in runs if r.name.startswith("cell-tinymicro")]
 
     states: dict[str, list[str]] = {}
-    for run in sorted(asyncio.run(read()), key=lambda r: r.created):
-        if run.name.startswith("cell-tinymicro"):
-            states.setdefault(run.name, []).append(run.state.name)
+    recorded = cells(settled_task_runs(lambda runs: len(cells(runs)) >= count))
+    for run in sorted(recorded, key=lambda r: r.created):
+        states.setdefault(run.name, []).append(state_name(run))
     return states
 
 
@@ -176,7 +174,7 @@ def test_the_study_runs_on_dask_and_resumes_with_only_the_missing_cells(
     second = study(request(["average", "ties"]), return_state=True)
     assert second.is_completed() and second.result()["cells"] == 4
     # The second run computed only the ties cells; the average cells came from the cache.
-    states = cell_run_states()
+    states = cell_run_states(count=6)
     assert len(states) == 4
     for name, runs in states.items():
         assert runs == (["Completed", "Cached"] if "-average-" in name else ["Completed"]), (name, runs)
