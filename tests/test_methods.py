@@ -38,10 +38,16 @@ def run_method(name: str, base, models, stats=None, tensor_name="w", start=0, **
 
 
 def dare_dropped(deltas, density, seed):
-    """Task vectors after our DARE step, as dare_ties/dare_linear see them."""
-    keys = [P.dare_key(seed, "w", i) for i in range(len(deltas))]
-    dens = torch.full((len(deltas),), density)
-    return P.sparsify_(deltas.clone(), torch.zeros(deltas.shape[1]), keys=keys, density=dens, scale=1 / dens)
+    """Task vectors after our DARE step, as dare_ties/dare_linear see them: each model alone
+    over a zero base with weight 1, and its own stream key."""
+    dens = torch.tensor([density])
+    return torch.stack([
+        P.merge_task_vectors(
+            delta.view(1, -1), torch.zeros(delta.numel()), torch.ones(1), consensus=False, normalize=False,
+            lam=1.0, keys=[P.dare_key(seed, "w", i)], density=dens, scale=1 / dens,
+        )
+        for i, delta in enumerate(deltas)
+    ])  # fmt: skip
 
 
 def random_task_vectors(n=4, size=4096, seed=0):
@@ -137,7 +143,7 @@ def test_ties_weights_apply_before_sign_election_mergekit_convention():
     # Weighted [3w, ...]: with weights (1, 4, 1) model 2 outvotes the rest in column 0:
     # 3 - 8 + 1 < 0 so the elected sign is -, and the divisor is model 2's weight alone.
     weights = torch.tensor([1.0, 4.0, 1.0])
-    merged = P.combine(TAUS.clone(), weights, torch.zeros(4), consensus=True, normalize=True, lam=1.0)
+    merged = P.merge_task_vectors(TAUS, torch.zeros(4), weights, consensus=True, normalize=True, lam=1.0)
     assert merged[0].item() == pytest.approx(-8.0 / 4.0)
 
 

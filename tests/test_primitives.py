@@ -54,11 +54,12 @@ def test_dare_keys_differ_by_seed_tensor_and_model():
 
 
 def dare(delta: torch.Tensor, density: float, start: int = 0) -> torch.Tensor:
+    """One task vector after the DARE step: a single model over a zero base, weight 1."""
     dens = torch.tensor([density])
-    models = delta.view(1, -1).clone()
-    P.sparsify_(models, torch.zeros(delta.numel()), keys=[P.dare_key(0, "w", 0)], density=dens,
-                scale=1 / dens, start=start)  # fmt: skip
-    return models[0]
+    return P.merge_task_vectors(
+        delta.view(1, -1), torch.zeros(delta.numel()), torch.ones(1), consensus=False, normalize=False,
+        lam=1.0, keys=[P.dare_key(0, "w", 0)], density=dens, scale=1 / dens, start=start,
+    )  # fmt: skip
 
 
 def test_dare_keeps_density_fraction_and_rescales():

@@ -35,83 +35,90 @@ def uniform24(key, index):
     return float(splitmix64(counter) >> np.uint64(40)) / _TWO_POW_24
 
 
-@njit(parallel=True, cache=True)
-def sparsify_(models, base, mode, low, high, scale, keys, density, start):
-    """In place: models[i] <- sparsify(models[i] - base) for every model i. Returns the number
-    of non-finite task-vector entries (a NaN or Inf in any input shows up there).
+@njit(cache=True, inline="always")
+def _weighted_task_vector(
+    models, i, base, lo, count, mode, low, high, scale, weight, key, density, first, row
+):
+    """row[j] = wi · sparsify(τi) for elements lo..lo+count of model i; returns how many τ
+    entries are NaN or ±Inf. One loop per mode, so each compiles to a tight loop."""
+    bad = 0
+    if mode == MODE_BAND:
+        for j in range(count):
+            tau = models[i, lo + j] - base[lo + j]
+            bad += tau - tau != 0  # true exactly for NaN and ±Inf
+            magnitude = abs(tau)
+            kept = (low <= magnitude) & (magnitude <= high)
+            row[j] = (tau * scale) * weight if kept else np.float32(0.0)
+    elif mode == MODE_RANDOM:
+        for j in range(count):
+            tau = models[i, lo + j] - base[lo + j]
+            bad += tau - tau != 0
+            kept = uniform24(key, first + j) < density
+            row[j] = (tau * scale) * weight if kept else np.float32(0.0)
+    else:
+        for j in range(count):
+            tau = models[i, lo + j] - base[lo + j]
+            bad += tau - tau != 0
+            row[j] = (tau * scale) * weight
+    return bad
 
-    mode NONE keeps every entry; BAND keeps low[i] <= |τ| <= high[i] and multiplies by
-    scale[i]; RANDOM keeps an entry when its uniform number (stream keys[i], element
-    start + j) is below density[i] and multiplies survivors by scale[i] (1/density or 1).
+
+@njit(parallel=True, cache=True)
+def merge_task_vectors(
+    models, base, mode, low, high, scale, keys, density, start,
+    weights, consensus, normalize, divisor, lam, out,
+):  # fmt: skip
+    """out = base + λ·combine(wi · sparsify(models[i] − base)), in one pass over the models.
+    Returns the number of non-finite task-vector entries (a NaN or Inf in any input).
+
+    sparsify: mode NONE keeps every entry; BAND keeps low[i] <= |τ| <= high[i]; RANDOM keeps
+    an entry when its uniform number (stream keys[i], element start + j) is below density[i].
+    Kept entries are multiplied by scale[i], then by the weight wi.
+    combine: with `consensus`, the TIES sign election and disjoint merge: the elected sign is +
+    where Σi wi·τi >= 0, an entry agrees when it is non-zero with that sign, and the sum of the
+    agreeing entries is divided by their summed weights when `normalize` (0 divides as 1).
+    Otherwise the plain sum, divided by `divisor`.
+
+    Work goes block by block: a block's weighted task vectors stay in cache between the
+    sparsify, vote and sum steps instead of going back to memory after each.
     """
     n_models, count = models.shape
     non_finite = 0
     for block in prange((count + BLOCK - 1) // BLOCK):
         lo = block * BLOCK
-        hi = min(count, lo + BLOCK)
+        size = min(count, lo + BLOCK) - lo
+        rows = np.empty((n_models if consensus else 1, size), np.float32)
+        total = np.zeros(size, np.float32)
         bad = 0
-        for i in range(n_models):  # contiguous runs of one model at a time
-            for j in range(lo, hi):
-                tau = models[i, j] - base[j]
-                bad += tau - tau != 0  # true exactly for NaN and ±Inf
-                if mode == MODE_BAND:
-                    magnitude = abs(tau)
-                    tau = tau * scale[i] if low[i] <= magnitude <= high[i] else np.float32(0.0)
-                elif mode == MODE_RANDOM:
-                    keep = uniform24(keys[i], start + j) < density[i]
-                    tau = tau * scale[i] if keep else np.float32(0.0)
-                models[i, j] = tau
+        for i in range(n_models):
+            row = rows[i if consensus else 0]
+            bad += _weighted_task_vector(
+                models, i, base, lo, size, mode, low[i], high[i], scale[i], weights[i], keys[i], density[i],
+                start + lo, row,
+            )  # fmt: skip
+            for j in range(size):
+                total[j] += row[j]
+        if consensus:
+            vote = total
+            total = np.zeros(size, np.float32)
+            agreeing = np.zeros(size, np.float32)
+            for i in range(n_models):
+                w = weights[i]
+                for j in range(size):
+                    x = rows[i, j]
+                    agrees = (x > 0) if vote[j] >= 0 else (x < 0)
+                    total[j] += x if agrees else np.float32(0.0)
+                    agreeing[j] += w if agrees else np.float32(0.0)
+            for j in range(size):
+                merged = total[j]
+                if normalize and agreeing[j] != 0:
+                    merged = merged / agreeing[j]
+                out[lo + j] = base[lo + j] + merged * lam
+        else:
+            for j in range(size):
+                out[lo + j] = base[lo + j] + (total[j] / divisor) * lam
         non_finite += bad
     return non_finite
-
-
-@njit(parallel=True, cache=True)
-def consensus_combine(deltas, weights, normalize, lam, base, out):
-    """TIES sign election and disjoint merge: out = base + λ·Σ agreeing wi·τi [/ Σ their wi].
-
-    The elected sign is + where Σi wi·τi >= 0; an entry agrees when wi·τi is non-zero with
-    that sign. A zero divisor divides as 1.
-    """
-    n_models, count = deltas.shape
-    for block in prange((count + BLOCK - 1) // BLOCK):
-        lo = block * BLOCK
-        hi = min(count, lo + BLOCK)
-        vote = np.zeros(hi - lo, np.float32)
-        for i in range(n_models):
-            w = weights[i]
-            for j in range(lo, hi):
-                vote[j - lo] += deltas[i, j] * w
-        total = np.zeros(hi - lo, np.float32)
-        divisor = np.zeros(hi - lo, np.float32)
-        for i in range(n_models):
-            w = weights[i]
-            for j in range(lo, hi):
-                x = deltas[i, j] * w
-                agrees = x > 0 if vote[j - lo] >= 0 else x < 0
-                if agrees:
-                    total[j - lo] += x
-                    divisor[j - lo] += w
-        for j in range(lo, hi):
-            merged = total[j - lo]
-            if normalize and divisor[j - lo] != 0:
-                merged = merged / divisor[j - lo]
-            out[j] = base[j] + merged * lam
-
-
-@njit(parallel=True, cache=True)
-def linear_combine(deltas, weights, divisor, lam, base, out):
-    """out = base + λ·(Σi wi·τi) / divisor, summing in model order."""
-    n_models, count = deltas.shape
-    for block in prange((count + BLOCK - 1) // BLOCK):
-        lo = block * BLOCK
-        hi = min(count, lo + BLOCK)
-        total = np.zeros(hi - lo, np.float32)
-        for i in range(n_models):
-            w = weights[i]
-            for j in range(lo, hi):
-                total[j - lo] += deltas[i, j] * w
-        for j in range(lo, hi):
-            out[j] = base[j] + (total[j - lo] / divisor) * lam
 
 
 @njit(parallel=True, cache=True)

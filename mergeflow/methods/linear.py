@@ -12,7 +12,7 @@ from mergeflow.methods.base import Chunk, MergeMethod, Param
 def weighted_average(models: Tensor, weights: Tensor, normalize: bool) -> Tensor:
     """Σi wi θi, divided by Σi wi when `normalize` (|Σ w| < 1e-8 divides as 1)."""
     zero = torch.zeros(models.shape[1:], dtype=torch.float32)
-    return P.combine(models, weights, zero, consensus=False, normalize=normalize, lam=1.0)
+    return P.merge_task_vectors(models, zero, weights, consensus=False, normalize=normalize, lam=1.0)
 
 
 def _merge(chunk: Chunk) -> Tensor:

@@ -129,10 +129,14 @@ def _uniforms(key, start, out):
         out[j] = K.uniform24(key, start + j)
 
 
-def sparsify_(
+def merge_task_vectors(
     models: Tensor,
     base: Tensor,
+    weights: Tensor,
     *,
+    consensus: bool,
+    normalize: bool,
+    lam: float,
     low: Tensor | None = None,
     high: Tensor | None = None,
     scale: Tensor | None = None,
@@ -140,12 +144,16 @@ def sparsify_(
     density: Tensor | None = None,
     start: int = 0,
 ) -> Tensor:
-    """In place: models [N, C] become their sparsified task vectors τi = θi − θ0.
+    """θ0 + λ·merge of the weighted, sparsified task vectors τi = θi − θ0 of models [N, C].
 
-    With `low`/`high`: keep low[i] <= |τi| <= high[i] (magnitude trim, Breadcrumbs band).
-    With `keys`/`density`: DARE, keep each entry with probability density[i], using element
-    start + j of stream keys[i]. Kept entries are multiplied by scale[i] (default 1).
-    Raises NonFiniteInput when an input holds NaN or Inf.
+    Sparsify: with `low`/`high`, keep low[i] <= |τi| <= high[i] (magnitude trim, Breadcrumbs
+    band); with `keys`/`density`, DARE: keep each entry with probability density[i], using
+    element start + j of stream keys[i]; otherwise keep all. Kept entries are multiplied by
+    scale[i] (default 1), then by the weight wi (weights apply before any election).
+    Merge: `consensus` is the TIES election (γ = + where Σ wi·τi >= 0) and disjoint merge;
+    `normalize` divides by the agreeing models' summed weights (0 divides as 1). Otherwise the
+    weighted sum; `normalize` divides by Σ wi (|Σ wi| < 1e-8 divides as 1).
+    Raises NonFiniteInput when an input holds NaN or Inf. The models are left unchanged.
     """
     n = models.shape[0]
     mode, no_limits = K.MODE_NONE, np.zeros(n, np.float32)
@@ -153,38 +161,20 @@ def sparsify_(
         mode = K.MODE_BAND
     elif keys is not None:
         mode = K.MODE_RANDOM
-    non_finite = K.sparsify_(
+    total = float(ordered_sum(weights.to(torch.float32)))
+    divisor = np.float32(total if normalize and abs(total) >= 1e-8 else 1.0)
+    out = torch.empty_like(base)
+    non_finite = K.merge_task_vectors(
         models.numpy(), base.numpy(), mode,
         _f32(low, no_limits), _f32(high, no_limits), _f32(scale, np.ones(n, np.float32)),
         np.array(keys or [0] * n, dtype=np.uint64),
         np.asarray(density.numpy() if density is not None else no_limits, dtype=np.float64),
-        start,
+        start, _f32(weights, no_limits), consensus, normalize, divisor, np.float32(lam), out.numpy(),
     )  # fmt: skip
     if non_finite:
         raise NonFiniteInput(f"{non_finite} NaN/Inf value(s) in the task vectors")
-    return models
+    return out
 
 
 def _f32(tensor: Tensor | None, default: np.ndarray) -> np.ndarray:
     return default if tensor is None else np.ascontiguousarray(tensor.numpy(), dtype=np.float32)
-
-
-def combine(
-    deltas: Tensor, weights: Tensor, base: Tensor, *, consensus: bool, normalize: bool, lam: float
-) -> Tensor:
-    """θ0 + λ·merge of the task vectors [N, C] with weights wi (applied before any election).
-
-    consensus: TIES election (γ = + where Σ wi·τi >= 0) and disjoint merge; `normalize`
-    divides by the agreeing models' summed weights (0 divides as 1). Otherwise the weighted
-    sum; `normalize` divides by Σ wi (|Σ wi| < 1e-8 divides as 1).
-    """
-    out = torch.empty_like(base)
-    w = np.ascontiguousarray(weights.numpy(), dtype=np.float32)
-    lam32 = np.float32(lam)
-    if consensus:
-        K.consensus_combine(deltas.numpy(), w, normalize, lam32, base.numpy(), out.numpy())
-    else:
-        total = float(ordered_sum(weights.to(torch.float32)))
-        divisor = np.float32(total if normalize and abs(total) >= 1e-8 else 1.0)
-        K.linear_combine(deltas.numpy(), w, divisor, lam32, base.numpy(), out.numpy())
-    return out

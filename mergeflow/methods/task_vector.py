@@ -50,19 +50,18 @@ def _model_statistic(sparsify: Sparsify):
 def _merge(sparsify: Sparsify, consensus: bool):
     def merge(chunk: Chunk) -> Tensor:
         p = chunk.params
+        sparsified: dict = {}
         if sparsify == "random":
             density = p["density"]
             keys = [P.dare_key(int(p["seed"]), chunk.tensor_name, i) for i in range(len(density))]
             scale = 1 / density if p["rescale"] else None
-            P.sparsify_(chunk.models, chunk.base, keys=keys, density=density, scale=scale, start=chunk.start)
+            sparsified = dict(keys=keys, density=density, scale=scale, start=chunk.start)
         elif sparsify is not None:
             low, high, scale = chunk.stats.T
-            P.sparsify_(chunk.models, chunk.base, low=low, high=high, scale=scale if p["rescale"] else None)
-        else:
-            P.sparsify_(chunk.models, chunk.base)
-        return P.combine(
-            chunk.models, p["weight"], chunk.base,
-            consensus=consensus, normalize=bool(p["normalize"]), lam=float(p["lambda"]),
+            sparsified = dict(low=low, high=high, scale=scale if p["rescale"] else None)
+        return P.merge_task_vectors(
+            chunk.models, chunk.base, p["weight"],
+            consensus=consensus, normalize=bool(p["normalize"]), lam=float(p["lambda"]), **sparsified,
         )  # fmt: skip
 
     return merge
