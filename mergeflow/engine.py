@@ -30,7 +30,7 @@ from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, num_layers, open_c
 from mergeflow.compatibility import FLOAT_DTYPES, check_compatible
 from mergeflow.config import MergeConfig, resolve_parameters
 from mergeflow.errors import NonFiniteError
-from mergeflow.hashing import model_sha256
+from mergeflow.hashing import model_sha256, models_sha256
 from mergeflow.methods import Chunk, MergeMethod
 from mergeflow.methods.kernels import abs_difference_
 from mergeflow.methods.primitives import NonFiniteInput
@@ -72,6 +72,7 @@ def merge(
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     method = config.method
     opened: list[Checkpoint] = []
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-hash-inputs")
 
     def load(ref: str) -> Checkpoint:
         opened.append(open_checkpoint(ref, allow_pickle=allow_pickle))
@@ -88,16 +89,25 @@ def merge(
             PlannedTensor(e.name, out_dtype if out_dtype and e.dtype in FLOAT_DTYPES else e.dtype, e.shape)
             for e in reference.tensors.values()
         ]
-        base_sha = model_sha256(base) if base else None
+        # Task vector inputs are checked against the base's hash before any work. The other
+        # input hashes are only needed for the manifest: they are computed during the merge,
+        # on the CPU time its single-threaded steps leave idle.
+        has_task_vectors = any(task_vector_info(c) is not None for c in experts)
+        base_sha = model_sha256(base) if base and has_task_vectors else None
         check_task_vectors_match_base(base, base_sha, experts)
-        inputs = {
-            "base": {"ref": base.ref, "sha256": base_sha} if base else None,
-            "models": [_input_record(c) for c in experts],
-        }
+        to_hash = ([base] if base and base_sha is None else []) + experts
+        hashing = background.submit(models_sha256, to_hash, workers=torch.get_num_threads())
         stage = StagedOutput(out, overwrite=overwrite)
         try:
             writer = ShardedWriter(stage.folder, plan, max_shard_bytes)
             _merge_all(config, method, base, experts, reference, plan, writer, work_bytes, progress)
+            hashes = hashing.result()
+            if base and base_sha is None:
+                base_sha = hashes.pop(0)
+            inputs = {
+                "base": {"ref": base.ref, "sha256": base_sha} if base else None,
+                "models": [_input_record(c, sha) for c, sha in zip(experts, hashes, strict=True)],
+            }
             files = writer.finish()
             files += _write_side_files(stage, reference, tokenizer_source, out_dtype)
             manifest = {
@@ -117,6 +127,7 @@ def merge(
             stage.discard()
             raise
     finally:
+        background.shutdown(cancel_futures=True)
         for checkpoint in opened:
             checkpoint.close()
     seconds = time.perf_counter() - started
@@ -125,9 +136,9 @@ def merge(
     return MergeResult(stage.target.uri, manifest, len(plan), written, seconds)
 
 
-def _input_record(checkpoint: Checkpoint) -> dict:
+def _input_record(checkpoint: Checkpoint, sha256: str) -> dict:
     """Lineage of one merged model: its hash and, for a task vector, the expert it came from."""
-    record = {"ref": checkpoint.ref, "sha256": model_sha256(checkpoint)}
+    record = {"ref": checkpoint.ref, "sha256": sha256}
     info = task_vector_info(checkpoint)
     if info is not None:
         record["task_vector_of"] = {"ref": info["expert"], "sha256": info["expert_sha256"]}
@@ -286,12 +297,16 @@ class _TensorMerge:
             base.copy_(self.reader.read(self.base_entry, 0, self.numel, into=raw))
             stats = []
             for i, entry in enumerate(self.entries):
-                magnitudes.copy_(self.reader.read(entry, 0, self.numel, into=raw))
+                data = self.reader.read(entry, 0, self.numel, into=raw)
                 if self.deltas[i]:
-                    magnitudes.abs_()
-                    if not torch.isfinite(magnitudes).all():
-                        self._name_non_finite_input(0, self.numel)
-                elif abs_difference_(magnitudes.numpy(), magnitudes.numpy(), base.numpy()):
+                    non_finite = not torch.isfinite(magnitudes.copy_(data).abs_()).all()
+                else:
+                    # bfloat16 goes to the kernel as bit patterns (numpy has no bfloat16) and is
+                    # widened there: one pass instead of a conversion pass and a difference pass.
+                    bf16 = data.dtype == torch.bfloat16
+                    model = data.view(torch.uint16).numpy() if bf16 else magnitudes.copy_(data).numpy()
+                    non_finite = abs_difference_(magnitudes.numpy(), model, base.numpy())
+                if non_finite:
                     self._name_non_finite_input(0, self.numel)
                 stats.append(method.model_statistic(magnitudes, self._params_of_model(i)))
             return torch.stack(stats)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mergeflow.checkpoint import CONFIG, MANIFEST, Checkpoint, open_checkpoint
@@ -36,24 +37,43 @@ def file_sha256(file: Location, remember: bool = True) -> str:
     if known:
         return known
     digest = hashlib.sha256()
-    with open(file.path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            digest.update(block)
+    # One buffer read into again and again: a fresh bytes object per block would pay page
+    # faults on every block (a fifth of the time of hashing a file from the page cache).
+    block = memoryview(bytearray(HASH_BLOCK))
+    with open(file.path, "rb", buffering=0) as f:
+        while size := f.readinto(block):
+            digest.update(block[:size])
     return update_json_cache(cache_file, {key: digest.hexdigest()})[key]
 
 
 def model_sha256(checkpoint: Checkpoint) -> str:
     """sha256 over 'name sha256' lines of config.json and the weight files. A mergeflow
     manifest in the folder supplies the file hashes without reading the files."""
-    if MANIFEST in checkpoint.file_names:
-        manifest = checkpoint.read_json(MANIFEST)
-        recorded = {f["path"]: f["sha256"] for f in manifest.get("files", [])}
-    else:
+    return models_sha256([checkpoint])[0]
+
+
+def models_sha256(checkpoints: list[Checkpoint], workers: int = 1) -> list[str]:
+    """model_sha256 of each checkpoint, their files hashed on `workers` threads at once
+    (hashlib releases the GIL while it hashes, so the files hash in parallel)."""
+    # Per checkpoint: (file name, its sha256 from the manifest, or the file to hash).
+    wanted: list[list[tuple[str, str | Location]]] = []
+    for checkpoint in checkpoints:
         recorded = {}
-    names = ([CONFIG] if CONFIG in checkpoint.file_names else []) + [f.name for f in checkpoint.weight_files]
-    files = {CONFIG: checkpoint.location.child(CONFIG)} | {f.name: f for f in checkpoint.weight_files}
-    lines = [f"{name} {recorded.get(name) or file_sha256(files[name])}" for name in sorted(names)]
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+        if MANIFEST in checkpoint.file_names:
+            manifest = checkpoint.read_json(MANIFEST)
+            recorded = {f["path"]: f["sha256"] for f in manifest.get("files", [])}
+        names = [CONFIG] if CONFIG in checkpoint.file_names else []
+        names += [f.name for f in checkpoint.weight_files]
+        files = {CONFIG: checkpoint.location.child(CONFIG)} | {f.name: f for f in checkpoint.weight_files}
+        wanted.append([(name, recorded.get(name) or files[name]) for name in sorted(names)])
+    to_hash = {item.uri: item for entries in wanted for _, item in entries if isinstance(item, Location)}
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mergeflow-hash") as pool:
+        hashes = dict(zip(to_hash, pool.map(file_sha256, to_hash.values()), strict=True))
+
+    def line(name: str, item: str | Location) -> str:
+        return f"{name} {hashes[item.uri] if isinstance(item, Location) else item}"
+
+    return [hashlib.sha256("\n".join(line(*e) for e in entries).encode()).hexdigest() for entries in wanted]
 
 
 def model_sha256_at(ref: str) -> str:

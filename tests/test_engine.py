@@ -6,14 +6,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import load_folder
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from mergeflow.cli import app
@@ -215,6 +218,28 @@ def test_bit_identical_across_threads_and_chunk_sizes(method, wide_zoo, tmp_path
     for other in runs[1:]:
         for name, tensor in runs[0].items():
             assert torch.equal(tensor, other[name]), f"{method}: {name} differs"
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_bfloat16_inputs_merge_exactly_as_their_float32_values(method, tmp_path):
+    # bfloat16 tensors reach the statistics kernels as raw bit patterns; float32 copies of the
+    # same values take the plain path. Both must give bit-identical merges.
+    spec = GeneratedZooSpec(vocab_size=4096, hidden_size=64, intermediate_size=1536, num_experts=2, seed=3)
+    bf16 = build_generated_zoo(tmp_path / "bf16", replace(spec, dtype="bfloat16"))
+    f32 = {}
+    for name, folder in bf16.items():
+        f32[name] = str(tmp_path / "f32" / name)
+        shutil.copytree(folder, f32[name])
+        for file in Path(f32[name]).glob("*.safetensors"):
+            save_file({k: v.float() for k, v in load_file(file).items()}, file)
+    merged = []
+    for zoo in (bf16, f32):
+        out = tmp_path / f"merged-{len(merged)}"
+        merge(parse_config(config_for(method, zoo, n=2) | {"out_dtype": "float32"}), str(out))
+        merged.append(load_folder(out))
+    assert merged[0].keys() == merged[1].keys()
+    for name, tensor in merged[0].items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, merged[1][name]), name
 
 
 def test_dare_seed_changes_the_result(zoo, tmp_path):

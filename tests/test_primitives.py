@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from mergeflow.methods import kernels as K
 from mergeflow.methods import primitives as P
 
 
@@ -21,6 +23,14 @@ def test_kth_largest_with_a_heavy_tail_and_a_spike_of_equal_values():
     values = torch.cat([torch.randn(400_000, generator=g).abs() ** 4, torch.full((200_000,), 0.5)])
     for k in (50_000, 250_000, 450_000):
         assert P.kth_largest(values, k).item() == values.sort(descending=True).values[k - 1].item()
+
+
+def test_the_band_scan_counts_gathers_and_reports_a_slice_that_overflows():
+    values = np.arange(100_000, dtype=np.float32)
+    above, band = K.above_and_band(values, np.float32(1000), np.float32(1999), 2, 1000)
+    assert above == 98_000 and np.array_equal(np.sort(band), np.arange(1000, 2000, dtype=np.float32))
+    # All 1000 band values lie in the first of the two slices: room for 999 is too little.
+    assert K.above_and_band(values, np.float32(1000), np.float32(1999), 2, 999)[1] is None
 
 
 def test_kth_largest_rejects_k_out_of_range():

@@ -9,7 +9,8 @@ number of threads. Inputs are float32 numpy views of torch tensors (no copies).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 BLOCK = 4096  # elements per cache-resident block in the combine kernels
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -121,55 +122,71 @@ def merge_task_vectors(
     return non_finite
 
 
+def widen(x):
+    """x as float32. numba kernels see bfloat16 tensors as their uint16 bit patterns (numpy
+    has no bfloat16): a bfloat16 is the top half of the float32 of the same value."""
+    raise NotImplementedError("widen is only defined inside numba kernels")
+
+
+@overload(widen, inline="always")
+def _widen(x):
+    if x == types.uint16:
+        return lambda x: np.uint32(np.uint32(x) << 16).view(np.float32)
+    return lambda x: np.float32(x)
+
+
 @njit(parallel=True, cache=True)
 def abs_difference_(out, minuend, subtrahend):
-    """out = |minuend − subtrahend| in one pass; returns the number of non-finite results."""
+    """out = |minuend − subtrahend| in one pass, `minuend` float32 or bfloat16 bit patterns
+    (uint16); returns the number of non-finite results."""
     non_finite = 0
     for j in prange(out.size):
-        d = abs(minuend[j] - subtrahend[j])
+        d = abs(widen(minuend[j]) - subtrahend[j])
         non_finite += d - d != 0  # true exactly for NaN and ±Inf
         out[j] = d
     return non_finite
 
 
 @njit(parallel=True, cache=True)
-def above_and_band(values, lo, hi, n_parts):
-    """(number of values > hi, the values in [lo, hi]) without temporaries, in `n_parts`
-    slices scanned in parallel.
+def above_and_band(values, lo, hi, n_parts, capacity):
+    """(number of values > hi, the values in [lo, hi]) in one scan of `n_parts` slices in
+    parallel, without temporaries. The band is None when a slice found more than `capacity`.
 
-    The first pass only counts. The second skips every 16-value block that has no value in
-    the band, so gathering a narrow band costs little more than a read of memory.
+    Each 16-value block is counted first and gathered from only when it holds a band value,
+    so gathering a narrow band costs little more than the read of memory.
     """
     n = values.size
     step = (n + n_parts - 1) // n_parts
     above = np.zeros(n_parts, np.int64)
-    inside = np.zeros(n_parts, np.int64)
+    found = np.zeros(n_parts, np.int64)
+    gathered = np.empty((n_parts, capacity), values.dtype)
     for part in prange(n_parts):
         n_above = 0  # local counters: shared ones would bounce a cache line between threads
-        n_inside = 0
-        for j in range(part * step, min(n, (part + 1) * step)):
-            v = values[j]
-            n_above += v > hi
-            n_inside += (v >= lo) & (v <= hi)
-        above[part] = n_above
-        inside[part] = n_inside
-    offsets = np.zeros(n_parts + 1, np.int64)
-    for part in range(n_parts):
-        offsets[part + 1] = offsets[part] + inside[part]
-    band = np.empty(offsets[n_parts], values.dtype)
-    for part in prange(n_parts):
-        p = offsets[part]
+        p = 0
         end_of_part = min(n, (part + 1) * step)
         for start in range(part * step, end_of_part, 16):
             end = min(end_of_part, start + 16)
             hits = 0
             for j in range(start, end):
                 v = values[j]
+                n_above += v > hi
                 hits += (v >= lo) & (v <= hi)
             if hits:
+                if p + hits > capacity:
+                    p = -1
+                    break
                 for j in range(start, end):
                     v = values[j]
                     if lo <= v <= hi:
-                        band[p] = v
+                        gathered[part, p] = v
                         p += 1
+        above[part] = n_above
+        found[part] = p
+    if (found < 0).any():
+        return above.sum(), None
+    band = np.empty(found.sum(), values.dtype)
+    offset = 0
+    for part in range(n_parts):
+        band[offset : offset + found[part]] = gathered[part, : found[part]]
+        offset += found[part]
     return above.sum(), band

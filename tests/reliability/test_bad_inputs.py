@@ -32,6 +32,13 @@ def small(tmp_path_factory) -> dict[str, str]:
     return build_generated_zoo(tmp_path_factory.mktemp("bad"), GeneratedZooSpec(num_experts=2, seed=9))
 
 
+@pytest.fixture(scope="module")
+def small_bf16(tmp_path_factory) -> dict[str, str]:
+    """The same in bfloat16, which the statistics kernels read as raw bit patterns."""
+    spec = GeneratedZooSpec(num_experts=2, seed=9, dtype="bfloat16")
+    return build_generated_zoo(tmp_path_factory.mktemp("bad-bf16"), spec)
+
+
 def copy_expert(small, tmp_path: Path, name: str = "broken") -> Path:
     target = tmp_path / name
     shutil.copytree(small["expert_1"], target)
@@ -105,8 +112,10 @@ def test_missing_tensor(small, tmp_path):
     assert_fails_cleanly(ties(small, broken), tmp_path, IncompatibleModelsError, "lacks 'lm_head.weight'")
 
 
+@pytest.mark.parametrize("zoo", ["small", "small_bf16"])
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
-def test_non_finite_weights_are_named(small, tmp_path, bad_value):
+def test_non_finite_weights_are_named(zoo, tmp_path, bad_value, request):
+    small = request.getfixturevalue(zoo)
     broken = copy_expert(small, tmp_path)
 
     def poison(tensors):
