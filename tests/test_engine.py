@@ -286,3 +286,12 @@ def test_console_script_runs(zoo, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "merged 21 tensors" in done.stdout and "with ties" in done.stdout
+    # The quick exit keeps a failure's exit status and its one-line message.
+    missing = tmp_path / "missing.yaml"
+    failed = subprocess.run(
+        [sys.executable, "-m", "mergeflow.cli", "merge", str(missing), "--out", str(tmp_path / "p")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert failed.returncode == 2 and f"error: {missing}: cannot read config" in failed.stderr

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -209,6 +212,27 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
+
+
+def run() -> None:
+    """The console script: the app, then an exit without the interpreter's teardown.
+
+    Once torch and numba are loaded, Python's final garbage collection and module teardown
+    take 1-2 s, longer than some commands. What a normal exit does for us still happens first:
+    non-daemon threads are joined and atexit handlers (logging, MLflow) run.
+    """
+    try:
+        app()
+        code = 0
+    except SystemExit as exit:
+        if isinstance(exit.code, str):
+            print(exit.code, file=sys.stderr)
+        code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    threading._shutdown()  # joins non-daemon threads, as the interpreter's own exit does
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 app.add_typer(expert_app, name="expert")

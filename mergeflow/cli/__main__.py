@@ -1,5 +1,5 @@
 """python -m mergeflow.cli"""
 
-from mergeflow.cli import app
+from mergeflow.cli import run
 
-app()
+run()
