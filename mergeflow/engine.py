@@ -32,8 +32,7 @@ from mergeflow.config import MergeConfig, resolve_parameters
 from mergeflow.errors import NonFiniteError
 from mergeflow.hashing import model_sha256, models_sha256
 from mergeflow.methods import Chunk, MergeMethod
-from mergeflow.methods.kernels import abs_difference_
-from mergeflow.methods.primitives import NonFiniteInput
+from mergeflow.methods.primitives import Magnitudes, NonFiniteInput, kernel_array
 from mergeflow.output import ShardedWriter, StagedOutput
 from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
 from mergeflow.task_vectors import check_task_vectors_match_base, task_vector_info
@@ -227,16 +226,17 @@ class _Workspace:
         self._whole: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def whole_tensor(self, numel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(base float32, |τ| float32, raw bytes) for a whole tensor, for per-model statistics.
-        Allocated once at the size of the largest tensor, so their pages fault in only once."""
+        """Two float32 buffers (base, model) and raw bytes for a whole tensor, for per-model
+        statistics. Allocated once at the size of the largest tensor, so their pages fault in
+        only once."""
         if self._whole is None:
             self._whole = (
                 torch.empty(self._largest, dtype=torch.float32),
                 torch.empty(self._largest, dtype=torch.float32),
                 torch.empty(self._largest * self._itemsize, dtype=torch.uint8),
             )
-        base, magnitudes, raw = self._whole
-        return base[:numel], magnitudes[:numel], raw
+        base, model, raw = self._whole
+        return base[:numel], model[:numel], raw
 
     def raw_views(self, slot: int) -> list[torch.Tensor]:
         """One byte buffer per input (base first) in `slot`, each big enough for a whole chunk."""
@@ -291,23 +291,14 @@ class _TensorMerge:
     def _statistics(self):
         method = self.method
         if method.model_statistic is not None:
-            # One float32 buffer holds |τi| for each model in turn, so the pass needs two full
-            # float32 tensors (base and buffer) whatever the number of models.
-            base, magnitudes, raw = self.workspace.whole_tensor(self.numel)
-            base.copy_(self.reader.read(self.base_entry, 0, self.numel, into=raw))
+            # Whole tensors, one model at a time: memory does not grow with the number of models.
+            # |τ| is never stored; the statistic's scans compute it from the model and the base.
+            base_buffer, values_buffer, raw = self.workspace.whole_tensor(self.numel)
+            base = self._read_whole(self.base_entry, base_buffer, raw)
             stats = []
             for i, entry in enumerate(self.entries):
-                data = self.reader.read(entry, 0, self.numel, into=raw)
-                if self.deltas[i]:
-                    non_finite = not torch.isfinite(magnitudes.copy_(data).abs_()).all()
-                else:
-                    # bfloat16 goes to the kernel as bit patterns (numpy has no bfloat16) and is
-                    # widened there: one pass instead of a conversion pass and a difference pass.
-                    bf16 = data.dtype == torch.bfloat16
-                    model = data.view(torch.uint16).numpy() if bf16 else magnitudes.copy_(data).numpy()
-                    non_finite = abs_difference_(magnitudes.numpy(), model, base.numpy())
-                if non_finite:
-                    self._name_non_finite_input(0, self.numel)
+                model = self._read_whole(entry, values_buffer, raw)
+                magnitudes = Magnitudes(model, None if self.deltas[i] else base)
                 stats.append(method.model_statistic(magnitudes, self._params_of_model(i)))
             return torch.stack(stats)
         if method.gram_rows is not None:
@@ -317,6 +308,13 @@ class _TensorMerge:
                 gram = rows @ rows.T if gram is None else gram.add_(rows @ rows.T)
             return method.gram_statistic(gram, self.params)
         return None
+
+    def _read_whole(self, entry, buffer: torch.Tensor, raw: torch.Tensor):
+        """One whole tensor as the kernels read it. bfloat16 (as bit patterns) and float32 are
+        read straight into `buffer`'s bytes; other dtypes go through `raw` into float32."""
+        if entry.dtype in (torch.bfloat16, torch.float32):
+            return kernel_array(self.reader.read(entry, 0, self.numel, into=buffer.view(torch.uint8)))
+        return kernel_array(buffer.copy_(self.reader.read(entry, 0, self.numel, into=raw)))
 
     def _params_of_model(self, i: int) -> dict:
         return {k: float(v[i]) if isinstance(v, torch.Tensor) else v for k, v in self.params.items()}

@@ -28,9 +28,8 @@ def run_method(name: str, base, models, stats=None, tensor_name="w", start=0, **
         def per_model(i):
             return {k: float(v[i]) if isinstance(v, torch.Tensor) else v for k, v in resolved.items()}
 
-        stats = torch.stack(
-            [method.model_statistic((models[i] - base).abs(), per_model(i)) for i in range(len(models))]
-        )
+        magnitudes = [P.Magnitudes.of(model, base) for model in models]
+        stats = torch.stack([method.model_statistic(m, per_model(i)) for i, m in enumerate(magnitudes)])
     if method.gram_rows is not None and stats is None:
         rows = method.gram_rows(base, models.clone()).double()
         stats = method.gram_statistic(rows @ rows.T, resolved)
@@ -79,7 +78,7 @@ def test_task_arithmetic_matches_peft_with_weights():
 def test_magnitude_trim_matches_peft_prune():
     _, deltas = random_task_vectors()
     for row in deltas:
-        threshold = P.magnitude_threshold(row.abs(), 0.3)
+        threshold = P.magnitude_threshold(P.Magnitudes.of(row), 0.3)
         ours = row.masked_fill(row.abs() < threshold, 0)
         torch.testing.assert_close(ours, peft.prune(row, 0.3, method="magnitude"))
 
@@ -149,19 +148,21 @@ def test_ties_weights_apply_before_sign_election_mergekit_convention():
 
 def test_magnitude_ties_at_the_threshold_are_all_kept():
     delta = torch.tensor([1.0, 1.0, 1.0, 0.5])
-    threshold = P.magnitude_threshold(delta, 0.5)  # k = 2, but three entries equal the 2nd largest
+    # k = 2, but three entries equal the 2nd largest
+    threshold = P.magnitude_threshold(P.Magnitudes.of(delta), 0.5)
     assert threshold.item() == 1.0
     assert int((delta.abs() >= threshold).sum()) == 3
 
 
 def test_magnitude_keeps_at_least_one_entry():
     delta = torch.tensor([0.1, -0.4, 0.2])
-    assert P.magnitude_threshold(delta.abs(), 0.1).item() == pytest.approx(0.4)  # floor(0.3) = 0 -> 1
+    # floor(0.3) = 0, raised to 1
+    assert P.magnitude_threshold(P.Magnitudes.of(delta), 0.1).item() == pytest.approx(0.4)
 
 
 def test_breadcrumbs_band_drops_largest_gamma_and_smallest():
     delta = torch.arange(1, 11, dtype=torch.float32) / 10  # 0.1 .. 1.0
-    low, high = P.breadcrumbs_bounds(delta, density=0.5, gamma=0.1)
+    low, high = P.breadcrumbs_bounds(P.Magnitudes.of(delta), density=0.5, gamma=0.1)
     kept = delta[(delta >= low) & (delta <= high)]
     torch.testing.assert_close(kept, torch.tensor([0.5, 0.6, 0.7, 0.8, 0.9]))
 

@@ -6,36 +6,48 @@ import numpy as np
 import pytest
 import torch
 
-from mergeflow.methods import kernels as K
 from mergeflow.methods import primitives as P
 
 
+def kth_largest(values: torch.Tensor, k: int) -> float:
+    return P.Magnitudes.of(values).kth_largest(k)
+
+
 @pytest.mark.parametrize("k", [1, 7, 100_000, 300_000, 599_999, 600_000])
-def test_kth_largest_is_exact_on_large_tensors(k):
-    # Large enough for the sampled-bracket path; rounded values make many exact ties.
+def test_kth_largest_is_exact(k):
+    # Rounded values make many exact ties.
     values = (torch.rand(600_000, generator=torch.Generator().manual_seed(k)) * 1000).round()
-    expected = values.sort(descending=True).values[k - 1]
-    assert P.kth_largest(values, k).item() == expected.item()
+    assert kth_largest(values, k) == values.sort(descending=True).values[k - 1].item()
 
 
 def test_kth_largest_with_a_heavy_tail_and_a_spike_of_equal_values():
     g = torch.Generator().manual_seed(1)
     values = torch.cat([torch.randn(400_000, generator=g).abs() ** 4, torch.full((200_000,), 0.5)])
     for k in (50_000, 250_000, 450_000):
-        assert P.kth_largest(values, k).item() == values.sort(descending=True).values[k - 1].item()
+        assert kth_largest(values, k) == values.sort(descending=True).values[k - 1].item()
 
 
-def test_the_band_scan_counts_gathers_and_reports_a_slice_that_overflows():
-    values = np.arange(100_000, dtype=np.float32)
-    above, band = K.above_and_band(values, np.float32(1000), np.float32(1999), 2, 1000)
-    assert above == 98_000 and np.array_equal(np.sort(band), np.arange(1000, 2000, dtype=np.float32))
-    # All 1000 band values lie in the first of the two slices: room for 999 is too little.
-    assert K.above_and_band(values, np.float32(1000), np.float32(1999), 2, 999)[1] is None
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kth_largest_of_a_difference_is_that_of_the_float32_difference(dtype):
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(300_000, generator=g).to(dtype)
+    model = (base.float() + 0.01 * torch.randn(300_000, generator=g)).to(dtype)
+    expected = (model.float() - base.float()).abs().sort(descending=True).values
+    magnitudes = P.Magnitudes.of(model, base)
+    torch.testing.assert_close(magnitudes.values(), (model.float() - base.float()).abs(), rtol=0, atol=0)
+    for k in (1, 1234, 60_000, 299_999, 300_000):
+        assert magnitudes.kth_largest(k) == expected[k - 1].item()
+
+
+def test_kth_largest_counts_signed_zeros_as_equal_and_nan_above_inf():
+    values = torch.tensor([-0.0, 0.0, 3.0, float("inf"), float("nan"), -2.0])
+    assert [kth_largest(values, k) for k in (2, 3, 4, 5, 6)] == [float("inf"), 3.0, 2.0, 0.0, 0.0]
+    assert np.isnan(kth_largest(values, 1))
 
 
 def test_kth_largest_rejects_k_out_of_range():
     with pytest.raises(ValueError):
-        P.kth_largest(torch.ones(4), 0)
+        kth_largest(torch.ones(4), 0)
 
 
 def test_dare_uniforms_do_not_depend_on_chunking():

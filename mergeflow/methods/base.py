@@ -46,7 +46,8 @@ class MergeMethod:
     """A registry entry. Exactly one of the statistic hooks may be set.
 
     - `model_statistic(magnitudes, params_i)`: from |τi| over one model's whole tensor (e.g. the
-      TIES magnitude threshold); computed one model at a time so memory does not grow with N.
+      TIES magnitude threshold), given as a `primitives.Magnitudes` that selects from |τi| in a
+      couple of scans; computed one model at a time so memory does not grow with N.
     - `gram_rows(base, models)` + `gram_statistic(gram, params)`: from inner products of rows
       accumulated over chunks in float64 (model_stock's cosines, slerp's angle).
     """
@@ -59,7 +60,7 @@ class MergeMethod:
     needs_base: bool = True
     min_models: int = 1
     max_models: int | None = None
-    model_statistic: Callable[[Tensor, Mapping[str, float]], Tensor] | None = None
+    model_statistic: Callable[[Any, Mapping[str, float]], Tensor] | None = None
     gram_rows: Callable[[Tensor | None, Tensor], Tensor] | None = None
     gram_statistic: Callable[[Tensor, Mapping[str, Any]], Any] | None = None
     notes: tuple[str, ...] = field(default=())

@@ -131,62 +131,44 @@ def widen(x):
 @overload(widen, inline="always")
 def _widen(x):
     if x == types.uint16:
-        return lambda x: np.uint32(np.uint32(x) << 16).view(np.float32)
+        return lambda x: np.int32(np.int64(x) << 16).view(np.float32)
     return lambda x: np.float32(x)
 
 
+@njit(cache=True, inline="always")
+def _magnitude(model, base, has_base, j):
+    """|τ| at element j: |model − base|, or |model| when the model already is a task vector."""
+    d = widen(model[j])
+    if has_base:
+        d = d - widen(base[j])
+    return np.float32(abs(d))
+
+
 @njit(parallel=True, cache=True)
-def abs_difference_(out, minuend, subtrahend):
-    """out = |minuend − subtrahend| in one pass, `minuend` float32 or bfloat16 bit patterns
-    (uint16); returns the number of non-finite results."""
-    non_finite = 0
+def magnitudes_(out, model, base, has_base):
+    """out = |τ| of every element (see _magnitude)."""
     for j in prange(out.size):
-        d = abs(widen(minuend[j]) - subtrahend[j])
-        non_finite += d - d != 0  # true exactly for NaN and ±Inf
-        out[j] = d
-    return non_finite
+        out[j] = _magnitude(model, base, has_base, j)
 
 
 @njit(parallel=True, cache=True)
-def above_and_band(values, lo, hi, n_parts, capacity):
-    """(number of values > hi, the values in [lo, hi]) in one scan of `n_parts` slices in
-    parallel, without temporaries. The band is None when a slice found more than `capacity`.
-
-    Each 16-value block is counted first and gathered from only when it holds a band value,
-    so gathering a narrow band costs little more than the read of memory.
-    """
-    n = values.size
+def magnitude_histogram(model, base, has_base, high, n_parts):
+    """How many |τ| there are of each top 16 bits of their float32 bit pattern (high < 0); or,
+    among those whose top 16 bits equal `high`, of each bottom 16 bits. Non-negative floats
+    order like their bit patterns, so two histograms pin down an exact order statistic.
+    NaN sorts above +Inf. Counted in `n_parts` slices in parallel, without temporaries."""
+    n = model.size
     step = (n + n_parts - 1) // n_parts
-    above = np.zeros(n_parts, np.int64)
-    found = np.zeros(n_parts, np.int64)
-    gathered = np.empty((n_parts, capacity), values.dtype)
+    counts = np.zeros((n_parts, 1 << 16), np.int64)
     for part in prange(n_parts):
-        n_above = 0  # local counters: shared ones would bounce a cache line between threads
-        p = 0
-        end_of_part = min(n, (part + 1) * step)
-        for start in range(part * step, end_of_part, 16):
-            end = min(end_of_part, start + 16)
-            hits = 0
-            for j in range(start, end):
-                v = values[j]
-                n_above += v > hi
-                hits += (v >= lo) & (v <= hi)
-            if hits:
-                if p + hits > capacity:
-                    p = -1
-                    break
-                for j in range(start, end):
-                    v = values[j]
-                    if lo <= v <= hi:
-                        gathered[part, p] = v
-                        p += 1
-        above[part] = n_above
-        found[part] = p
-    if (found < 0).any():
-        return above.sum(), None
-    band = np.empty(found.sum(), values.dtype)
-    offset = 0
-    for part in range(n_parts):
-        band[offset : offset + found[part]] = gathered[part, : found[part]]
-        offset += found[part]
-    return above.sum(), band
+        end = min(n, (part + 1) * step)
+        if high < 0:
+            for j in range(part * step, end):
+                bits = _magnitude(model, base, has_base, j).view(np.int32)
+                counts[part, bits >> 16] += 1
+        else:
+            for j in range(part * step, end):
+                bits = _magnitude(model, base, has_base, j).view(np.int32)
+                if bits >> 16 == high:
+                    counts[part, bits & 0xFFFF] += 1
+    return counts.sum(axis=0)

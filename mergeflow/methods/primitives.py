@@ -17,10 +17,6 @@ from torch import Tensor
 
 from mergeflow.methods import kernels as K
 
-_EXACT_SELECT_MAX = 1 << 16  # below this many elements, select with kthvalue directly
-_SAMPLE_STRIDE = 32  # sample about one entry in 32 ...
-_SAMPLE_MAX = 1 << 20  # ... but at most this many
-
 
 class NonFiniteInput(ValueError):
     """A NaN or Inf reached a kernel; the engine finds and names the model and tensor."""
@@ -34,45 +30,64 @@ def ordered_sum(stacked: Tensor) -> Tensor:
     return total
 
 
-def kth_largest(values: Tensor, k: int) -> Tensor:
-    """The exact k-th largest entry of a 1-D float32 tensor without NaN (k >= 1).
+class Magnitudes:
+    """|τ| over one model's whole tensor, computed wherever it is scanned instead of stored:
+    |model − base|, or |model| when the model already is a task vector (base None).
 
-    Large tensors are bracketed [lo, hi] from an evenly spread sample of ~1/32 of the entries;
-    one scan counts the entries above hi and gathers those inside the bracket (~1% of them),
-    and the answer is selected exactly among those. The sample only affects speed, never the
-    result.
+    The arrays are what the kernels read: float32, or bfloat16 as uint16 bit patterns (numpy
+    has no bfloat16). Use `of` to get them from tensors.
     """
-    n = values.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} outside [1, {n}]")
-    if n <= _EXACT_SELECT_MAX:
-        return torch.kthvalue(values, n - k + 1).values
-    array = values.contiguous().numpy()
-    # A prime stride spreads the sample over rows and columns alike.
-    sample = array[:: _prime_at_least(max(2, n // _SAMPLE_MAX, _SAMPLE_STRIDE))].copy()
-    m = sample.size
-    position = (1 - k / n) * (m - 1)
-    # ~4 sigma of a sample quantile: the bracket misses once in ~15,000 selections.
-    margin = 4 * (m * (k / n) * (1 - k / n)) ** 0.5 + 16
-    first, last = max(0, int(position - margin)), min(m - 1, int(position + margin) + 1)
-    sample.partition([first, last])
-    # Room for twice the expected band in each slice: only a sample far off overflows it.
-    capacity = 2 * int((last - first + 1) / m * n) + 1024
-    above, band = K.above_and_band(array, sample[first], sample[last], numba.get_num_threads(), capacity)
-    rank = k - above  # rank of the answer from the top of the band
-    if band is not None and 1 <= rank <= band.size:
-        return torch.tensor(np.partition(band, band.size - rank)[band.size - rank])
-    return torch.kthvalue(values, n - k + 1).values  # the sample missed: select the slow way
+
+    def __init__(self, model: np.ndarray, base: np.ndarray | None) -> None:
+        self.model = model
+        self.base = base if base is not None else np.zeros(0, np.float32)
+        self.has_base = base is not None
+        self.numel = model.size
+        self._top_bits: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, model: Tensor, base: Tensor | None = None) -> Magnitudes:
+        return cls(kernel_array(model.reshape(-1)), None if base is None else kernel_array(base.reshape(-1)))
+
+    def kth_largest(self, k: int) -> float:
+        """The exact k-th largest |τ| (k >= 1), in two scans and no sorting: one counts |τ| by
+        the top 16 bits of its float32 bit pattern, which finds the pattern's top half; the
+        second counts those with that top half by their bottom 16 bits. The first count is
+        kept for the next selection (Breadcrumbs selects twice)."""
+        if not 1 <= k <= self.numel:
+            raise ValueError(f"k={k} outside [1, {self.numel}]")
+        if self._top_bits is None:
+            self._top_bits = self._histogram(-1)
+        top, above = _from_the_top(self._top_bits, k)
+        bottom, _ = _from_the_top(self._histogram(top), k - above)
+        return float(np.uint32(top << 16 | bottom).view(np.float32))
+
+    def values(self) -> Tensor:
+        """All |τ| as a float32 tensor."""
+        out = torch.empty(self.numel, dtype=torch.float32)
+        K.magnitudes_(out.numpy(), self.model, self.base, self.has_base)
+        return out
+
+    def _histogram(self, high: int) -> np.ndarray:
+        return K.magnitude_histogram(self.model, self.base, self.has_base, high, numba.get_num_threads())
 
 
-def _prime_at_least(x: int) -> int:
-    x = max(x, 2)
-    while any(x % d == 0 for d in range(2, int(x**0.5) + 1)):
-        x += 1
-    return x
+def _from_the_top(counts: np.ndarray, k: int) -> tuple[int, int]:
+    """(the bin holding the k-th largest entry, how many entries lie in higher bins)."""
+    cumulative = np.cumsum(counts[::-1])
+    from_top = int(np.searchsorted(cumulative, k))
+    return counts.size - 1 - from_top, int(cumulative[from_top - 1]) if from_top else 0
 
 
-def magnitude_threshold(magnitudes: Tensor, density: float) -> Tensor:
+def kernel_array(tensor: Tensor) -> np.ndarray:
+    """A contiguous tensor as the kernels read it: float32, or bfloat16 as uint16 bit patterns.
+    Other dtypes are converted to float32."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.contiguous().view(torch.uint16).numpy()
+    return tensor.contiguous().to(torch.float32).numpy()
+
+
+def magnitude_threshold(magnitudes: Magnitudes, density: float) -> Tensor:
     """TIES trim threshold over `magnitudes` = |τ|: entries with |τ| >= threshold are kept.
 
     k = max(1, floor(density * n)) entries are kept (mergekit's rounding; PEFT uses floor
@@ -83,11 +98,10 @@ def magnitude_threshold(magnitudes: Tensor, density: float) -> Tensor:
     """
     if density >= 1:
         return torch.tensor(0.0)
-    magnitudes = magnitudes.reshape(-1)
-    return kth_largest(magnitudes, max(1, int(density * magnitudes.numel())))
+    return torch.tensor(magnitudes.kth_largest(max(1, int(density * magnitudes.numel))))
 
 
-def breadcrumbs_bounds(magnitudes: Tensor, density: float, gamma: float) -> Tensor:
+def breadcrumbs_bounds(magnitudes: Magnitudes, density: float, gamma: float) -> Tensor:
     """Model Breadcrumbs band [low, high] over `magnitudes` = |τ|: drop the largest `gamma`
     fraction and then the smallest, keeping a `density` fraction (mergekit's
     `magnitude_outliers`).
@@ -98,15 +112,14 @@ def breadcrumbs_bounds(magnitudes: Tensor, density: float, gamma: float) -> Tens
     """
     if density >= 1:
         return torch.tensor([0.0, float("inf")])
-    magnitudes = magnitudes.reshape(-1)
-    n = magnitudes.numel()
+    n = magnitudes.numel
     keep = int(density * n)
     if keep == 0:
         return torch.tensor([float("inf"), float("-inf")])
     n_bottom = max(0, n - keep - int(gamma * n))
-    low = kth_largest(magnitudes, n - n_bottom)  # ascending rank n_bottom
-    high = kth_largest(magnitudes, n - n_bottom - keep + 1)  # ascending rank n_bottom+keep-1
-    return torch.stack([low, high])
+    low = magnitudes.kth_largest(n - n_bottom)  # ascending rank n_bottom
+    high = magnitudes.kth_largest(n - n_bottom - keep + 1)  # ascending rank n_bottom+keep-1
+    return torch.tensor([low, high])
 
 
 def dare_key(seed: int, tensor_name: str, model_index: int) -> int:

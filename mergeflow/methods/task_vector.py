@@ -29,7 +29,7 @@ Sparsify = Literal["magnitude", "random", "outliers"] | None
 def _model_statistic(sparsify: Sparsify):
     """Per-model whole-tensor statistic from |τi|: trim bounds plus the L1 rescale factor."""
 
-    def statistic(magnitudes: Tensor, params: Mapping[str, float]) -> Tensor:
+    def statistic(magnitudes: P.Magnitudes, params: Mapping[str, float]) -> Tensor:
         if sparsify == "magnitude":
             low = P.magnitude_threshold(magnitudes, params["density"])
             bounds = torch.stack([low, torch.tensor(float("inf"))])
@@ -37,8 +37,9 @@ def _model_statistic(sparsify: Sparsify):
             bounds = P.breadcrumbs_bounds(magnitudes, params["density"], params["gamma"])
         scale = torch.tensor(1.0)
         if params["rescale"]:
-            kept = magnitudes[(magnitudes >= bounds[0]) & (magnitudes <= bounds[1])]
-            before = float(magnitudes.sum(dtype=torch.float64))
+            values = magnitudes.values()
+            kept = values[(values >= bounds[0]) & (values <= bounds[1])]
+            before = float(values.sum(dtype=torch.float64))
             after = float(kept.sum(dtype=torch.float64))
             if before >= 1e-7 and after >= 1e-7:
                 scale = torch.tensor(before / after)
