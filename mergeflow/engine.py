@@ -238,13 +238,14 @@ class _Workspace:
         base, model, raw = self._whole
         return base[:numel], model[:numel], raw
 
-    def raw_views(self, slot: int) -> list[torch.Tensor]:
-        """One byte buffer per input (base first) in `slot`, each big enough for a whole chunk."""
-        raw = self._raw[slot]
-        return [
-            raw[i * self._slot_bytes : (i + 1) * self._slot_bytes]
-            for i in range(raw.numel() // self._slot_bytes)
-        ]
+    def raw_views(self, slot: int, nbytes: list[int]) -> list[torch.Tensor]:
+        """Byte buffers of the given sizes in `slot`, back to back: the models of one chunk,
+        all bfloat16, form one contiguous [N, count] block."""
+        raw, views, offset = self._raw[slot], [], 0
+        for size in nbytes:
+            views.append(raw[offset : offset + size])
+            offset += size
+        return views
 
 
 def _chunk_elements(work_bytes: int, n_models: int) -> int:
@@ -320,10 +321,16 @@ class _TensorMerge:
         return {k: float(v[i]) if isinstance(v, torch.Tensor) else v for k, v in self.params.items()}
 
     def _chunks(self) -> Iterator[tuple[int, torch.Tensor | None, torch.Tensor]]:
-        """(start, base float32, models [N, count] float32), prefetching the next chunk."""
+        """(start, base float32, models [N, count] float32, or bfloat16 as stored when the
+        method reads that), prefetching the next chunk."""
         starts = list(range(0, self.numel, self.chunk))
         if not starts:
             return
+        as_stored = (
+            self.method.reads_bfloat16
+            and all(e.dtype == torch.bfloat16 for e in self.entries)
+            and not any(self.deltas)
+        )
         pending = self.io.submit(self._read_raw, starts[0], 0)
         for i, start in enumerate(starts):
             raw_base, raw_models = pending.result()
@@ -333,6 +340,11 @@ class _TensorMerge:
             # Views of buffers reused for every chunk: fresh allocations this large would pay
             # page faults on every pass. Flat slices keep each view contiguous.
             base = self.workspace.base[:count].copy_(raw_base) if raw_base is not None else None
+            if as_stored:  # the models' chunks lie back to back in the read buffer
+                first = raw_models[0]
+                models = first.as_strided((len(raw_models), count), (count, 1))
+                yield start, base, models
+                continue
             models = self.workspace.models[: len(raw_models) * count].view(len(raw_models), count)
             for row, raw, delta in zip(models, raw_models, self.deltas, strict=True):
                 row.copy_(raw)
@@ -341,11 +353,13 @@ class _TensorMerge:
             yield start, base, models
 
     def _read_raw(self, start: int, slot: int):
-        """Raw chunks of the base and every model, read into buffer slot `slot`."""
+        """Raw chunks of every model and the base, read into buffer slot `slot`."""
         count = min(self.chunk, self.numel - start)
-        buffers = iter(self.workspace.raw_views(slot))
-        base = self.reader.read(self.base_entry, start, count, next(buffers)) if self.base_entry else None
-        return base, [self.reader.read(e, start, count, next(buffers)) for e in self.entries]
+        inputs = self.entries + ([self.base_entry] if self.base_entry else [])
+        buffers = self.workspace.raw_views(slot, [count * e.dtype.itemsize for e in inputs])
+        models = [self.reader.read(e, start, count, b) for e, b in zip(self.entries, buffers, strict=False)]
+        base = self.reader.read(self.base_entry, start, count, buffers[-1]) if self.base_entry else None
+        return base, models
 
     def _name_non_finite_input(self, start: int, count: int) -> None:
         """Re-read one chunk of every input and raise for the first holding NaN or Inf."""

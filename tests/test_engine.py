@@ -220,10 +220,10 @@ def test_bit_identical_across_threads_and_chunk_sizes(method, wide_zoo, tmp_path
             assert torch.equal(tensor, other[name]), f"{method}: {name} differs"
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "task_arithmetic", "average"])
 def test_bfloat16_inputs_merge_exactly_as_their_float32_values(method, tmp_path):
-    # bfloat16 tensors reach the statistics kernels as raw bit patterns; float32 copies of the
-    # same values take the plain path. Both must give bit-identical merges.
+    # bfloat16 tensors reach the kernels as raw bit patterns; float32 copies of the same values
+    # take the plain path. Both must give bit-identical merges, in several chunks per tensor.
     spec = GeneratedZooSpec(vocab_size=4096, hidden_size=64, intermediate_size=1536, num_experts=2, seed=3)
     bf16 = build_generated_zoo(tmp_path / "bf16", replace(spec, dtype="bfloat16"))
     f32 = {}
@@ -235,7 +235,8 @@ def test_bfloat16_inputs_merge_exactly_as_their_float32_values(method, tmp_path)
     merged = []
     for zoo in (bf16, f32):
         out = tmp_path / f"merged-{len(merged)}"
-        merge(parse_config(config_for(method, zoo, n=2) | {"out_dtype": "float32"}), str(out))
+        config = parse_config(config_for(method, zoo, n=2) | {"out_dtype": "float32"})
+        merge(config, str(out), work_bytes=1 << 20)
         merged.append(load_folder(out))
     assert merged[0].keys() == merged[1].keys()
     for name, tensor in merged[0].items():

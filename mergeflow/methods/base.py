@@ -28,7 +28,8 @@ class Param:
 class Chunk:
     """Everything a method sees for elements [start, start + numel) of one tensor.
 
-    `models` is [N, numel] float32 and owned by the method (it may be modified in place);
+    `models` is [N, numel] float32, or bfloat16 as stored for a method that `reads_bfloat16`,
+    and owned by the method (it may be modified in place);
     `base` is [numel] float32 or None. Shared parameters are floats/bools; per-model
     parameters are [N] float32 tensors. `stats` is whatever the method's statistic returned.
     """
@@ -63,6 +64,9 @@ class MergeMethod:
     model_statistic: Callable[[Any, Mapping[str, float]], Tensor] | None = None
     gram_rows: Callable[[Tensor | None, Tensor], Tensor] | None = None
     gram_statistic: Callable[[Tensor, Mapping[str, Any]], Any] | None = None
+    # merge() takes bfloat16 models as they are stored: its kernels widen them as they read,
+    # which saves a conversion pass over every chunk.
+    reads_bfloat16: bool = False
     notes: tuple[str, ...] = field(default=())
 
     def param(self, name: str) -> Param | None:

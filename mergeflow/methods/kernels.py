@@ -45,20 +45,20 @@ def _weighted_task_vector(
     bad = 0
     if mode == MODE_BAND:
         for j in range(count):
-            tau = models[i, lo + j] - base[lo + j]
+            tau = widen(models[i, lo + j]) - base[lo + j]
             bad += tau - tau != 0  # true exactly for NaN and ±Inf
             magnitude = abs(tau)
             kept = (low <= magnitude) & (magnitude <= high)
             row[j] = (tau * scale) * weight if kept else np.float32(0.0)
     elif mode == MODE_RANDOM:
         for j in range(count):
-            tau = models[i, lo + j] - base[lo + j]
+            tau = widen(models[i, lo + j]) - base[lo + j]
             bad += tau - tau != 0
             kept = uniform24(key, first + j) < density
             row[j] = (tau * scale) * weight if kept else np.float32(0.0)
     else:
         for j in range(count):
-            tau = models[i, lo + j] - base[lo + j]
+            tau = widen(models[i, lo + j]) - base[lo + j]
             bad += tau - tau != 0
             row[j] = (tau * scale) * weight
     return bad

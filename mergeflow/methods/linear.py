@@ -29,6 +29,7 @@ AVERAGE = MergeMethod(
         Param("normalize", True, "divide by the summed weights", kind=bool),
     ),
     needs_base=False,
+    reads_bfloat16=True,
     notes=(
         "`linear` is the same method under mergekit's name. A base model is not averaged "
         "unless it is also listed under `models`.",

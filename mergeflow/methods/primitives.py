@@ -160,7 +160,8 @@ def merge_task_vectors(
     density: Tensor | None = None,
     start: int = 0,
 ) -> Tensor:
-    """θ0 + λ·merge of the weighted, sparsified task vectors τi = θi − θ0 of models [N, C].
+    """θ0 + λ·merge of the weighted, sparsified task vectors τi = θi − θ0 of models [N, C]
+    (float32 or bfloat16; the base is float32).
 
     Sparsify: with `low`/`high`, keep low[i] <= |τi| <= high[i] (magnitude trim, Breadcrumbs
     band); with `keys`/`density`, DARE: keep each entry with probability density[i], using
@@ -181,7 +182,7 @@ def merge_task_vectors(
     divisor = np.float32(total if normalize and abs(total) >= 1e-8 else 1.0)
     out = torch.empty_like(base)
     non_finite = K.merge_task_vectors(
-        models.numpy(), base.numpy(), mode,
+        kernel_array(models), base.numpy(), mode,
         _f32(low, no_limits), _f32(high, no_limits), _f32(scale, np.ones(n, np.float32)),
         np.array(keys or [0] * n, dtype=np.uint64),
         np.asarray(density.numpy() if density is not None else no_limits, dtype=np.float64),

@@ -129,6 +129,7 @@ def task_vector_method(
         merge=_merge(sparsify, consensus),
         params=tuple(params),
         model_statistic=statistic,
+        reads_bfloat16=True,
     )
 
 
