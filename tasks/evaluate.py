@@ -23,11 +23,18 @@ def _scores_key(context, parameters) -> str:
     return f"accuracy-{model.sha256}-{'+'.join(parameters['tasks'])}-{parameters['split']}"
 
 
+# Scoring loads data with `datasets`, whose fingerprinting has dill disassemble functions by
+# printing to stdout. A flow's log_prints would turn each of those lines into a run log (hundreds
+# per task), so tasks that score keep prints as prints.
+LIBRARY_PRINTS_UNLOGGED = {"log_prints": False}
+
+
 @task(
     cache_key_fn=_scores_key,
     cache_expiration=timedelta(days=30),
     persist_result=True,
     task_run_name="score-{role}-{split}",
+    **LIBRARY_PRINTS_UNLOGGED,
 )
 def score(model: FetchedModel, tasks: list[str], split: str, role: str) -> dict[str, float]:
     """Accuracy of `model` on `tasks`; `role` (merged, base, expert:<task>) names the task run."""

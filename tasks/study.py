@@ -18,6 +18,7 @@ from mergeflow.report import write_report
 from mergeflow.storage import locate
 from mergeflow.study import Cell, prepare_family, run_cell, score
 from mergeflow.tracking import log_study
+from tasks.evaluate import LIBRARY_PRINTS_UNLOGGED
 from tasks.retries import IO_RETRIES
 
 
@@ -31,6 +32,7 @@ def _cell_key(context, parameters) -> str:
     cache_expiration=timedelta(days=90),
     persist_result=True,
     task_run_name="cell-{cell.family}-{cell.method}-n{cell.n_experts}-s{cell.seed}",
+    **LIBRARY_PRINTS_UNLOGGED,
 )
 def study_cell(cell: Cell, store: str, held_out: list[str] | None, threads: int) -> pd.DataFrame:
     torch.set_num_threads(threads)
@@ -41,7 +43,7 @@ def _scores_run_name() -> str:
     return f"score-{Path(task_run.parameters['path']).name}"
 
 
-@task(cache_policy=NO_CACHE, task_run_name=_scores_run_name)
+@task(cache_policy=NO_CACHE, task_run_name=_scores_run_name, **LIBRARY_PRINTS_UNLOGGED)
 def study_scores(path: str, tasks: list[str], splits: list[str], threads: int) -> None:
     """One model's shared scores (mergeflow.study.shared_scorings), into the score cache."""
     torch.set_num_threads(threads)

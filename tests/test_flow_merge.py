@@ -135,3 +135,30 @@ def test_a_grid_too_large_is_refused_before_anything_runs(micro_zoo, tmp_path):
             tmp_path,
             grid={"lambda": [0.1, 0.2, 0.3, 0.4, 0.5], "density": [0.1, 0.2, 0.3, 0.4, 0.5]},
         )
+
+
+def test_library_prints_in_scoring_tasks_stay_out_of_the_run_logs(prefect_api, caplog):
+    # dill (through datasets' fingerprinting) disassembles functions by printing to a swapped
+    # sys.stdout; a flow's log_prints patches print itself and would log every line.
+    import dill.detect
+    from prefect import flow, task
+
+    from tasks.evaluate import LIBRARY_PRINTS_UNLOGGED, score
+    from tasks.study import study_cell, study_scores
+
+    def sample(columns):
+        return len(columns)
+
+    @task(**LIBRARY_PRINTS_UNLOGGED)
+    def scoring_like():
+        return dill.detect.nestedglobals(sample)
+
+    @flow(log_prints=True)
+    def run():
+        print("the flow's own message")
+        return scoring_like()
+
+    caplog.set_level("INFO")
+    assert run() == ["len"]
+    assert "the flow's own message" in caplog.text and "LOAD_GLOBAL" not in caplog.text
+    assert all(t.log_prints is False for t in (score, study_cell, study_scores))
