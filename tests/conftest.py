@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 os.environ.setdefault("MERGEFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="mergeflow-test-cache-"))
 
 from mergeflow.zoo.build import build_preset  # noqa: E402
-from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo  # noqa: E402
+from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo, llama_config  # noqa: E402
 from mergeflow.zoo.presets import LlamaSize, Preset  # noqa: E402
 from mergeflow.zoo.training import TrainSpec  # noqa: E402
 
@@ -50,18 +50,10 @@ def random_llama(vocab_size: int, tie_word_embeddings: bool = False):
     """A 2-layer Llama with seeded random weights, for checking computations on a real model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    spec = GeneratedZooSpec(hidden_size=32, num_layers=2, vocab_size=vocab_size, intermediate_size=64)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    return LlamaForCausalLM(config)
+    config = llama_config(spec) | {"tie_word_embeddings": tie_word_embeddings}
+    return LlamaForCausalLM(LlamaConfig.from_dict(config))
 
 
 @pytest.fixture(scope="session")

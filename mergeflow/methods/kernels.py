@@ -3,7 +3,8 @@
 torch runs one pass over memory per operation; TIES on a chunk is a dozen of them. These
 kernels do the same arithmetic in one or two passes. Each output element is computed by one
 thread, summing over models in model order, so results do not depend on chunking or on the
-number of threads. Inputs are float32 numpy views of torch tensors (no copies).
+number of threads. Inputs are numpy views of torch tensors (no copies): float32, or bfloat16
+as its uint16 bit patterns, which `widen` turns into float32 as it reads them.
 """
 
 from __future__ import annotations
