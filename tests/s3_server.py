@@ -43,10 +43,17 @@ class S3Server:
         down(self.settings, ["s3"])
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1 now (all bound at once, then released): asking for
+    one port at a time can hand out the same port twice."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def start_s3_server(workdir: str | Path, timeout: float = 60.0) -> S3Server:
@@ -54,7 +61,7 @@ def start_s3_server(workdir: str | Path, timeout: float = 60.0) -> S3Server:
     Retries with another port if the chosen one was taken meanwhile."""
     last_error: StackError | None = None
     for _ in range(START_ATTEMPTS):
-        settings = Settings(home=Path(workdir), s3_port=free_port())
+        settings = Settings(home=Path(workdir), s3_port=free_ports(1)[0])
         try:
             (status,) = up(settings, ["s3"], timeout=timeout)
             return S3Server(status.url, S3Service(settings).credentials(), settings)

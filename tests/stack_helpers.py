@@ -1,4 +1,4 @@
-"""Helpers for tests that run the real stack: free ports, a private environment, env.sh."""
+"""Helpers for tests that run the real stack: a private environment, env.sh, waiting on servers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,18 +26,6 @@ FOREIGN_ENV = (
     "MERGEFLOW_SETTINGS",
     "MERGEFLOW_BUCKET",
 )
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports free on 127.0.0.1 now (all bound at once, then released)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def stack_env(home: Path, ports: list[int]) -> dict[str, str]:

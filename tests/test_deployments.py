@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+from s3_server import free_ports
 from stack_helpers import (
     ROOT,
     background,
-    free_ports,
     get_json,
     merge_runs,
     mergeflow_cli,

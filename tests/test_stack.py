@@ -18,7 +18,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from stack_helpers import FOREIGN_ENV, free_ports, get_json, sourced, stack_env
+from s3_server import free_ports
+from stack_helpers import FOREIGN_ENV, get_json, sourced, stack_env
 from typer.testing import CliRunner
 
 from mergeflow.cli import app

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from s3_server import free_port, start_s3_server
+from s3_server import free_ports, start_s3_server
 
 from mergeflow import write_lock
 from mergeflow.checkpoint import MANIFEST
@@ -189,8 +189,9 @@ def race(writers) -> list[BaseException]:
 
 @pytest.fixture
 def mlflow_stack(tmp_path, monkeypatch):
+    s3_port, mlflow_port, prefect_port = free_ports(3)
     settings = Settings(
-        home=tmp_path / "home", s3_port=free_port(), mlflow_port=free_port(), prefect_port=free_port()
+        home=tmp_path / "home", s3_port=s3_port, mlflow_port=mlflow_port, prefect_port=prefect_port
     )
     up(settings, ["mlflow"], timeout=180)
     # One attempt per call: the test is about what mergeflow does when the server is away.
