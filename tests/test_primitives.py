@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from mergeflow.methods import kernels as K
 from mergeflow.methods import primitives as P
 
 
@@ -37,6 +38,22 @@ def test_kth_largest_of_a_difference_is_that_of_the_float32_difference(dtype):
     torch.testing.assert_close(magnitudes.values(), (model.float() - base.float()).abs(), rtol=0, atol=0)
     for k in (1, 1234, 60_000, 299_999, 300_000):
         assert magnitudes.kth_largest(k) == expected[k - 1].item()
+
+
+@pytest.mark.parametrize("n_parts", [1, 3, 7])
+def test_magnitude_histograms_count_every_entry_once_whatever_the_slicing(n_parts):
+    # An odd length: slices, blocks and groups all end mid-way.
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(100_003, generator=g).to(torch.bfloat16)
+    model = (base.float() + 0.01 * torch.randn(100_003, generator=g)).to(torch.bfloat16)
+    bits = (model.float() - base.float()).abs().view(torch.int32).numpy()
+    magnitudes = P.Magnitudes.of(model, base)
+    top = K.magnitude_histogram(magnitudes.model, magnitudes.base, True, -1, n_parts)
+    np.testing.assert_array_equal(top, np.bincount(bits >> 16, minlength=1 << 15))
+    busiest = int(np.argmax(top))
+    bottom = K.magnitude_histogram(magnitudes.model, magnitudes.base, True, busiest, n_parts)
+    in_bin = bits[bits >> 16 == busiest]
+    np.testing.assert_array_equal(bottom, np.bincount(in_bin & 0xFFFF, minlength=1 << 16))
 
 
 def test_kth_largest_counts_signed_zeros_as_equal_and_nan_above_inf():

@@ -38,28 +38,28 @@ def uniform24(key, index):
 
 
 @njit(cache=True, inline="always")
-def _weighted_task_vector(
-    models, i, base, lo, count, mode, low, high, scale, weight, key, density, first, row
-):
-    """row[j] = wi · sparsify(τi) for elements lo..lo+count of model i; returns how many τ
-    entries are NaN or ±Inf. One loop per mode, so each compiles to a tight loop."""
+def _weighted_task_vector(model, base, mode, low, high, scale, weight, key, density, first, row):
+    """row[j] = wi · sparsify(τi) for one block of model i (`model`, `base`: that block, `first`:
+    its first element's index in the tensor); returns how many τ entries are NaN or ±Inf. One
+    loop per mode, so each compiles to a tight loop."""
     bad = 0
+    count = row.size
     if mode == MODE_BAND:
         for j in range(count):
-            tau = widen(models[i, lo + j]) - base[lo + j]
+            tau = widen(model[j]) - base[j]
             bad += tau - tau != 0  # true exactly for NaN and ±Inf
             magnitude = abs(tau)
             kept = (low <= magnitude) & (magnitude <= high)
             row[j] = (tau * scale) * weight if kept else np.float32(0.0)
     elif mode == MODE_RANDOM:
         for j in range(count):
-            tau = widen(models[i, lo + j]) - base[lo + j]
+            tau = widen(model[j]) - base[j]
             bad += tau - tau != 0
             kept = uniform24(key, first + j) < density
             row[j] = (tau * scale) * weight if kept else np.float32(0.0)
     else:
         for j in range(count):
-            tau = widen(models[i, lo + j]) - base[lo + j]
+            tau = widen(model[j]) - base[j]
             bad += tau - tau != 0
             row[j] = (tau * scale) * weight
     return bad
@@ -82,21 +82,24 @@ def merge_task_vectors(
     Otherwise the plain sum, divided by `divisor`.
 
     Work goes block by block: a block's weighted task vectors stay in cache between the
-    sparsify, vote and sum steps instead of going back to memory after each.
+    sparsify, vote and sum steps instead of going back to memory after each. Loops index
+    slices of the block from 0: numba cannot prove `lo + j` non-negative, and its
+    negative-index wraparound would keep LLVM from vectorising them.
     """
     n_models, count = models.shape
     non_finite = 0
     for block in prange((count + BLOCK - 1) // BLOCK):
         lo = block * BLOCK
         size = min(count, lo + BLOCK) - lo
+        block_base, block_out = base[lo : lo + size], out[lo : lo + size]
         rows = np.empty((n_models if consensus else 1, size), np.float32)
         total = np.zeros(size, np.float32)
         bad = 0
         for i in range(n_models):
             row = rows[i if consensus else 0]
             bad += _weighted_task_vector(
-                models, i, base, lo, size, mode, low[i], high[i], scale[i], weights[i], keys[i], density[i],
-                start + lo, row,
+                models[i, lo : lo + size], block_base, mode, low[i], high[i], scale[i], weights[i], keys[i],
+                density[i], start + lo, row,
             )  # fmt: skip
             for j in range(size):
                 total[j] += row[j]
@@ -115,10 +118,10 @@ def merge_task_vectors(
                 merged = total[j]
                 if normalize and agreeing[j] != 0:
                     merged = merged / agreeing[j]
-                out[lo + j] = base[lo + j] + merged * lam
+                block_out[j] = block_base[j] + merged * lam
         else:
             for j in range(size):
-                out[lo + j] = base[lo + j] + (total[j] / divisor) * lam
+                block_out[j] = block_base[j] + (total[j] / divisor) * lam
         non_finite += bad
     return non_finite
 
@@ -152,24 +155,54 @@ def magnitudes_(out, model, base, has_base):
         out[j] = _magnitude(model, base, has_base, j)
 
 
+HISTOGRAM_BLOCK = 2048  # |τ| bit patterns computed at once, vectorised, then counted
+MATCH_GROUP = 64  # second scan: a group is counted one by one only when it holds a match
+
+
 @njit(parallel=True, cache=True)
 def magnitude_histogram(model, base, has_base, high, n_parts):
-    """How many |τ| there are of each top 16 bits of their float32 bit pattern (high < 0); or,
-    among those whose top 16 bits equal `high`, of each bottom 16 bits. Non-negative floats
-    order like their bit patterns, so two histograms pin down an exact order statistic.
-    NaN sorts above +Inf. Counted in `n_parts` slices in parallel, without temporaries."""
+    """How many |τ| there are of each top 16 bits of their float32 bit pattern (high < 0; 2^15
+    bins, the sign bit of |τ| being 0); or, among those whose top 16 bits equal `high`, of each
+    bottom 16 bits (2^16 bins). Non-negative floats order like their bit patterns, so two
+    histograms pin down an exact order statistic. NaN sorts above +Inf. Counted in `n_parts`
+    slices in parallel, a block at a time. The second scan's bin holds a small share of the
+    entries: each group of MATCH_GROUP entries is first tested at once, and most hold none.
+
+    Loops run over slices from index 0: numba cannot prove an index from `range(start, end)`
+    non-negative, and its negative-index wraparound keeps LLVM from vectorising the loop."""
     n = model.size
     step = (n + n_parts - 1) // n_parts
-    counts = np.zeros((n_parts, 1 << 16), np.int64)
+    counts = np.zeros((n_parts, 1 << 15 if high < 0 else 1 << 16), np.int64)
     for part in prange(n_parts):
+        block = np.empty(HISTOGRAM_BLOCK, np.int32)
         end = min(n, (part + 1) * step)
-        if high < 0:
-            for j in range(part * step, end):
-                bits = _magnitude(model, base, has_base, j).view(np.int32)
-                counts[part, bits >> 16] += 1
-        else:
-            for j in range(part * step, end):
-                bits = _magnitude(model, base, has_base, j).view(np.int32)
-                if bits >> 16 == high:
-                    counts[part, bits & 0xFFFF] += 1
+        for lo in range(part * step, end, HISTOGRAM_BLOCK):
+            size = min(HISTOGRAM_BLOCK, end - lo)
+            block_model, block_base = model[lo : lo + size], base[lo : lo + size] if has_base else base
+            for j in range(size):
+                block[j] = _magnitude(block_model, block_base, has_base, j).view(np.int32)
+            if high < 0:
+                for j in range(size):
+                    counts[part, (block[j] >> 16) & 0x7FFF] += 1
+                continue
+            for first in range(0, size, MATCH_GROUP):
+                group = block[first : min(size, first + MATCH_GROUP)]
+                matches = 0
+                for j in range(group.size):
+                    matches += (group[j] >> 16) == high
+                if matches:
+                    for j in range(group.size):
+                        if group[j] >> 16 == high:
+                            counts[part, group[j] & 0xFFFF] += 1
     return counts.sum(axis=0)
+
+
+@njit(cache=True)
+def bin_from_the_top(counts, k):
+    """(the bin holding the k-th largest entry, how many entries lie in higher bins)."""
+    above = 0
+    for b in range(counts.size - 1, -1, -1):
+        if above + counts[b] >= k:
+            return b, above
+        above += counts[b]
+    return 0, above

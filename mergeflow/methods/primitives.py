@@ -58,8 +58,8 @@ class Magnitudes:
             raise ValueError(f"k={k} outside [1, {self.numel}]")
         if self._top_bits is None:
             self._top_bits = self._histogram(-1)
-        top, above = _from_the_top(self._top_bits, k)
-        bottom, _ = _from_the_top(self._histogram(top), k - above)
+        top, above = K.bin_from_the_top(self._top_bits, k)
+        bottom, _ = K.bin_from_the_top(self._histogram(top), k - above)
         return float(np.uint32(top << 16 | bottom).view(np.float32))
 
     def values(self) -> Tensor:
@@ -70,13 +70,6 @@ class Magnitudes:
 
     def _histogram(self, high: int) -> np.ndarray:
         return K.magnitude_histogram(self.model, self.base, self.has_base, high, numba.get_num_threads())
-
-
-def _from_the_top(counts: np.ndarray, k: int) -> tuple[int, int]:
-    """(the bin holding the k-th largest entry, how many entries lie in higher bins)."""
-    cumulative = np.cumsum(counts[::-1])
-    from_top = int(np.searchsorted(cumulative, k))
-    return counts.size - 1 - from_top, int(cumulative[from_top - 1]) if from_top else 0
 
 
 def kernel_array(tensor: Tensor) -> np.ndarray:
