@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import numba
 import torch
 from tqdm import tqdm
 
@@ -32,6 +31,7 @@ from mergeflow.config import MergeConfig, resolve_parameters
 from mergeflow.errors import NonFiniteError
 from mergeflow.hashing import model_sha256, models_sha256
 from mergeflow.methods import Chunk, MergeMethod
+from mergeflow.methods.kernels import use_threads
 from mergeflow.methods.primitives import Magnitudes, NonFiniteInput, kernel_array
 from mergeflow.output import ShardedWriter, StagedOutput
 from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
@@ -66,9 +66,9 @@ def merge(
     """Merge the models of `config` into `out` (a local path, file:// or s3:// URI)."""
     started = time.perf_counter()
     _release_large_blocks_to_the_os()
-    if threads:
-        torch.set_num_threads(threads)
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    # Without `threads`, as many as torch uses: a caller that limits torch (a one-thread Dask
+    # worker) limits the kernels too.
+    use_threads(threads or torch.get_num_threads())
     method = config.method
     opened: list[Checkpoint] = []
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-hash-inputs")

@@ -220,6 +220,25 @@ def test_bit_identical_across_threads_and_chunk_sizes(method, wide_zoo, tmp_path
             assert torch.equal(tensor, other[name]), f"{method}: {name} differs"
 
 
+def test_a_merge_keeps_the_thread_count_of_torch(wide_zoo, tmp_path):
+    # A one-thread Dask worker limits torch. numba's thread pool, started by the first merge of
+    # a process, used to raise the OpenMP thread count that torch's element-wise operations
+    # then used; and the kernels ran two threads. Both doubled the threads per worker.
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(config_for("ties", wide_zoo)))
+    script = f"""
+import numba, torch
+torch.set_num_threads(1)
+assert torch.get_num_threads() == 1
+from mergeflow.config import load_config
+from mergeflow.engine import merge
+merge(load_config({str(config)!r}), {str(tmp_path / "out")!r})
+print(torch.get_num_threads(), numba.get_num_threads())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1"]
+
+
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "task_arithmetic", "average"])
 def test_bfloat16_inputs_merge_exactly_as_their_float32_values(method, tmp_path):
     # bfloat16 tensors reach the kernels as raw bit patterns; float32 copies of the same values

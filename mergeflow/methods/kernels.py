@@ -9,7 +9,9 @@ as its uint16 bit patterns, which `widen` turns into float32 as it reads them.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
+import torch
 from numba import njit, prange, types
 from numba.extending import overload
 
@@ -20,6 +22,21 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 _TWO_POW_24 = 16777216.0
 
 MODE_NONE, MODE_BAND, MODE_RANDOM = 0, 1, 2
+
+
+def use_threads(count: int) -> None:
+    """Run the kernels on `count` threads, and keep torch's own parallel operations at `count`.
+
+    numba's OpenMP pool shares the OpenMP runtime torch uses; when the pool starts (on the first
+    parallel kernel of a process) it raises the runtime's thread count, and torch's element-wise
+    and attention operations (not its matrix products) then use every core. In a one-thread Dask
+    worker that doubled the threads on the machine. Starting the pool first and setting torch's
+    count after keeps both at `count`."""
+    from numba.np.ufunc.parallel import _launch_threads
+
+    _launch_threads()
+    torch.set_num_threads(count)
+    numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
 
 
 @njit(cache=True, inline="always")
