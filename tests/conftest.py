@@ -116,7 +116,8 @@ def state_name(task_run) -> str:
 def stack(tmp_path_factory, micro_zoo):
     """The whole stack (SeaweedFS, MLflow server, Prefect server) on free ports for the session:
     (settings, environment of a client of it, S3 client). The micro zoo is its MERGEFLOW_ZOO_DIR."""
-    from stack_helpers import free_ports, sourced, stack_env
+    from s3_server import free_ports
+    from stack_helpers import sourced, stack_env
 
     from mergeflow.settings import Settings
     from mergeflow.stack import S3Credentials, down, s3_client, up
