@@ -3,6 +3,7 @@ each), side by side in one run, each from an empty cache (own artifact store, sc
 study name), on a built zoo preset. Writes bench/results/study_bench.{json,md}.
 
     .venv/bin/python bench/study_bench.py --preset demo
+    .venv/bin/python bench/study_bench.py --preset demo --methods all
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from mergeflow.methods import METHODS
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -46,12 +49,14 @@ def run(preset: str, workers: int, grid: dict, scratch: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="demo")
+    parser.add_argument(
+        "--methods",
+        default="average,task_arithmetic,ties,dare_ties",
+        help="comma-separated, or 'all' registered methods: more cells over the fixed start-up and report",
+    )
     args = parser.parse_args()
-    grid = {
-        "expert_counts": [1, 2],
-        "methods": ["average", "task_arithmetic", "ties", "dare_ties"],
-        "seeds": [0, 1, 2],
-    }
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    grid = {"expert_counts": [1, 2], "methods": methods, "seeds": [0, 1, 2]}
     with tempfile.TemporaryDirectory() as scratch:
         seconds = {workers: run(args.preset, workers, grid, Path(scratch)) for workers in (1, 2)}
     speedup = seconds[1] / seconds[2]

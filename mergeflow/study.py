@@ -31,6 +31,10 @@ from mergeflow.merges import PAPER_METHODS, default_destination, merge_key, merg
 from mergeflow.methods import METHODS
 from mergeflow.task_vectors import ensure_task_vector
 
+# Values a study tries, chosen on held-in validation like the paper's λ, for a parameter that
+# has no default (slerp's interpolation factor t).
+REQUIRED_PARAMETER_VALUES: dict[str, list[float]] = {"t": [0.3, 0.5, 0.7]}
+
 COLUMNS = [
     "family",
     "stage",
@@ -65,6 +69,10 @@ class StudyGrid(BaseModel):
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; methods: {', '.join(METHODS)}")
+        for method in methods:
+            untried = [p for p in _required_parameters(method) if p not in REQUIRED_PARAMETER_VALUES]
+            if method not in PAPER_METHODS and untried:
+                raise ValueError(f"method {method!r}: no study values for {', '.join(untried)}")
         return methods
 
     @field_validator("expert_counts")
@@ -103,8 +111,9 @@ def choose_experts(tasks: list[str], n: int, seed: int, family: str) -> list[str
 
 def enumerate_cells(index: dict, grid: StudyGrid) -> list[Cell]:
     """Every cell of `grid` over the families of a zoo preset index. Expert counts above a
-    family's number of experts are capped, and a (family, n, seed) whose chosen set repeats an
-    earlier seed's (e.g. n = all experts) is kept once."""
+    family's number of experts are capped, a (family, n, seed) whose chosen set repeats an
+    earlier seed's (e.g. n = all experts) is kept once, and a method is left out of the counts
+    it cannot merge (model_stock needs 2 experts or more, slerp exactly 1)."""
     families = grid.families or sorted(index["families"])
     missing = [name for name in families if name not in index["families"]]
     if missing:
@@ -121,7 +130,7 @@ def enumerate_cells(index: dict, grid: StudyGrid) -> list[Cell]:
                     continue
                 chosen_sets.append(chosen)
                 experts = tuple((task, family["experts"][task]) for task in chosen)
-                for method in grid.methods:
+                for method in filter(lambda m: _merges(m, n), grid.methods):
                     cells.append(
                         Cell(name, family["stage"], family["size"], method, n, seed, family["base"], experts)
                     )
@@ -134,7 +143,7 @@ def largest_first(cells: list[Cell]) -> list[Cell]:
     costs about one merge and one scoring of its held-in tasks per hyper-parameter candidate."""
 
     def cost(cell: Cell) -> int:
-        return cell.n_experts * len(_candidates(cell.method))
+        return cell.n_experts * len(candidates(cell.method))
 
     return sorted(cells, key=cost, reverse=True)  # stable: equal costs keep the grid's order
 
@@ -162,12 +171,8 @@ def run_cell(cell: Cell, store: str, held_out: list[str] | None = None) -> pd.Da
             tasks
         )
 
-    candidates = _candidates(cell.method)
-    best = (
-        max(candidates, key=lambda p: held_in_mean(merged(p), "validation"))
-        if len(candidates) > 1
-        else candidates[0]
-    )
+    tried = candidates(cell.method)
+    best = max(tried, key=lambda p: held_in_mean(merged(p), "validation")) if len(tried) > 1 else tried[0]
     path = merged(best)
     held_out_names = held_out or held_out_tasks()
     raw = {("merged", t): v for t, v in cached_scores(path, tasks + held_out_names, "test").items()}
@@ -236,11 +241,25 @@ def _with_cell_columns(table: pd.DataFrame, cell: Cell, parameters: str) -> pd.D
     return table[COLUMNS].reset_index(drop=True)
 
 
-def _candidates(method: str) -> list[dict]:
+def candidates(method: str) -> list[dict]:
     """The hyper-parameter settings tried for a method, the paper's for its methods (fixed
-    values plus a λ grid); other methods run once at their defaults."""
-    fixed, grid = PAPER_METHODS.get(method, ({}, {}))
+    values plus a λ grid); other methods run at their defaults, trying REQUIRED_PARAMETER_VALUES
+    for a parameter that has none (slerp's t)."""
+    if method in PAPER_METHODS:
+        fixed, grid = PAPER_METHODS[method]
+    else:
+        fixed, grid = {}, {name: REQUIRED_PARAMETER_VALUES[name] for name in _required_parameters(method)}
     return [fixed | dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def _required_parameters(method: str) -> list[str]:
+    return [param.name for param in METHODS[method].params if param.default is None]
+
+
+def _merges(method: str, n_experts: int) -> bool:
+    """Whether `method` merges that many experts (model_stock needs 2 or more, slerp exactly 1)."""
+    spec = METHODS[method]
+    return spec.min_models <= n_experts and (spec.max_models is None or n_experts <= spec.max_models)
 
 
 # --- scores cached by content -----------------------------------------------------------------

@@ -9,8 +9,18 @@ import pytest
 from conftest import settled_task_runs, state_name
 
 from flows.study import StudyRequest, study
+from mergeflow.config import MergeConfig
+from mergeflow.methods import METHODS
 from mergeflow.report import findings, write_report
-from mergeflow.study import COLUMNS, StudyGrid, choose_experts, enumerate_cells, largest_first
+from mergeflow.study import (
+    COLUMNS,
+    REQUIRED_PARAMETER_VALUES,
+    StudyGrid,
+    candidates,
+    choose_experts,
+    enumerate_cells,
+    largest_first,
+)
 
 TASKS = ["closed_book_qa", "definitions", "hypernyms", "sentiment", "text_genre", "topic"]
 
@@ -46,6 +56,23 @@ def test_the_grid_is_every_family_count_seed_and_method_without_repeated_sets():
         by_seed.setdefault((c.family, c.n_experts, c.seed), set()).add(c.experts)
     assert all(len(sets) == 1 for sets in by_seed.values())
     assert all(len(c.experts) == c.n_experts for c in cells)
+
+
+def test_every_registered_method_gets_only_cells_and_settings_it_can_merge():
+    index = index_of({"a-pt": ("pt", "2m")})
+    grid = StudyGrid(expert_counts=[1, 2, 4], methods=list(METHODS), seeds=[0])
+    cells = enumerate_cells(index, grid)
+    counts = {method: sorted(c.n_experts for c in cells if c.method == method) for method in METHODS}
+    assert counts["model_stock"] == [2, 4] and counts["slerp"] == [1] and counts["ties"] == [1, 2, 4]
+    for cell in cells:
+        for parameters in candidates(cell.method):  # each a config the engine accepts
+            MergeConfig(
+                merge_method=cell.method,
+                base_model=cell.base,
+                models=[{"model": path} for _, path in cell.experts],
+                parameters=parameters,
+            )
+    assert [p["t"] for p in candidates("slerp")] == REQUIRED_PARAMETER_VALUES["t"]
 
 
 def test_workers_get_the_costliest_cells_first():
