@@ -195,7 +195,7 @@ def magnitude_histogram(model, base, has_base, high, n_parts):
         end = min(n, (part + 1) * step)
         for lo in range(part * step, end, HISTOGRAM_BLOCK):
             size = min(HISTOGRAM_BLOCK, end - lo)
-            block_model, block_base = model[lo : lo + size], base[lo : lo + size] if has_base else base
+            block_model, block_base = model[lo : lo + size], base[lo : lo + size]  # base may be empty
             for j in range(size):
                 block[j] = _magnitude(block_model, block_base, has_base, j).view(np.int32)
             if high < 0:
