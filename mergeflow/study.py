@@ -130,7 +130,7 @@ def enumerate_cells(index: dict, grid: StudyGrid) -> list[Cell]:
                     continue
                 chosen_sets.append(chosen)
                 experts = tuple((task, family["experts"][task]) for task in chosen)
-                for method in filter(lambda m: _merges(m, n), grid.methods):
+                for method in filter(lambda m: METHODS[m].merges(n), grid.methods):
                     cells.append(
                         Cell(name, family["stage"], family["size"], method, n, seed, family["base"], experts)
                     )
@@ -254,12 +254,6 @@ def candidates(method: str) -> list[dict]:
 
 def _required_parameters(method: str) -> list[str]:
     return [param.name for param in METHODS[method].params if param.default is None]
-
-
-def _merges(method: str, n_experts: int) -> bool:
-    """Whether `method` merges that many experts (model_stock needs 2 or more, slerp exactly 1)."""
-    spec = METHODS[method]
-    return spec.min_models <= n_experts and (spec.max_models is None or n_experts <= spec.max_models)
 
 
 # --- scores cached by content -----------------------------------------------------------------

@@ -71,3 +71,7 @@ class MergeMethod:
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+    def merges(self, n_models: int) -> bool:
+        """Whether the method merges that many models besides the base."""
+        return self.min_models <= n_models and (self.max_models is None or n_models <= self.max_models)
