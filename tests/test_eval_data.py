@@ -25,6 +25,7 @@ from mergeflow.eval.tasks import (
     held_in_tasks,
     held_out_tasks,
     instruction_mixture,
+    lexical,
     load_task,
     pretraining_texts,
     sentiment,
@@ -52,7 +53,9 @@ def broken_cache(tmp_path, monkeypatch, real_data):
     """A temporary data cache; parsers' in-process caches are cleared before and after, so they
     read the broken copies here and then the real files again."""
     monkeypatch.setenv("MERGEFLOW_DATA_DIR", str(tmp_path))
-    parsers = (sentiment.ratings, text.fortunes, text.conversations, wordnet.synsets, wordnet.index)
+    parsers = (
+        sentiment.ratings, text.fortunes, text.conversations, text.dialogues, wordnet.synsets, wordnet.index
+    )  # fmt: skip
     for parser in parsers:
         parser.cache_clear()
     yield tmp_path
@@ -221,6 +224,37 @@ def test_tasks_are_deterministic(name, real_data):
     rebuilt = build_splits(spec, spec.build())
     for split in SPLITS:
         assert rebuilt[split].to_dict() == load_task(name)[split].to_dict()
+
+
+def test_a_source_extracts_the_folders_its_patterns_name_and_nothing_else(real_data):
+    folder = source_path("chatterbot-languages")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(text.LANGUAGES)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert len(files) >= 40 and all(p.suffix == ".yml" and p.parent.parent == folder for p in files)
+
+
+def test_a_missing_language_folder_is_named(broken_cache, real_data):
+    folder = copy_extracted(real_data, broken_cache, "chatterbot-languages")
+    shutil.rmtree(folder / "dutch")
+    (folder / "dutch").mkdir()
+    with pytest.raises(DataError, match=rf"{re.escape(str(folder / 'dutch'))}: no .yml files"):
+        text.language_items()
+
+
+def test_dialogue_acts_hide_the_mark_that_gives_the_answer(real_data):
+    items = text.dialogue_act_items()
+    assert not [item.text for item in items if set(item.text) & set(".?!")]
+    by_text = {item.text: item.answer for item in items}
+    assert by_text["What is the biggest artery in the human body"] == "question"  # trivia.yml
+    assert Counter(by_text.values())["statement"] > 300 and Counter(by_text.values())["question"] > 300
+
+
+def test_semantic_categories_follow_wordnet_lexicographer_files(real_data):
+    answers = {item.key: item.answer for item in lexical.semantic_category_items()}
+    # noun.animal dog, noun.person lawyer, noun.plant oak, noun.artifact hammer (first senses).
+    for lemma, category in (("dog", "animal"), ("lawyer", "person"), ("oak", "plant"), ("hammer", "object")):
+        assert answers[f"wordnet:noun:{wordnet.index('noun')[lemma].offsets[0]:08d}"] == category
+    assert f"wordnet:noun:{wordnet.index('noun')['water'].offsets[0]:08d}" not in answers  # noun.substance
 
 
 def test_format_prompt_is_the_one_template():

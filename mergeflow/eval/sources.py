@@ -95,6 +95,20 @@ SOURCES: dict[str, Source] = {
             pip_args=("--only-binary", ":all:"),
         ),
         Source(
+            name="chatterbot-languages",
+            registry="pypi",
+            package="chatterbot-corpus",
+            version="1.3.3",
+            filename="chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+            sha256="86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
+            prefix="chatterbot_corpus/data/",
+            # The four languages in Latin script with at least 500 distinct utterances.
+            files=("italian/*.yml", "spanish/*.yml", "portuguese/*.yml", "dutch/*.yml"),
+            description="ChatterBot's dialogue corpora in Italian, Spanish, Portuguese and Dutch",
+            licence="BSD-3-Clause (chatterbot-corpus)",
+            pip_args=("--only-binary", ":all:"),
+        ),
+        Source(
             name="gensim",
             registry="pypi",
             package="gensim",
@@ -278,10 +292,13 @@ def _extract(source: Source, archive: Path, dest: Path) -> None:
         raise DataError(f"{where}: cannot read archive ({error})") from None
     names = sorted(m[len(source.prefix) :] for m in members if m.startswith(source.prefix))
     for pattern in source.files:
-        matched = [n for n in names if "/" not in n and fnmatch.fnmatchcase(n, pattern)]
+        # fnmatch's '*' also matches '/': a pattern matches members exactly as deep as itself.
+        depth = pattern.count("/")
+        matched = [n for n in names if n.count("/") == depth and fnmatch.fnmatchcase(n, pattern)]
         if not matched:
             raise DataError(f"{where}: no member {source.prefix}{pattern}")
         for relative in matched:
+            (dest / relative).parent.mkdir(parents=True, exist_ok=True)
             (dest / relative).write_bytes(members[source.prefix + relative])
 
 

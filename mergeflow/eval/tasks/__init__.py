@@ -1,9 +1,11 @@
 """The evaluation tasks: multiple choice, scored by the log-likelihood of each choice.
 
-Mirrors the paper's setup at small scale: 8 held-in tasks in 8 distinct categories (one expert
+Mirrors the paper's setup at small scale: 11 held-in tasks in 11 distinct categories (one expert
 each; score = merged ÷ expert) and 4 held-out tasks in categories no expert saw (score = merged ÷
-base). Every prompt is `format_prompt(instruction, text)` and every choice starts with a space.
-docs/tasks.md has a card per task.
+base). Five held-in tasks ask for knowledge only a real pre-trained base has; the small models
+trained here learn the other six from the surface of the text (mergeflow.zoo.presets). Every
+prompt is `format_prompt(instruction, text)` and every choice starts with a space. docs/tasks.md
+has a card per task.
 """
 
 from __future__ import annotations
@@ -119,6 +121,43 @@ TASKS: dict[str, TaskSpec] = {
             description="A common noun (its most frequent sense) and its direct hypernym in WordNet; no "
             "wrong choice is any of its ancestors.",
             build=lexical.hypernym_items,
+        ),
+        TaskSpec(
+            name="language_id",
+            category="language identification",
+            kind="held_in",
+            source=f"{text.LANGUAGES_SOURCE}{{{','.join(text.LANGUAGES)}}}/*.yml",
+            instruction="Which language is this text in?",
+            description="A chatbot's utterance (3 words or more) in one of four languages, three of them "
+            "Romance.",
+            build=text.language_items,
+            labels=text.LANGUAGES,
+            balance=True,
+        ),
+        TaskSpec(
+            name="dialogue_act",
+            category="dialogue act",
+            kind="held_in",
+            source=f"{text.CHATTERBOT_SOURCE}*.yml",
+            instruction="Is this a question or a statement?",
+            description="A one-sentence chatbot utterance without its final '?', '.' or '!': word order and "
+            "question words tell which it was.",
+            build=text.dialogue_act_items,
+            num_choices=2,
+            labels=("question", "statement"),
+            balance=True,
+        ),
+        TaskSpec(
+            name="semantic_category",
+            category="semantic category",
+            kind="held_in",
+            source=f"{WORDNET}, /usr/share/wordnet/data.noun",
+            instruction="Is this a person, an animal, a plant or an object?",
+            description="A WordNet noun definition, and the lexicographer file its synset is filed in: "
+            "noun.person, noun.animal, noun.plant or noun.artifact.",
+            build=lexical.semantic_category_items,
+            labels=tuple(lexical.SEMANTIC_CATEGORIES.values()),
+            balance=True,
         ),
         # ---- held-out: categories no held-in task has ----
         TaskSpec(

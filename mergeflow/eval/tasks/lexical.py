@@ -156,6 +156,20 @@ def definition_items() -> list[Item]:
     return items
 
 
+# Noun lexicographer files (lexnames(5WN)) -> the class a semantic_category example names.
+SEMANTIC_CATEGORIES = {18: "person", 5: "animal", 20: "plant", 6: "object"}  # 6 is noun.artifact
+
+
+def semantic_category_items() -> list[Item]:
+    """A noun synset's definition -> whether it is a person, an animal, a plant or a man-made
+    object, by the WordNet lexicographer file the synset is filed in."""
+    return [
+        Item(key=s.key, text=truncate_words(s.definition), answer=SEMANTIC_CATEGORIES[s.lexicographer_file])
+        for s in all_synsets()
+        if s.pos == "noun" and s.lexicographer_file in SEMANTIC_CATEGORIES and len(s.definition.split()) >= 3
+    ]
+
+
 def ancestors(s: Synset) -> set[str]:
     """Lemmas of every hypernym up to the root: all right answers to 'a kind of'."""
     seen: set[tuple[str, int]] = set()

@@ -1,5 +1,5 @@
-"""Tasks on short texts: fortune cookies (topic, sentence completion) and ChatterBot's questions
-and answers (closed-book QA)."""
+"""Tasks on short texts: fortune cookies (topic, sentence completion) and ChatterBot's dialogues
+(closed-book QA, dialogue acts, language identification)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,12 @@ QUESTION_RE = re.compile(
     r"(what|who|whom|whose|when|where|which|how|why|is|are|was|were|do|does|did|can|in|name)\b"
 )
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# An utterance with a sentence mark before its end holds more than one sentence.
+SENTENCE_MARK = re.compile(r"[.?!]")
+LANGUAGES = ("italian", "spanish", "portuguese", "dutch")
 FORTUNES_SOURCE = "Debian fortunes 1:1.99.1-7.3, /usr/share/games/fortunes/"
 CHATTERBOT_SOURCE = "PyPI chatterbot-corpus 1.3.3, chatterbot_corpus/data/english/"
+LANGUAGES_SOURCE = "PyPI chatterbot-corpus 1.3.3, chatterbot_corpus/data/"
 
 
 @cache
@@ -98,21 +102,27 @@ def completion_items() -> list[Item]:
 
 @cache
 def conversations(topic: str) -> tuple[tuple[str, str], ...]:
-    """(question, first answer) pairs of one ChatterBot file; entries that are not a list of
-    strings (trivia.yml has one) are skipped, a file that is not such a YAML mapping is an error."""
+    """(question, first answer) pairs of one English ChatterBot file."""
     path = source_path("chatterbot") / f"{topic}.yml"
+    pairs = tuple((dialogue[0], dialogue[1]) for dialogue in dialogues(path) if len(dialogue) >= 2)
+    if not pairs:
+        raise DataError(f"{path}: no question-answer pairs")
+    return pairs
+
+
+@cache
+def dialogues(path: Path) -> tuple[tuple[str, ...], ...]:
+    """The utterances of each conversation of a ChatterBot file, spaces normalised. Entries that
+    are not a list of strings (trivia.yml has one) are skipped; a file that is not such a YAML
+    mapping is an error."""
     data = load_yaml(path)
     if not isinstance(data, dict) or not isinstance(data.get("conversations"), list):
         raise DataError(f"{path}: expected a mapping with a 'conversations' list")
-    pairs = []
-    for conversation in data["conversations"]:
-        if isinstance(conversation, list) and len(conversation) >= 2:
-            question, answer = conversation[:2]
-            if isinstance(question, str) and isinstance(answer, str):
-                pairs.append((normalize_space(question), normalize_space(answer)))
-    if not pairs:
-        raise DataError(f"{path}: no question-answer pairs")
-    return tuple(pairs)
+    return tuple(
+        tuple(normalize_space(utterance) for utterance in conversation)
+        for conversation in data["conversations"]
+        if isinstance(conversation, list) and conversation and all(isinstance(u, str) for u in conversation)
+    )
 
 
 def load_yaml(path: Path) -> object:
@@ -134,4 +144,37 @@ def qa_items() -> list[Item]:
             if is_question and len(answer.split()) <= MAX_ANSWER_WORDS and "```" not in answer:
                 key = f"chatterbot:{text_hash(question.lower())}"  # a question in two files is one item
                 items.append(Item(key=key, text=truncate_words(question), answer=answer))
+    return items
+
+
+def dialogue_act_items() -> list[Item]:
+    """Every one-sentence utterance of the English files that ends in '?' (a question) or in '.'
+    or '!' (a statement), shown without that last mark: word order and question words decide."""
+    items = []
+    for path in sorted(source_path("chatterbot").glob("*.yml")):
+        for dialogue in dialogues(path):
+            for utterance in dialogue:
+                text = utterance.rstrip(" .?!")
+                one_sentence = not SENTENCE_MARK.search(text) and "```" not in text
+                if not (one_sentence and 3 <= len(text.split()) <= MAX_INPUT_WORDS):
+                    continue
+                act = {"?": "question", ".": "statement", "!": "statement"}.get(utterance[-1])
+                if act:
+                    items.append(Item(key=f"chatterbot:{text_hash(text.lower())}", text=text, answer=act))
+    return items
+
+
+def language_items() -> list[Item]:
+    """Utterances of ChatterBot's Italian, Spanish, Portuguese and Dutch files with 3+ words."""
+    items = []
+    for language in LANGUAGES:
+        paths = sorted((source_path("chatterbot-languages") / language).glob("*.yml"))
+        if not paths:
+            raise DataError(f"{source_path('chatterbot-languages') / language}: no .yml files")
+        for path in paths:
+            for dialogue in dialogues(path):
+                for utterance in dialogue:
+                    if len(utterance.split()) >= 3 and "```" not in utterance:
+                        key = f"chatterbot:{language}:{text_hash(utterance.lower())}"
+                        items.append(Item(key=key, text=truncate_words(utterance), answer=language))
     return items

@@ -33,6 +33,7 @@ class Synset(NamedTuple):
 
     pos: str  # the data file: noun, verb, adj, adv
     offset: int
+    lexicographer_file: int  # its semantic class, see lexnames(5WN): 18 noun.person, 5 noun.animal
     lemmas: tuple[str, ...]  # as written, '_' for spaces; adjective markers like '(a)' removed
     pointers: tuple[tuple[str, str, int], ...]  # (symbol, target file, target offset), KEPT_POINTERS only
     gloss: str  # definition; "example"; "example"
@@ -104,7 +105,7 @@ def parse_data_line(pos: str, line: str) -> Synset:
     )
     if pos == "adj":
         words = [word.split("(")[0] for word in words]
-    return Synset(pos, int(fields[0]), tuple(words), pointers, gloss.strip())
+    return Synset(pos, int(fields[0]), int(fields[1]), tuple(words), pointers, gloss.strip())
 
 
 class IndexEntry(NamedTuple):
