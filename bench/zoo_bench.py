@@ -24,9 +24,16 @@ RESULTS = HERE / "results"
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="tiny")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the models already built in bench/.zoo-build/<preset>: only those whose "
+        "hyper-parameters or data changed are trained (the total is then not a cold build's)",
+    )
     args = parser.parse_args()
     folder = HERE / ".zoo-build" / args.preset
-    shutil.rmtree(folder, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(folder, ignore_errors=True)
     os.environ["MERGEFLOW_ZOO_DIR"] = str(folder)
     from mergeflow.zoo.build import build_preset, built_models, load_index
 
@@ -38,14 +45,23 @@ def main() -> None:
         failure = str(error)
     total = time.perf_counter() - started
     index = load_index(args.preset)
+    in_preset = {
+        Path(path).name
+        for family in index["families"].values()
+        for path in (family["base"], family["multitask"], *family["experts"].values())
+    }
     models = [
         {"name": r["name"], "role": r["role"], "seconds": r.get("stats", {}).get("seconds")}
         for r in built_models()
+        if Path(r["path"]).name in in_preset
     ]
+    training_seconds = sum(m["seconds"] or 0 for m in models)
     rows = [row for family in index["families"].values() for row in family["table"]]
     result = {
         "preset": args.preset,
+        "cold": not args.keep,
         "total_seconds": round(total, 1),
+        "training_seconds": round(training_seconds, 1),
         "gate_failure": failure,
         "models": models,
         "table": rows,
@@ -54,10 +70,12 @@ def main() -> None:
     (RESULTS / f"zoo_build_{args.preset}.json").write_text(json.dumps(result, indent=2) + "\n")
     passed = sum(row["gain"] >= index["min_gain"] for row in rows)
     lines = [
-        f"# Cold build of zoo preset `{args.preset}`",
+        f"# {'Rebuild, cache kept,' if args.keep else 'Cold build'} of zoo preset `{args.preset}`",
         "",
-        f"Total: **{total / 60:.1f} min**; {passed}/{len(rows)} experts beat their base by "
-        f"≥ {index['min_gain']} validation accuracy.",
+        f"Total: **{total / 60:.1f} min**"
+        + (" (only the models whose settings changed were trained)" if args.keep else "")
+        + f"; training alone of every model of the preset: {training_seconds / 60:.1f} min; "
+        f"{passed}/{len(rows)} experts beat their base by ≥ {index['min_gain']} validation accuracy.",
         "",
         "| family | task | base | expert | gain | multitask |",
         "|---|---|---|---|---|---|",

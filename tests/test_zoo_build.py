@@ -73,3 +73,17 @@ def test_an_expert_that_does_not_beat_its_base_fails_loudly(micro_zoo, monkeypat
 def test_an_unknown_preset_lists_the_presets():
     with pytest.raises(ZooError, match="presets: demo, smol, tiny"):
         build_preset("huge")
+
+
+def test_a_task_override_retrains_only_that_tasks_experts_with_its_settings(micro_zoo, monkeypatch):
+    folder, _ = micro_zoo
+    monkeypatch.setenv("MERGEFLOW_ZOO_DIR", str(folder))
+    override = dataclasses.replace(MICRO.expert, steps=12, lr=1e-3)
+    # A 12-step expert need not beat its base: the gate is off, this test is about the cache.
+    changed = dataclasses.replace(MICRO, expert_overrides={"text_genre": override}, min_gain=-1.0)
+    index = build_preset(changed, progress=False)
+    assert sorted(name.split("--")[1].rsplit("-", 1)[0] for name in index["built_now"]) == ["text_genre"] * 2
+    for family in index["families"].values():
+        record = json.loads((Path(family["experts"]["text_genre"]) / RECORD).read_text())
+        assert record["train"] == dataclasses.asdict(override)
+    build_preset(MICRO, progress=False)  # the index other tests read: MICRO's again (all cached)

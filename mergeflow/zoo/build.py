@@ -209,7 +209,7 @@ class Builder:
     # -- experts -----------------------------------------------------------------------------
     def fine_tuned(self, base: Path, base_key: str, family: str, task: str | None) -> tuple[Path, dict]:
         """An expert for `task`, or the multitask model when task is None."""
-        spec = self.preset.expert if task else self.preset.multitask
+        spec = self.preset.expert_spec(task) if task else self.preset.multitask
         names = [task] if task else self.tasks
         splits = [taskset.load_task(name)["train"] for name in names]
         data_key = fingerprint([split.to_dict() for split in splits])
