@@ -127,7 +127,8 @@ def with_env(env: dict, function, *args):
 @contextlib.contextmanager
 def background(program: str, args: list[str], env: dict, log_path: Path):
     """One of the venv's commands running in its own process group, its output in `log_path`;
-    stopped (the whole group) on leaving."""
+    stopped (the whole group) on leaving: SIGTERM, then SIGKILL after 30 s (a Prefect worker
+    told to stop while a scheduled run starts has been seen to take longer)."""
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [str(Path(sys.executable).parent / program), *args],
@@ -141,4 +142,8 @@ def background(program: str, args: list[str], env: dict, log_path: Path):
         yield process
     finally:
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
