@@ -100,8 +100,13 @@ def time_paper_grid(preset: str, workers: int, methods: list[str]) -> None:
     cells = len(enumerate_cells(load_index(preset), grid))
     with tempfile.TemporaryDirectory() as scratch:
         seconds = run(preset, workers, grid.model_dump(), Path(scratch))
-    result = {"preset": preset, "grid": grid.model_dump(), "cells": cells, "workers": workers}
-    result["seconds"] = seconds
+    result = {
+        "preset": preset,
+        "grid": grid.model_dump(),
+        "cells": cells,
+        "workers": workers,
+        "seconds": seconds,
+    }
     name = f"study_grid_{preset}"
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     write_keeping_history(

@@ -147,34 +147,38 @@ def qa_items() -> list[Item]:
     return items
 
 
+def utterances(path: Path) -> list[str]:
+    """Every utterance of a ChatterBot file in order, except code blocks ("```")."""
+    return [u for dialogue in dialogues(path) for u in dialogue if "```" not in u]
+
+
+# The mark an utterance ends with -> the dialogue act it names.
+ACT_OF_FINAL_MARK = {"?": "question", ".": "statement", "!": "statement"}
+
+
 def dialogue_act_items() -> list[Item]:
     """Every one-sentence utterance of the English files that ends in '?' (a question) or in '.'
     or '!' (a statement), shown without that last mark: word order and question words decide."""
     items = []
     for path in sorted(source_path("chatterbot").glob("*.yml")):
-        for dialogue in dialogues(path):
-            for utterance in dialogue:
-                text = utterance.rstrip(" .?!")
-                one_sentence = not SENTENCE_MARK.search(text) and "```" not in text
-                if not (one_sentence and 3 <= len(text.split()) <= MAX_INPUT_WORDS):
-                    continue
-                act = {"?": "question", ".": "statement", "!": "statement"}.get(utterance[-1])
-                if act:
-                    items.append(Item(key=f"chatterbot:{text_hash(text.lower())}", text=text, answer=act))
+        for utterance in utterances(path):
+            text = utterance.rstrip(" .?!")
+            act = ACT_OF_FINAL_MARK.get(utterance[-1])
+            if act and not SENTENCE_MARK.search(text) and 3 <= len(text.split()) <= MAX_INPUT_WORDS:
+                items.append(Item(key=f"chatterbot:{text_hash(text.lower())}", text=text, answer=act))
     return items
 
 
 def language_items() -> list[Item]:
     """Utterances of ChatterBot's Italian, Spanish, Portuguese and Dutch files with 3+ words."""
     items = []
+    root = source_path("chatterbot-languages")
     for language in LANGUAGES:
-        paths = sorted((source_path("chatterbot-languages") / language).glob("*.yml"))
+        paths = sorted((root / language).glob("*.yml"))
         if not paths:
-            raise DataError(f"{source_path('chatterbot-languages') / language}: no .yml files")
-        for path in paths:
-            for dialogue in dialogues(path):
-                for utterance in dialogue:
-                    if len(utterance.split()) >= 3 and "```" not in utterance:
-                        key = f"chatterbot:{language}:{text_hash(utterance.lower())}"
-                        items.append(Item(key=key, text=truncate_words(utterance), answer=language))
+            raise DataError(f"{root / language}: no .yml files")
+        for utterance in (u for path in paths for u in utterances(path)):
+            if len(utterance.split()) >= 3:
+                key = f"chatterbot:{language}:{text_hash(utterance.lower())}"
+                items.append(Item(key=key, text=truncate_words(utterance), answer=language))
     return items
