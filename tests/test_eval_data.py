@@ -27,6 +27,7 @@ from mergeflow.eval.tasks import (
     instruction_mixture,
     lexical,
     load_task,
+    perturbed,
     pretraining_texts,
     sentiment,
     text,
@@ -255,6 +256,38 @@ def test_semantic_categories_follow_wordnet_lexicographer_files(real_data):
     for lemma, category in (("dog", "animal"), ("lawyer", "person"), ("oak", "plant"), ("hammer", "object")):
         assert answers[f"wordnet:noun:{wordnet.index('noun')[lemma].offsets[0]:08d}"] == category
     assert f"wordnet:noun:{wordnet.index('noun')['water'].offsets[0]:08d}" not in answers  # noun.substance
+
+
+def test_word_order_shuffles_the_words_of_half_the_sentences(real_data):
+    items = perturbed.word_order_items()
+    written = {key: text.rstrip(".!?").split() for corpus in perturbed.CORPORA for key, text in _vader(corpus)}
+    for item in items:
+        words = item.text.split()
+        if item.answer == "yes":
+            assert words == written[item.key]
+        else:
+            assert words != written[item.key] and sorted(words) == sorted(written[item.key])
+    assert 0.45 < Counter(item.answer for item in items)["no"] / len(items) < 0.55
+
+
+def test_spelling_misspells_three_words_of_half_the_sentences(real_data):
+    items = perturbed.spelling_items()
+    written = {key: text.rstrip(".!?").split() for corpus in perturbed.CORPORA for key, text in _vader(corpus)}
+    for item in items:
+        words, original = item.text.split(), written[item.key]
+        changed = [(new, old) for new, old in zip(words, original, strict=True) if new != old]
+        if item.answer == "yes":
+            assert not changed
+            continue
+        assert len(changed) == perturbed.MISSPELLED_WORDS
+        for new, old in changed:  # two neighbouring inner letters swapped
+            k = next(i for i in range(len(old)) if new[i] != old[i])
+            assert 0 < k < len(old) - 2 and new == old[:k] + old[k + 1] + old[k] + old[k + 2 :]
+    assert 0.45 < Counter(item.answer for item in items)["no"] / len(items) < 0.55
+
+
+def _vader(corpus: str) -> list[tuple[str, str]]:
+    return [(f"vader:{corpus}:{row_id}", text) for row_id, _, text in sentiment.ratings(corpus)]
 
 
 def test_format_prompt_is_the_one_template():

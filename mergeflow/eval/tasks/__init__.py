@@ -1,9 +1,9 @@
 """The evaluation tasks: multiple choice, scored by the log-likelihood of each choice.
 
-Mirrors the paper's setup at small scale: 11 held-in tasks in 11 distinct categories (one expert
+Mirrors the paper's setup at small scale: 13 held-in tasks in 13 distinct categories (one expert
 each; score = merged ÷ expert) and 4 held-out tasks in categories no expert saw (score = merged ÷
 base). Five held-in tasks ask for knowledge only a real pre-trained base has; the small models
-trained here learn the other six from the surface of the text (mergeflow.zoo.presets). Every
+trained here learn the other eight from the surface of the text (mergeflow.zoo.presets). Every
 prompt is `format_prompt(instruction, text)` and every choice starts with a space. docs/tasks.md
 has a card per task.
 """
@@ -15,7 +15,7 @@ from functools import cache
 import datasets
 
 from mergeflow.errors import DataError
-from mergeflow.eval.tasks import lexical, sentiment, text
+from mergeflow.eval.tasks import lexical, perturbed, sentiment, text
 from mergeflow.eval.tasks.base import (
     MAX_TRAIN_SIZE,
     TEST_SIZE,
@@ -157,6 +157,32 @@ TASKS: dict[str, TaskSpec] = {
             "noun.person, noun.animal, noun.plant or noun.artifact.",
             build=lexical.semantic_category_items,
             labels=tuple(lexical.SEMANTIC_CATEGORIES.values()),
+            balance=True,
+        ),
+        TaskSpec(
+            name="word_order",
+            category="grammaticality",
+            kind="held_in",
+            source=f"{sentiment.SOURCE}: movie, Amazon and NYT *_GroundTruth.txt",
+            instruction="Are these words in their natural order?",
+            description="A review or news sentence of 6 to 40 words, as written or with its words "
+            "shuffled (half each, chosen by the sentence's key).",
+            build=perturbed.word_order_items,
+            num_choices=2,
+            labels=("yes", "no"),
+            balance=True,
+        ),
+        TaskSpec(
+            name="spelling",
+            category="spelling",
+            kind="held_in",
+            source=f"{sentiment.SOURCE}: movie, Amazon and NYT *_GroundTruth.txt",
+            instruction="Is every word spelled correctly?",
+            description="A review or news sentence, as written or with two neighbouring inner letters "
+            "swapped in three of its words ('receive' -> 'recieve'); half each.",
+            build=perturbed.spelling_items,
+            num_choices=2,
+            labels=("yes", "no"),
             balance=True,
         ),
         # ---- held-out: categories no held-in task has ----

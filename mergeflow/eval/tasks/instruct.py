@@ -80,7 +80,7 @@ MIXTURE_TASKS: dict[str, MixtureTask] = {
             "alphabetical", "alphabetical order", "Which word comes first alphabetically?", alphabetical
         ),
         MixtureTask("longer_word", "word length", "Which word is longer?", longer_word),
-        MixtureTask("first_letter", "spelling", "What letter does this word start with?", first_letter),
+        MixtureTask("first_letter", "first letter", "What letter does this word start with?", first_letter),
         MixtureTask("repeated_word", "repetition", "Does a word appear twice in this list?", repeated_word),
         MixtureTask("count_items", "counting", "How many words are in this list?", count_items),
     )
