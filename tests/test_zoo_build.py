@@ -87,3 +87,25 @@ def test_a_task_override_retrains_only_that_tasks_experts_with_its_settings(micr
         record = json.loads((Path(family["experts"]["text_genre"]) / RECORD).read_text())
         assert record["train"] == dataclasses.asdict(override)
     build_preset(MICRO, progress=False)  # the index other tests read: MICRO's again (all cached)
+
+
+def test_a_task_added_to_a_preset_with_a_pinned_tokenizer_trains_only_what_it_touches(micro_zoo, monkeypatch):
+    folder, _ = micro_zoo
+    monkeypatch.setenv("MERGEFLOW_ZOO_DIR", str(folder))
+    short = dataclasses.replace(MICRO.expert, steps=12)
+    # The gate is off: a 12-step expert need not beat its base; this test is about the cache.
+    grown = dataclasses.replace(
+        MICRO,
+        tasks=("text_genre", "dialogue_act"),
+        tokenizer_tasks=MICRO.tasks,
+        expert_overrides={"dialogue_act": short},
+        min_gain=-1.0,
+    )
+    index = build_preset(grown, progress=False)
+    built = sorted(name.split("--")[1].rsplit("-", 1)[0] for name in index["built_now"])
+    assert built == ["dialogue_act", "dialogue_act", "multitask", "multitask"]  # no tokenizer, no base
+    for family in index["families"].values():
+        scores = json.loads((Path(family["base"]) / "mergeflow-zoo-base-accuracy.json").read_text())
+        assert set(scores) == {"text_genre", "dialogue_act"}
+        assert [row["task"] for row in family["table"]] == ["text_genre", "dialogue_act"]
+    build_preset(MICRO, progress=False)  # the index other tests read: MICRO's again (all cached)

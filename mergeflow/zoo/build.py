@@ -106,7 +106,7 @@ class Builder:
         if "tokenizer" in self._bases:
             return self._bases["tokenizer"]
         texts = list(self.pretraining_texts())
-        for task in self.tasks:
+        for task in self.preset.tokenizer_tasks or self.tasks:
             texts += taskset.load_task(task)["train"]["prompt"]
         key = content_key(role="tokenizer", vocab=self.preset.vocab_size, texts=fingerprint(texts))
 
@@ -242,12 +242,15 @@ class Builder:
         return folder, record
 
     def base_accuracy(self, base: Path) -> dict[str, float]:
-        """Validation accuracy of a base on every held-in task, cached in a file beside it."""
+        """Validation accuracy of a base on the preset's tasks, cached in a file beside it; a task
+        added to the preset is scored and added to the file."""
         path = base / "mergeflow-zoo-base-accuracy.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+        scores = json.loads(path.read_text()) if path.is_file() else {}
+        missing = [task for task in self.tasks if task not in scores]
+        if not missing:
+            return scores
         model, tokenizer = load(base)
-        scores = evaluate_loaded(model, tokenizer, self.tasks, "validation")
+        scores |= evaluate_loaded(model, tokenizer, missing, "validation")
         tmp = path.with_suffix(".partial")
         tmp.write_text(json.dumps(scores, indent=2) + "\n")
         tmp.rename(path)
