@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_history import write_keeping_history
 
 from mergeflow.eval.harness import load_model
 from mergeflow.eval.scoring import accuracy, encode_many
@@ -70,7 +71,7 @@ def main() -> None:
         f"{r['seconds']} |"
         for r in rows
     ]
-    (RESULTS / "eval_bench.md").write_text("\n".join(lines) + "\n")
+    write_keeping_history(RESULTS / "eval_bench.md", "\n".join(lines) + "\n")
     print(f"total {total:.1f} s")
 
 

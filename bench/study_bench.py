@@ -4,6 +4,7 @@ study name), on a built zoo preset. Writes bench/results/study_bench.{json,md}.
 
     .venv/bin/python bench/study_bench.py --preset demo
     .venv/bin/python bench/study_bench.py --preset demo --methods all
+    .venv/bin/python bench/study_bench.py --preset tiny --quick        # the quick grid, 4 families
     .venv/bin/python bench/study_bench.py --preset tiny --paper-grid   # the ≤ 60 min budget
 """
 
@@ -17,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_history import write_keeping_history
 
 from mergeflow.methods import METHODS
 
@@ -51,9 +54,6 @@ def run(preset: str, workers: int, grid: dict, scratch: Path) -> float:
     return time.perf_counter() - started
 
 
-HISTORY = "\nHistory on this 2-core machine"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="demo")
@@ -68,13 +68,23 @@ def main() -> None:
         help="time the study's default grid (the paper's: 1, 2, 4, 8 experts, 3 seeds) once, with "
         "--workers workers, instead of comparing 1 and 2 workers on a small grid",
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="compare 1 and 2 workers on the study's --quick grid (2 methods, 1-2 experts, 2 seeds)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="workers of the --paper-grid run")
     args = parser.parse_args()
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     if args.paper_grid:
         time_paper_grid(args.preset, args.workers, methods)
         return
-    grid = {"expert_counts": [1, 2], "methods": methods, "seeds": [0, 1, 2]}
+    if args.quick:
+        from flows.study import QUICK
+
+        grid = QUICK.model_dump(exclude={"families"})
+    else:
+        grid = {"expert_counts": [1, 2], "methods": methods, "seeds": [0, 1, 2]}
     with tempfile.TemporaryDirectory() as scratch:
         seconds = {workers: run(args.preset, workers, grid, Path(scratch)) for workers in (1, 2)}
     speedup = seconds[1] / seconds[2]
@@ -117,13 +127,6 @@ def time_paper_grid(preset: str, workers: int, methods: list[str]) -> None:
         f"Wall time: **{seconds / 60:.1f} min** ({seconds:.0f} s; budget in issue 7: 60 min for tiny).\n",
     )
     print(json.dumps(result, indent=2))
-
-
-def write_keeping_history(path: Path, latest: str) -> None:
-    """The latest run on top; a hand-written history below it (from HISTORY on) is kept."""
-    old = path.read_text() if path.exists() else ""
-    history = old[old.index(HISTORY) :] if HISTORY in old else ""
-    path.write_text(latest + history)
 
 
 if __name__ == "__main__":

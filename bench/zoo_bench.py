@@ -15,6 +15,8 @@ import shutil
 import time
 from pathlib import Path
 
+from results_history import write_keeping_history
+
 from mergeflow.errors import ZooError
 
 HERE = Path(__file__).parent
@@ -87,7 +89,7 @@ def main() -> None:
     ]
     lines += ["", "| model | role | training seconds |", "|---|---|---|"]
     lines += [f"| {m['name']} | {m['role']} | {m['seconds']} |" for m in models]
-    (RESULTS / f"zoo_build_{args.preset}.md").write_text("\n".join(lines) + "\n")
+    write_keeping_history(RESULTS / f"zoo_build_{args.preset}.md", "\n".join(lines) + "\n")
     print("\n".join(lines[:3]))
 
 
