@@ -245,13 +245,17 @@ def plot_all(summary: pd.DataFrame, cells: pd.DataFrame, folder: Path) -> list[s
         axis.set_ylabel(f"normalised {kind.replace('_', '-')} (most experts)")
         axis.set_xlabel("method")
         axis.set_title(f"{kind.replace('_', '-')}: PT vs IT base")
-        axis.legend(title="size, base", fontsize=8)
+        axis.get_legend().remove()
         axis.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
+    # One legend under both panels: inside either, it hid the last method's bars.
+    handles = axes[0].get_legend_handles_labels()[0]
+    labels = [f"{size} {stage.upper()}" for size, stage in pivot.columns]
+    figure.legend(handles, labels, title="size, base", loc="lower center", ncol=len(labels), fontsize=8)
+    figure.tight_layout(rect=(0, 0.14, 1, 1))
     figure.savefig(folder / "pt_vs_it.png", dpi=110)
     names.append("pt_vs_it.png")
 
-    figure, axis = plt.subplots(figsize=(6, 3.8))
+    figure, axis = plt.subplots(figsize=(9, 3.8))
     multitask = cells[cells.model == "multitask"].set_index("family")["held_out"]
     for family in families:
         rows = summary[summary.family == family]
@@ -265,7 +269,7 @@ def plot_all(summary: pd.DataFrame, cells: pd.DataFrame, folder: Path) -> list[s
     axis.set_ylabel("normalised held-out score")
     axis.set_xticks(sorted(summary.n_experts.unique()))
     axis.set_title("best merge vs the multitask baseline")
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside: lines fill the axes
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(folder / "merged_vs_multitask.png", dpi=110)

@@ -260,7 +260,7 @@ def test_semantic_categories_follow_wordnet_lexicographer_files(real_data):
 
 def test_word_order_shuffles_the_words_of_half_the_sentences(real_data):
     items = perturbed.word_order_items()
-    written = {key: text.rstrip(".!?").split() for corpus in perturbed.CORPORA for key, text in _vader(corpus)}
+    written = written_words()
     for item in items:
         words = item.text.split()
         if item.answer == "yes":
@@ -272,7 +272,7 @@ def test_word_order_shuffles_the_words_of_half_the_sentences(real_data):
 
 def test_spelling_misspells_three_words_of_half_the_sentences(real_data):
     items = perturbed.spelling_items()
-    written = {key: text.rstrip(".!?").split() for corpus in perturbed.CORPORA for key, text in _vader(corpus)}
+    written = written_words()
     for item in items:
         words, original = item.text.split(), written[item.key]
         changed = [(new, old) for new, old in zip(words, original, strict=True) if new != old]
@@ -286,8 +286,13 @@ def test_spelling_misspells_three_words_of_half_the_sentences(real_data):
     assert 0.45 < Counter(item.answer for item in items)["no"] / len(items) < 0.55
 
 
-def _vader(corpus: str) -> list[tuple[str, str]]:
-    return [(f"vader:{corpus}:{row_id}", text) for row_id, _, text in sentiment.ratings(corpus)]
+def written_words() -> dict[str, list[str]]:
+    """key -> words of each VADER sentence the edited tasks read, as written (final mark dropped)."""
+    return {
+        f"vader:{corpus}:{row_id}": text.rstrip(".!?").split()
+        for corpus in perturbed.CORPORA
+        for row_id, _, text in sentiment.ratings(corpus)
+    }
 
 
 def test_format_prompt_is_the_one_template():
