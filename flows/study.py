@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from prefect import flow, unmapped
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, Field
@@ -90,17 +90,25 @@ def study_cells(
     index: dict, cells: list, families: list[str], store: str, held_out: list[str] | None
 ) -> pd.DataFrame:
     # Each family's shared work first (reference scores, shared out among the workers, then task
-    # vectors), so parallel cells never compute the same thing twice; then every cell.
-    scorings = [
-        study_scores.submit(path, tasks, splits, 1)
+    # vectors), so parallel cells never compute the same thing twice; then its cells. Each step
+    # waits only for its own family's (Dask starts a task once its futures are done), so no
+    # worker idles at a barrier while the other finishes the last scoring of another family.
+    scorings = {
+        family: [
+            study_scores.submit(path, tasks, splits, 1)
+            for path, tasks, splits in shared_scorings(index, family, held_out)
+        ]
         for family in families
-        for path, tasks, splits in shared_scorings(index, family, held_out)
+    }
+    references = {
+        family: study_family.submit(index, family, store, held_out, 1, wait_for=scorings[family])
+        for family in families
+    }
+    cell_futures = [
+        study_cell.submit(cell, store, held_out, 1, wait_for=[references[cell.family]])
+        for cell in largest_first(cells)
     ]
-    for future in scorings:
-        future.result()
-    references = [study_family.submit(index, family, store, held_out, 1) for family in families]
-    parts = [future.result() for future in references]
-    cell_futures = study_cell.map(largest_first(cells), unmapped(store), unmapped(held_out), unmapped(1))
+    parts = [references[family].result() for family in families]
     return pd.concat(parts + [future.result() for future in cell_futures], ignore_index=True)
 
 
