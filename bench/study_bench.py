@@ -6,6 +6,9 @@ study name), on a built zoo preset. Writes bench/results/study_bench.{json,md}.
     .venv/bin/python bench/study_bench.py --preset demo --methods all
     .venv/bin/python bench/study_bench.py --preset tiny --quick        # the quick grid, 4 families
     .venv/bin/python bench/study_bench.py --preset tiny --paper-grid   # the ≤ 60 min budget
+
+With --paper-grid, the run's report, plots and results.parquet are kept in
+bench/results/study_<preset>_paper/.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -108,8 +112,15 @@ def time_paper_grid(preset: str, workers: int, methods: list[str]) -> None:
 
     grid = StudyGrid(methods=methods)
     cells = len(enumerate_cells(load_index(preset), grid))
+    kept = RESULTS / f"study_{preset}_paper"
     with tempfile.TemporaryDirectory() as scratch:
         seconds = run(preset, workers, grid.model_dump(), Path(scratch))
+        # The report and the results table outlive the scratch folder; a README there is kept.
+        kept.mkdir(parents=True, exist_ok=True)
+        for file in Path(scratch, f"report-{workers}").iterdir():
+            shutil.copy2(file, kept / file.name)
+        for table in Path(scratch, f"artifacts-{workers}").glob("studies/*/results.parquet"):
+            shutil.copy2(table, kept / "results.parquet")
     result = {
         "preset": preset,
         "grid": grid.model_dump(),
