@@ -52,19 +52,19 @@ def word_order_items() -> list[Item]:
     return items
 
 
+def _swap_positions(word: str) -> list[int]:
+    """Each k where the inner letters k and k + 1 differ, so swapping them changes the word."""
+    return [k for k in range(1, len(word) - 2) if word[k] != word[k + 1]]
+
+
 def _misspell(word: str, rng: random.Random) -> str:
     """Swap two neighbouring inner letters that differ ("receive" -> "recieve")."""
-    positions = [k for k in range(1, len(word) - 2) if word[k] != word[k + 1]]
-    k = rng.choice(positions)
+    k = rng.choice(_swap_positions(word))
     return word[:k] + word[k + 1] + word[k] + word[k + 2 :]
 
 
 def _can_misspell(word: str) -> bool:
-    return (
-        word.isalpha()
-        and len(word) >= MIN_MISSPELLED_LENGTH
-        and any(word[k] != word[k + 1] for k in range(1, len(word) - 2))
-    )
+    return word.isalpha() and len(word) >= MIN_MISSPELLED_LENGTH and bool(_swap_positions(word))
 
 
 def spelling_items() -> list[Item]:
