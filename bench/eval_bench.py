@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from machine import describe_machine, machine_line
 from results_history import write_keeping_history
 
 from mergeflow.eval.harness import load_model
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    machine = describe_machine()
     model, tokenizer = load_model(smollm2_base())
     rows, started = [], time.perf_counter()
     for name in TASKS:
@@ -51,7 +52,7 @@ def main() -> None:
     result = {
         "model": "smollm2-135m-instruct (Q4_1 dequantised)",
         "threads": args.threads,
-        "cpu": platform.processor() or platform.machine(),
+        "machine": machine,
         "total_seconds": round(total, 1),
         "tasks": rows,
     }
@@ -59,6 +60,8 @@ def main() -> None:
     (RESULTS / "eval_bench.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Evaluating SmolLM2-135M-Instruct on all tasks ({args.threads} threads)",
+        "",
+        machine_line(machine),
         "",
         f"Total: **{total:.0f} s** for {sum(r['examples'] for r in rows)} test examples "
         f"({sum(r['prompt_tokens'] for r in rows)} prompt tokens). Budget in issue 4: 120 s.",

@@ -31,6 +31,7 @@ from typing import Any
 import psutil
 import torch
 import yaml
+from machine import describe_machine, machine_line
 from safetensors import safe_open
 
 from mergeflow.zoo.generated import BENCH_166M, GeneratedZooSpec, build_generated_zoo
@@ -245,8 +246,8 @@ def summary_lines(rows: list[dict]) -> list[str]:
 def environment(spec: GeneratedZooSpec, zoo: Path, build_seconds: float) -> dict[str, Any]:
     return {
         "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
-        "machine": {
-            "cpu_cores": psutil.cpu_count(logical=True),
+        "machine": describe_machine()
+        | {
             "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "platform": platform.platform(),
             "python": platform.python_version(),
@@ -276,7 +277,7 @@ def write_results(rows: list[dict], info: dict, results: Path) -> None:
         "",
         f"`{info['command']}`",
         "",
-        f"Machine: {machine['cpu_cores']} cores, {machine['ram_gib']} GiB RAM, {machine['platform']}. "
+        f"{machine_line(machine)} {machine['ram_gib']} GiB RAM, {machine['platform']}. "
         + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
         + f" (git {info['mergeflow_git']}).",
         "",

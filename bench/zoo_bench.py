@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+from machine import describe_machine, machine_line
 from results_history import write_keeping_history
 
 from mergeflow.errors import ZooError
@@ -39,6 +40,7 @@ def main() -> None:
     os.environ["MERGEFLOW_ZOO_DIR"] = str(folder)
     from mergeflow.zoo.build import build_preset, built_models, load_index
 
+    machine = describe_machine()
     started = time.perf_counter()
     failure = None
     try:
@@ -62,6 +64,7 @@ def main() -> None:
     result = {
         "preset": args.preset,
         "cold": not args.keep,
+        "machine": machine,
         "total_seconds": round(total, 1),
         "training_seconds": round(training_seconds, 1),
         "gate_failure": failure,
@@ -73,6 +76,8 @@ def main() -> None:
     passed = sum(row["gain"] >= index["min_gain"] for row in rows)
     lines = [
         f"# {'Rebuild, cache kept,' if args.keep else 'Cold build'} of zoo preset `{args.preset}`",
+        "",
+        machine_line(machine),
         "",
         f"Total: **{total / 60:.1f} min**"
         + (" (only the models whose settings changed were trained)" if args.keep else "")

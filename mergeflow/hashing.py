@@ -1,11 +1,13 @@
 """Content hashes of input models, for lineage. Local file hashes are cached by
-(path, size, mtime), so re-merging the same experts does not re-read them."""
+(path, size, mtime), so re-merging the same experts does not re-read them, and a weight file in
+a Hugging Face cache is named by its sha256 already."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +16,7 @@ from mergeflow.checkpoint import CONFIG, MANIFEST, Checkpoint, open_checkpoint
 from mergeflow.storage import Location
 
 HASH_BLOCK = 8 << 20
+_SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 _CACHE_LOCK = threading.Lock()
 
 
@@ -46,6 +49,20 @@ def file_sha256(file: Location, remember: bool = True) -> str:
     return update_json_cache(cache_file, {key: digest.hexdigest()})[key]
 
 
+def hub_cache_sha256(file: Location) -> str | None:
+    """The sha256 of a file in a Hugging Face hub cache, read from its name, or None.
+
+    There a snapshot's large files link to `models--<org>--<name>/blobs/<sha256 of the content>`
+    (the LFS object id huggingface_hub checked when it downloaded the file), so hashing
+    gigabytes of an expert again would only repeat it. Small files are named by their git blob
+    id (40 hex digits) and are hashed as usual."""
+    if not file.is_local:
+        return None
+    target = Path(os.path.realpath(file.path))
+    in_hub_cache = target.parent.name == "blobs" and target.parent.parent.name.startswith("models--")
+    return target.name if in_hub_cache and _SHA256_NAME.fullmatch(target.name) else None
+
+
 def model_sha256(checkpoint: Checkpoint) -> str:
     """sha256 over 'name sha256' lines of config.json and the weight files. A mergeflow
     manifest in the folder supplies the file hashes without reading the files."""
@@ -54,7 +71,8 @@ def model_sha256(checkpoint: Checkpoint) -> str:
 
 def models_sha256(checkpoints: list[Checkpoint], workers: int = 1) -> list[str]:
     """model_sha256 of each checkpoint, their files hashed on `workers` threads at once
-    (hashlib releases the GIL while it hashes, so the files hash in parallel)."""
+    (hashlib releases the GIL while it hashes, so the files hash in parallel). Hashes a mergeflow
+    manifest records or a Hugging Face cache names are taken as they are."""
     # Per checkpoint: (file name, its sha256 from the manifest, or the file to hash).
     wanted: list[list[tuple[str, str | Location]]] = []
     for checkpoint in checkpoints:
@@ -65,7 +83,8 @@ def models_sha256(checkpoints: list[Checkpoint], workers: int = 1) -> list[str]:
         names = [CONFIG] if CONFIG in checkpoint.file_names else []
         names += [f.name for f in checkpoint.weight_files]
         files = {CONFIG: checkpoint.location.child(CONFIG)} | {f.name: f for f in checkpoint.weight_files}
-        wanted.append([(name, recorded.get(name) or files[name]) for name in sorted(names)])
+        known = {name: recorded.get(name) or hub_cache_sha256(files[name]) for name in names}
+        wanted.append([(name, known[name] or files[name]) for name in sorted(names)])
     to_hash = {item.uri: item for entries in wanted for _, item in entries if isinstance(item, Location)}
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mergeflow-hash") as pool:
         hashes = dict(zip(to_hash, pool.map(file_sha256, to_hash.values()), strict=True))
