@@ -155,6 +155,22 @@ def test_findings_follow_from_the_table():
     assert verdicts[1] == "does not reproduce" and verdicts[4] == "does not reproduce"
 
 
+def test_an_effect_smaller_than_the_seed_noise_decides_nothing():
+    clear = paper_like(it_bonus=0.1, converge=True)
+    # The same means from two seeds that differ by ±0.3: every effect of the table is smaller.
+    merged = clear[clear.model == "merged"]
+    noisy = pd.concat(
+        [
+            clear[clear.model != "merged"],
+            merged.assign(normalised=merged.normalised + 0.3, seed=0),
+            merged.assign(normalised=merged.normalised - 0.3, seed=1),
+        ]
+    )
+    found = findings(noisy)
+    assert {f.verdict for f in found} == {"within seed noise"}
+    assert "seed noise ±0.424" in found[2].evidence  # two seeds 0.6 apart: std 0.6 / √2
+
+
 def test_a_finding_that_needs_an_absent_axis_says_so(tmp_path):
     table = paper_like(0.1, True)
     one_size = table[table["size"] == "2m"]
