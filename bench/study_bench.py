@@ -125,11 +125,12 @@ def time_paper_grid(preset: str, worker_counts: list[int], methods: list[str]) -
     with tempfile.TemporaryDirectory() as scratch:
         for workers in worker_counts:
             seconds[workers] = run(preset, workers, grid.model_dump(), Path(scratch))
-        # The report and the results table outlive the scratch folder; a README there is kept.
+        # The last run's report and results table outlive the scratch folder; a README there is kept.
+        last = worker_counts[-1]
         kept.mkdir(parents=True, exist_ok=True)
-        for file in Path(scratch, f"report-{workers}").iterdir():
+        for file in Path(scratch, f"report-{last}").iterdir():
             shutil.copy2(file, kept / file.name)
-        for table in Path(scratch, f"artifacts-{workers}").glob("studies/*/results.parquet"):
+        for table in Path(scratch, f"artifacts-{last}").glob("studies/*/results.parquet"):
             shutil.copy2(table, kept / "results.parquet")
     speedup = seconds[1] / seconds[2] if {1, 2} <= seconds.keys() else None
     result = {

@@ -55,11 +55,20 @@ def _verdict(effect: float, noise: float) -> str:
     return "within seed noise"
 
 
-def _combined(verdicts: list[str]) -> str:
+def _in_every_case(verdicts: list[str]) -> str:
     """One verdict for a claim that must hold in every case."""
     if "does not reproduce" in verdicts:
         return "does not reproduce"
     return "reproduces" if all(v == "reproduces" for v in verdicts) else "within seed noise"
+
+
+def _in_some_case(verdicts: list[str]) -> str:
+    """One verdict for a claim that one case is enough to show ("can")."""
+    if "reproduces" in verdicts:
+        return "reproduces"
+    if verdicts and all(v == "does not reproduce" for v in verdicts):
+        return "does not reproduce"
+    return "within seed noise"
 
 
 def findings(table: pd.DataFrame) -> list[Finding]:
@@ -104,7 +113,7 @@ def _instruction_tuned_helps(summary: pd.DataFrame) -> Finding:
             f"held-out {it.held_out_mean:.3f} vs {pt.held_out_mean:.3f}"
         )
     evidence = "; ".join(parts) + f" (seed noise ±{noise_in:.3f} held-in, ±{noise_out:.3f} held-out)"
-    return Finding(1, claim, _combined(verdicts), evidence, "pt_vs_it.png")
+    return Finding(1, claim, _in_every_case(verdicts), evidence, "pt_vs_it.png")
 
 
 def _larger_is_easier(summary: pd.DataFrame) -> Finding:
@@ -187,14 +196,8 @@ def _beats_multitask(summary: pd.DataFrame, multitask: pd.DataFrame) -> Finding:
         verdicts.append(_verdict(best - baseline, noise))
         parts.append(f"{family}: best merge {best:.3f} vs multitask {baseline:.3f}")
     # "can beat": one family where a merge clearly beats its multitask model is enough.
-    if "reproduces" in verdicts:
-        verdict = "reproduces"
-    elif verdicts and all(v == "does not reproduce" for v in verdicts):
-        verdict = "does not reproduce"
-    else:
-        verdict = "within seed noise"
     evidence = "; ".join(parts) + f" (seed noise ±{noise:.3f})"
-    return Finding(5, claim, verdict, evidence, "merged_vs_multitask.png")
+    return Finding(5, claim, _in_some_case(verdicts), evidence, "merged_vs_multitask.png")
 
 
 # --- plots and the Markdown report ---------------------------------------------------------------
