@@ -1,5 +1,6 @@
-"""The training loss projects to the vocabulary only where there are labels; it must equal the
-model's own loss, and its gradients the model's. Importing mergeflow sets the OpenMP waiting
+"""The training loss projects to the vocabulary only where there are labels and packs short
+sequences into shared rows; it must equal the model's own loss on one padded sequence per row,
+and its gradients the model's. Importing mergeflow sets the OpenMP waiting
 training speed depends on."""
 
 from __future__ import annotations
@@ -11,29 +12,57 @@ import sys
 import pytest
 import torch
 from conftest import random_llama
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from mergeflow.zoo.training import IGNORE, _loss
+from mergeflow.zoo.training import IGNORE, TrainSequence, TrainSpec, _batch, _loss, row_capacity
 
 
+def _sequences(answer_only: bool) -> list[TrainSequence]:
+    generator = torch.Generator().manual_seed(1)
+    lengths, prompts = (7, 12, 5, 9, 3, 10), (4, 9, 2, 8, 1, 3)
+    return [
+        TrainSequence(
+            torch.randint(0, 97, (length,), generator=generator).tolist(), prompt if answer_only else 0
+        )
+        for length, prompt in zip(lengths, prompts, strict=True)
+    ]
+
+
+def _padded_reference(sequences: list[TrainSequence], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence per row, right-padded; labels from each sequence's loss_from."""
+    width = max(len(s.ids) for s in sequences)
+    ids = torch.full((len(sequences), width), pad)
+    labels = torch.full((len(sequences), width), IGNORE)
+    for row, s in enumerate(sequences):
+        ids[row, : len(s.ids)] = torch.tensor(s.ids)
+        labels[row, s.loss_from : len(s.ids)] = torch.tensor(s.ids[s.loss_from :])
+    return ids, labels
+
+
+@pytest.mark.parametrize("capacity", [0, 16, 64], ids=["one-per-row", "packed-in-rows", "one-row"])
 @pytest.mark.parametrize("answer_only", [True, False], ids=["answer-only", "every-token"])
-def test_the_loss_and_its_gradients_equal_the_models_own(answer_only):
+def test_the_loss_and_its_gradients_equal_the_models_own(answer_only, capacity):
     model = random_llama(97, tie_word_embeddings=True)
-    ids = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(1))
-    labels = ids.clone()
-    if answer_only:  # prompts of different lengths, then padding on the last row
-        labels[0, :7] = IGNORE
-        labels[1, :4] = IGNORE
-        labels[2, :9] = IGNORE
-        labels[2, 11:] = IGNORE
-    ours = _loss(model, ids, labels)
+    sequences = _sequences(answer_only)
+    batch = _batch(sequences, pad=0, capacity=capacity)
+    assert len(batch.ids) == {0: 6, 16: 4, 64: 1}[capacity]  # the sequences really share rows
+    ours = _loss(model, batch)
     ours.backward()
     our_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
+    ids, labels = _padded_reference(sequences, pad=0)
     theirs = model(input_ids=ids, labels=labels).loss
     theirs.backward()
-    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
     for ours_g, p in zip(our_grads, model.parameters(), strict=True):
-        torch.testing.assert_close(ours_g, p.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(ours_g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_zoo_models_pack_and_other_architectures_do_not():
+    spec = TrainSpec(steps=1, lr=1e-3, batch_size=4, max_len=96)
+    assert row_capacity(random_llama(97), spec) == 96
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2))
+    assert row_capacity(gpt2, spec) == 0
 
 
 def _openmp_settings(env: dict[str, str]) -> list[str]:

@@ -95,27 +95,74 @@ def _order(count: int, steps: int, batch_size: int, seed: int) -> list[list[int]
     return [indices[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
 
 
-def _batch(sequences: list[TrainSequence], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s.ids) for s in sequences)
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    labels = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence.ids)] = torch.tensor(sequence.ids)
-        labels[row, sequence.loss_from : len(sequence.ids)] = torch.tensor(sequence.ids[sequence.loss_from :])
-    return ids, labels
+@dataclass(frozen=True)
+class Batch:
+    ids: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor  # restart at 0 where a sequence starts, within a row
+
+    def to(self, device) -> Batch:
+        return Batch(self.ids.to(device), self.labels.to(device), self.positions.to(device))
 
 
-def _loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _rows(sequences: list[TrainSequence], capacity: int) -> list[list[TrainSequence]]:
+    """Sequences in their drawn order, each appended to the last row while it stays within
+    `capacity` tokens; one sequence per row when capacity is 0."""
+    rows: list[list[TrainSequence]] = []
+    used = 0
+    for sequence in sequences:
+        if rows and used + len(sequence.ids) <= capacity:
+            rows[-1].append(sequence)
+            used += len(sequence.ids)
+        else:
+            rows.append([sequence])
+            used = len(sequence.ids)
+    return rows
+
+
+def _batch(sequences: list[TrainSequence], pad: int, capacity: int) -> Batch:
+    """Sequences packed into rows of up to `capacity` tokens, then right-padded to the longest
+    row. Packing only removes padding (a batch of these short examples was ~35% padding): the
+    position ids restart at each sequence, which makes transformers mask attention between the
+    sequences of a row, and each sequence's first token carries no loss, as the first of a row
+    never does, so the loss is the unpacked batch's (tests/test_training.py)."""
+    rows = _rows(sequences, capacity)
+    width = max(sum(len(s.ids) for s in row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for sequence in row:
+            end = start + len(sequence.ids)
+            loss_from = max(sequence.loss_from, 1)
+            ids[r, start:end] = torch.tensor(sequence.ids)
+            labels[r, start + loss_from : end] = torch.tensor(sequence.ids[loss_from:])
+            positions[r, start:end] = torch.arange(end - start)
+            start = end
+        positions[r, start:] = torch.arange(width - start)  # padding: a sequence of its own
+    return Batch(ids, labels, positions)
+
+
+def row_capacity(model, spec: TrainSpec) -> int:
+    """Tokens per batch row: several sequences share a row only in models whose attention masks
+    follow restarting position ids (transformers' packed-sequence masks, checked for Llama, the
+    architecture of every zoo model); other models get one sequence per row."""
+    return spec.max_len if model.config.model_type == "llama" else 0
+
+
+def _loss(model, batch: Batch) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions, projecting to the vocabulary
     only there: with the loss on answers alone, most positions need no logits, and the output
     layer is a fifth of SmolLM2's compute and half of a 2M model's. Same value as the
     model's own `labels=` loss."""
     body, head = body_and_head(model)
     if body is None:
-        return model(input_ids=ids, labels=labels).loss
-    targets = labels[:, 1:]
+        return model(input_ids=batch.ids, position_ids=batch.positions, labels=batch.labels).loss
+    targets = batch.labels[:, 1:]
     scored = targets != IGNORE
-    hidden = body(input_ids=ids).last_hidden_state[:, :-1][scored]
+    output = body(input_ids=batch.ids, position_ids=batch.positions, use_cache=False)
+    hidden = output.last_hidden_state[:, :-1][scored]
     return torch.nn.functional.cross_entropy(head(hidden).float(), targets[scored])
 
 
@@ -137,6 +184,7 @@ def train(
         model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.95)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(spec))
+    capacity = row_capacity(model, spec)
     losses, tokens, started = [], 0, time.perf_counter()
     bar = tqdm(
         _order(len(sequences), spec.steps, spec.batch_size, spec.seed),
@@ -147,8 +195,8 @@ def train(
     )
     for step_indices in bar:
         # Right padding needs no attention mask under a causal mask; padded labels are ignored.
-        ids, labels = _batch([sequences[i] for i in step_indices], pad_id)
-        loss = _loss(model, ids.to(device), labels.to(device))
+        batch = _batch([sequences[i] for i in step_indices], pad_id, capacity).to(device)
+        loss = _loss(model, batch)
         if not torch.isfinite(loss):
             raise ZooError(
                 f"{description}: loss became {loss.item()} at step {len(losses)}; lower the learning rate"
@@ -159,7 +207,7 @@ def train(
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
-        tokens += ids.numel()
+        tokens += batch.ids.numel()
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     model.eval()
     seconds = time.perf_counter() - started
