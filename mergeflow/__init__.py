@@ -7,7 +7,7 @@ import os
 # pool made merges up to 3x slower on two cores. Not spinning at all makes every torch operation
 # wake its threads from sleep: training the zoo's small models ran 1.6-1.9x slower per step
 # (5M: 203 vs 120 ms, 2M: 98 vs 52). A short spin keeps both: merges take the same time with
-# 0, 30,000 or 100,000 rounds (bench/results/zoo_build_tiny.md). libgomp honours the spin count
+# 0, 30,000 or 100,000 rounds (docs/zoo.md). libgomp honours the spin count
 # under the passive policy; other OpenMP runtimes only read the policy. Must be set before either
 # library starts its pool; a user's value wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
