@@ -4,11 +4,11 @@ import os
 
 # torch and numba each bring an OpenMP thread pool (two copies of libgomp on Linux). An idle
 # pool spins before it sleeps; spinning for libgomp's default 300,000 rounds against the other
-# pool made merges up to 3x slower on two cores. Not spinning at all makes every torch operation
-# wake its threads from sleep: training the zoo's small models ran 1.6-1.9x slower per step
-# (5M: 203 vs 120 ms, 2M: 98 vs 52). A short spin keeps both: merges take the same time with
-# 0, 30,000 or 100,000 rounds (docs/zoo.md). libgomp honours the spin count
-# under the passive policy; other OpenMP runtimes only read the policy. Must be set before either
+# pool made merges up to 3x slower on the first 2-core machines. Not spinning at all makes every
+# torch operation wake its threads from sleep: training the zoo's small models ran 1.6-1.9x
+# slower per step (5M: 203 vs 120 ms, 2M: 98 vs 52). A short spin keeps both: merges take the
+# same time with 0, 30,000 or 100,000 rounds (docs/zoo.md). libgomp honours the spin count under
+# the passive policy; other OpenMP runtimes only read the policy. Must be set before either
 # library starts its pool; a user's value wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "100000")
