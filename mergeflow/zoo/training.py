@@ -194,7 +194,8 @@ def train(
         leave=False,
     )
     for step_indices in bar:
-        # Right padding needs no attention mask under a causal mask; padded labels are ignored.
+        # Right padding needs no attention mask under a causal mask, and restarting position ids
+        # keep the sequences of a row apart; padded labels are ignored.
         batch = _batch([sequences[i] for i in step_indices], pad_id, capacity).to(device)
         loss = _loss(model, batch)
         if not torch.isfinite(loss):
