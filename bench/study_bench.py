@@ -15,6 +15,7 @@ bench/results/study_<preset>_paper/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 from machine import describe_machine, machine_line
 from results_history import write_keeping_history
 
@@ -32,7 +34,8 @@ from mergeflow.methods import METHODS
 RESULTS = Path(__file__).parent / "results"
 
 
-def run(preset: str, workers: int, grid: dict, scratch: Path) -> float:
+def run(preset: str, workers: int, grid: dict, scratch: Path) -> dict:
+    """One study run from an empty cache: wall seconds and CPU seconds by process role."""
     request = {
         "name": f"bench-{workers}w-{int(time.time())}",
         "preset": preset,
@@ -48,16 +51,54 @@ def run(preset: str, workers: int, grid: dict, scratch: Path) -> float:
     log = scratch / f"log-{workers}.txt"
     started = time.perf_counter()
     with open(log, "w") as out:
-        finished = subprocess.run(
+        process = subprocess.Popen(
             [sys.executable, "-m", "flows.study", str(path)],
             env=env,
             cwd=Path(__file__).parent.parent,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    if finished.returncode != 0:
+    cpu = cpu_by_role(process)
+    seconds = time.perf_counter() - started
+    if process.returncode != 0:
         raise SystemExit(f"the study with {workers} workers failed; its log ends:\n{log.read_text()[-3000:]}")
-    return time.perf_counter() - started
+    busy = cpu.get(ROLE_WORKER, 0.0) / (workers * seconds)
+    return {"seconds": seconds, "cpu_seconds": cpu, "workers_busy": round(busy, 3)}
+
+
+ROLE_FLOW = "flow process (with the Dask scheduler)"
+ROLE_API = "Prefect API server"
+ROLE_WORKER = "Dask workers"
+
+
+def _role(process: psutil.Process, root: psutil.Process) -> str:
+    if process.pid == root.pid:
+        return ROLE_FLOW
+    command = " ".join(process.cmdline())
+    if "uvicorn" in command:
+        return ROLE_API
+    if "--multiprocessing-fork" in command:
+        return ROLE_WORKER
+    return "other"
+
+
+def cpu_by_role(process: subprocess.Popen, every: float = 0.5) -> dict[str, float]:
+    """CPU seconds (user + system) of the process tree of `process` by role, until it exits.
+    Sampled every `every` seconds: what a process uses in its last half second goes uncounted."""
+    root = psutil.Process(process.pid)
+    last: dict[int, tuple[str, float]] = {}
+    while process.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            for member in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = member.cpu_times()
+                    role = last[member.pid][0] if member.pid in last else _role(member, root)
+                    last[member.pid] = (role, times.user + times.system)
+        time.sleep(every)
+    totals: dict[str, float] = {}
+    for role, seconds in last.values():
+        totals[role] = round(totals.get(role, 0.0) + seconds, 1)
+    return totals
 
 
 def main() -> None:
@@ -95,18 +136,18 @@ def main() -> None:
         grid = {"expert_counts": [1, 2], "methods": methods, "seeds": [0, 1, 2]}
     machine = describe_machine()
     with tempfile.TemporaryDirectory() as scratch:
-        seconds = {workers: run(args.preset, workers, grid, Path(scratch)) for workers in (1, 2)}
+        runs = {workers: run(args.preset, workers, grid, Path(scratch)) for workers in (1, 2)}
+    seconds = {workers: measured["seconds"] for workers, measured in runs.items()}
     speedup = seconds[1] / seconds[2]
-    result = {"preset": args.preset, "grid": grid, "machine": machine, "seconds": seconds, "speedup": speedup}
+    result = {"preset": args.preset, "grid": grid, "machine": machine, "runs": runs, "speedup": speedup}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "study_bench.json").write_text(json.dumps(result, indent=2) + "\n")
     write_keeping_history(
         RESULTS / "study_bench.md",
         f"# Study on Dask: 2 workers vs 1 (preset `{args.preset}`)\n\n{machine_line(machine)}\n\n"
         f"Grid: {json.dumps(grid)}; each run from an empty cache, one thread per worker.\n\n"
-        "| workers | seconds |\n|---|---|\n"
-        + "".join(f"| {w} | {s:.1f} |\n" for w, s in seconds.items())
-        + f"\nSpeed-up of 2 workers over 1: **{speedup:.2f}×** (target ≥ 1.7×).\n",
+        + "\n".join(runs_table(runs, lambda s: f"{s:.1f} s"))
+        + f"\n\nSpeed-up of 2 workers over 1: **{speedup:.2f}×** (target ≥ 1.7×).\n",
     )
     print(json.dumps(result, indent=2))
 
@@ -121,10 +162,10 @@ def time_paper_grid(preset: str, worker_counts: list[int], methods: list[str]) -
     cells = len(enumerate_cells(load_index(preset), grid))
     kept = RESULTS / f"study_{preset}_paper"
     machine = describe_machine()
-    seconds = {}
+    runs = {}
     with tempfile.TemporaryDirectory() as scratch:
         for workers in worker_counts:
-            seconds[workers] = run(preset, workers, grid.model_dump(), Path(scratch))
+            runs[workers] = run(preset, workers, grid.model_dump(), Path(scratch))
         # The last run's report and results table outlive the scratch folder; a README there is kept.
         last = worker_counts[-1]
         kept.mkdir(parents=True, exist_ok=True)
@@ -132,13 +173,14 @@ def time_paper_grid(preset: str, worker_counts: list[int], methods: list[str]) -
             shutil.copy2(file, kept / file.name)
         for table in Path(scratch, f"artifacts-{last}").glob("studies/*/results.parquet"):
             shutil.copy2(table, kept / "results.parquet")
+    seconds = {workers: measured["seconds"] for workers, measured in runs.items()}
     speedup = seconds[1] / seconds[2] if {1, 2} <= seconds.keys() else None
     result = {
         "preset": preset,
         "grid": grid.model_dump(),
         "cells": cells,
         "machine": machine,
-        "seconds": seconds,
+        "runs": runs,
         "speedup": speedup,
     }
     name = f"study_grid_{preset}"
@@ -151,14 +193,28 @@ def time_paper_grid(preset: str, worker_counts: list[int], methods: list[str]) -
         f"Grid: {json.dumps(grid.model_dump())}: **{cells} cells**, each run from an empty cache, "
         "Dask workers of one thread. Budget in issue 7: 60 min for tiny.",
         "",
-        "| workers | wall time |",
-        "|---|---|",
-        *(f"| {w} | **{s / 60:.1f} min** ({s:.0f} s) |" for w, s in seconds.items()),
+        *runs_table(runs, lambda s: f"**{s / 60:.1f} min** ({s:.0f} s)"),
     ]
     if speedup is not None:
         lines += ["", f"Speed-up of 2 workers over 1: **{speedup:.2f}×** (target ≥ 1.7×)."]
     write_keeping_history(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def runs_table(runs: dict[int, dict], wall) -> list[str]:
+    """Markdown rows: wall time, then CPU seconds by process role and how busy the workers were
+    (their CPU time over workers x wall time): the split shows what does not divide over workers."""
+    roles = [ROLE_WORKER, ROLE_FLOW, ROLE_API]
+    lines = [
+        "| workers | wall time | " + " | ".join(f"CPU s: {role}" for role in roles) + " | workers busy |",
+        "|---|---|" + "---|" * (len(roles) + 1),
+    ]
+    for workers, measured in runs.items():
+        cpu = measured["cpu_seconds"]
+        cells = " | ".join(f"{cpu.get(role, 0.0):.0f}" for role in roles)
+        busy = measured["workers_busy"]
+        lines.append(f"| {workers} | {wall(measured['seconds'])} | {cells} | {busy:.0%} |")
+    return lines
 
 
 if __name__ == "__main__":
