@@ -1,7 +1,8 @@
 """The training loss projects to the vocabulary only where there are labels and packs short
 sequences into shared rows; it must equal the model's own loss on one padded sequence per row,
-and its gradients the model's. Importing mergeflow sets how OpenMP threads wait, which
-training speed depends on."""
+and its gradients the model's. Training is deterministic for a seed (the zoo's cache and
+gate rely on it). Importing mergeflow sets how OpenMP threads wait, which training speed
+depends on."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from conftest import random_llama
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from mergeflow.zoo.training import IGNORE, TrainSequence, TrainSpec, _batch, _loss, row_capacity
+from mergeflow.zoo.training import IGNORE, TrainSequence, TrainSpec, _batch, _loss, row_capacity, train
 
 
 def _sequences(answer_only: bool) -> list[TrainSequence]:
@@ -56,6 +57,23 @@ def test_the_loss_and_its_gradients_equal_the_models_own(answer_only, capacity):
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
     for ours_g, p in zip(our_grads, model.parameters(), strict=True):
         torch.testing.assert_close(ours_g, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def _trained_weights(seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    sequences = [
+        TrainSequence(torch.randint(0, 97, (12,), generator=generator).tolist(), 8) for _ in range(32)
+    ]
+    model = random_llama(97, tie_word_embeddings=True)
+    spec = TrainSpec(steps=20, lr=3e-3, batch_size=8, max_len=32, warmup_steps=2, seed=seed)
+    train(model, sequences, spec, pad_id=0, progress=False)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_training_is_deterministic_for_a_seed():
+    first, again, other = _trained_weights(0), _trained_weights(0), _trained_weights(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, c) for a, c in zip(first, other, strict=True))
 
 
 def test_zoo_models_pack_and_other_architectures_do_not():
