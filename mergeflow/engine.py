@@ -98,7 +98,7 @@ def merge(
         hashing = background.submit(models_sha256, to_hash, workers=torch.get_num_threads())
         stage = StagedOutput(out, overwrite=overwrite)
         try:
-            writer = ShardedWriter(stage.folder, plan, max_shard_bytes)
+            writer = ShardedWriter(stage.folder, plan, max_shard_bytes, background=True)
             _merge_all(config, method, base, experts, reference, plan, writer, work_bytes, progress)
             hashes = hashing.result()
             if base and base_sha is None:
@@ -145,18 +145,24 @@ def _input_record(checkpoint: Checkpoint, sha256: str) -> dict:
 
 
 def _release_large_blocks_to_the_os() -> None:
-    """Serve blocks >= 1 MB with mmap, so freed chunk buffers go back to the OS at once.
+    """Serve blocks >= 16 MB with mmap, so freed whole-tensor buffers go back to the OS at once,
+    and keep smaller freed blocks (chunk outputs) for reuse.
 
     glibc otherwise raises its mmap threshold as large blocks are freed and keeps them in
     per-thread arenas: peak RSS of a merge grew ~70% that way (1.35 GB vs 0.78 GB for TIES
-    with 8 experts). No-op where glibc's mallopt is unavailable.
+    with 8 experts). A fixed threshold of 1 MB avoided that but put every chunk-sized
+    allocation on fresh pages: TIES with 2 experts took 373k page faults and 1.5-2.0 s of system
+    time, against 115k and 1.0-1.2 s with these settings (peak RSS 600 MB against 563). The
+    trim threshold keeps freed chunks in the heap instead of returning them after each one.
+    No-op where glibc's mallopt is unavailable.
     """
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(_M_MMAP_THRESHOLD, 16 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
 
-_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
 def _merge_all(
@@ -204,7 +210,9 @@ def _merge_all(
                     target, method, base_entry, entries, deltas, params, reader, io, workspace
                 )
                 for merged in tensor.run():
-                    writer.write(target.name, merged.to(target.dtype))
+                    # Written in the background: a method may return a view of the workspace
+                    # (slerp does), which the next chunk overwrites, so the writer gets a copy.
+                    writer.write(target.name, merged.to(target.dtype, copy=True))
                     bar.update(merged.numel() * target.dtype.itemsize)
     finally:
         bar.close()

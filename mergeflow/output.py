@@ -11,6 +11,8 @@ import posixpath
 import shutil
 import tempfile
 import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +34,18 @@ class WrittenFile:
 
 class ShardedWriter:
     """Lays tensors out in order into shards of at most `max_shard_bytes` (a tensor larger
-    than that gets a shard of its own) and writes them sequentially."""
+    than that gets a shard of its own) and writes them sequentially.
 
-    def __init__(self, folder: Path, tensors: list[PlannedTensor], max_shard_bytes: int) -> None:
+    With `background`, writing and hashing happen on a thread of their own, in order, while the
+    caller computes the next piece (both release the GIL; a merge spent a quarter of its time
+    writing). At most `QUEUED` pieces wait, so memory stays bounded; an error of a queued write
+    is raised by a later `write` or by `finish`."""
+
+    QUEUED = 4
+
+    def __init__(
+        self, folder: Path, tensors: list[PlannedTensor], max_shard_bytes: int, background: bool = False
+    ) -> None:
         groups: list[list[PlannedTensor]] = [[]]
         size = 0
         for tensor in tensors:
@@ -54,8 +65,20 @@ class ShardedWriter:
         self._shard_of = {t.name: i for i, group in enumerate(groups) for t in group}
         self._current: tuple[int, ShardFileWriter] | None = None
         self.files: list[WrittenFile] = []
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="mergeflow-write") if background else None
+        self._queued: deque[Future] = deque()
 
     def write(self, name: str, data: torch.Tensor) -> None:
+        """Append the next piece of tensor `name`. In the background, `data` is written after
+        this returns: the caller must not change it afterwards."""
+        if self._thread is None:
+            self._write_now(name, data)
+            return
+        while len(self._queued) >= self.QUEUED:
+            self._queued.popleft().result()
+        self._queued.append(self._thread.submit(self._write_now, name, data))
+
+    def _write_now(self, name: str, data: torch.Tensor) -> None:
         index = self._shard_of[name]
         if self._current is None or self._current[0] != index:
             self._close_current()
@@ -65,6 +88,9 @@ class ShardedWriter:
 
     def finish(self) -> list[WrittenFile]:
         """Close the last shard; write the index when there are several shards."""
+        while self._queued:
+            self._queued.popleft().result()
+        self._stop_thread()
         self._close_current()
         if len(self.files) != len(self.names):
             raise RuntimeError("not every shard was written")
@@ -77,8 +103,17 @@ class ShardedWriter:
         return self.files
 
     def abort(self) -> None:
+        for queued in self._queued:
+            queued.cancel()
+        self._queued.clear()
+        self._stop_thread()  # waits for a write in progress, so the file is closed after it
         if self._current is not None:
             self._current[1].abort()
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
 
     def _close_current(self) -> None:
         if self._current is None:

@@ -25,6 +25,8 @@ from mergeflow.config import parse_config
 from mergeflow.engine import merge
 from mergeflow.methods import METHODS
 from mergeflow.methods.primitives import dare_key, dare_uniforms
+from mergeflow.output import ShardedWriter
+from mergeflow.safetensors_io import PlannedTensor
 from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo
 
 # --- an independent reference: whole tensors, plain torch, mergekit's formulas ---------------
@@ -240,7 +242,9 @@ def wide_zoo(tmp_path_factory):
     return build_generated_zoo(tmp_path_factory.mktemp("wide"), spec)
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "ties", "model_stock", "breadcrumbs_ties"])
+# slerp returns a view of the engine's reused chunk buffer, which the next chunk overwrites
+# while the background writer may still be writing the last one.
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "model_stock", "breadcrumbs_ties", "slerp"])
 def test_bit_identical_across_threads_and_chunk_sizes(method, wide_zoo, tmp_path):
     config = parse_config(config_for(method, wide_zoo))
     runs = []
@@ -349,3 +353,23 @@ def test_console_script_runs(zoo, tmp_path):
         timeout=120,
     )
     assert failed.returncode == 2 and f"error: {missing}: cannot read config" in failed.stderr
+
+
+def test_an_error_of_a_background_write_is_raised_in_order(tmp_path):
+    plan = [PlannedTensor("a", torch.float32, (4,)), PlannedTensor("b", torch.float32, (4,))]
+    writer = ShardedWriter(tmp_path, plan, max_shard_bytes=1 << 20, background=True)
+    writer.write("a", torch.ones(4))
+    writer.write("b", torch.ones(8))  # larger than planned: fails on the writer thread
+    with pytest.raises(RuntimeError, match="tensor 'b' overflows its planned size"):
+        writer.finish()
+    writer.abort()
+
+    writer = ShardedWriter(tmp_path, plan, max_shard_bytes=1 << 20, background=True)
+    for name in ("a", "b"):
+        writer.write(name, torch.arange(4, dtype=torch.float32))
+    (file,) = writer.finish()
+    written = tmp_path / file.path
+    assert file.sha256 == hashlib.sha256(written.read_bytes()).hexdigest()
+    loaded = load_file(written)
+    assert sorted(loaded) == ["a", "b"]
+    assert all(torch.equal(t, torch.arange(4, dtype=torch.float32)) for t in loaded.values())
