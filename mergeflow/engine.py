@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -256,6 +257,10 @@ class _Workspace:
         return views
 
 
+# How the kernels see a tensor's bytes (numpy has no bfloat16: its bit patterns).
+_KERNEL_VIEWS = {torch.bfloat16: np.uint16, torch.float32: np.float32}
+
+
 def _chunk_elements(work_bytes: int, n_models: int) -> int:
     """Elements per chunk: models + base + scratch in float32 fit in `work_bytes`."""
     return max(1024, work_bytes // (4 * (n_models + 4)))
@@ -319,9 +324,13 @@ class _TensorMerge:
         return None
 
     def _read_whole(self, entry, buffer: torch.Tensor, raw: torch.Tensor):
-        """One whole tensor as the kernels read it. bfloat16 (as bit patterns) and float32 are
-        read straight into `buffer`'s bytes; other dtypes go through `raw` into float32."""
-        if entry.dtype in (torch.bfloat16, torch.float32):
+        """One whole tensor as the kernels read it. bfloat16 (as bit patterns) and float32 in
+        a local file are the file's pages, mapped (copying them cost a quarter of the
+        statistics' time); from S3 they are read straight into `buffer`'s bytes. Other dtypes
+        go through `raw` into float32."""
+        if entry.dtype in _KERNEL_VIEWS and (mapped := self.reader.map(entry)) is not None:
+            return mapped.view(_KERNEL_VIEWS[entry.dtype])
+        if entry.dtype in _KERNEL_VIEWS:
             return kernel_array(self.reader.read(entry, 0, self.numel, into=buffer.view(torch.uint8)))
         return kernel_array(buffer.copy_(self.reader.read(entry, 0, self.numel, into=raw)))
 

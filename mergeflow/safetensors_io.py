@@ -4,7 +4,10 @@ A safetensors file is an 8-byte little-endian header length, a JSON header mappi
 names to dtype, shape and byte offsets, then the raw little-endian data. Reading our own
 headers (instead of mmap-ing through the safetensors package) lets us validate a file before
 any heavy work, read any byte range of a tensor from disk or S3, and keep resident memory
-bounded. Writing our own lets us stream a tensor out in chunks while hashing the shard.
+bounded: a whole tensor is mapped only while a statistic scans it. (A file cut short while one
+of its tensors is mapped ends the process with SIGBUS, as in any reader that maps files; every
+file is checked against its header when opened.) Writing our own lets us stream a tensor out
+in chunks while hashing the shard.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import numpy as np
 import torch
 
 from mergeflow.errors import CheckpointError
@@ -130,6 +135,20 @@ class TensorFileReader:
                 "the file changed or is truncated"
             )
         return buffer.view(entry.dtype)
+
+    def map(self, entry: TensorEntry) -> np.ndarray | None:
+        """The bytes of a whole tensor of a local file as a read-only view of the file's pages
+        (no copy), or None for a file in S3. The mapping goes when the last view of it does."""
+        if not entry.file.is_local:
+            return None
+        start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapped = mmap.mmap(
+                self._fd(entry.file.path), entry.offset + entry.nbytes - start, prot=mmap.PROT_READ, offset=start
+            )
+        except (OSError, ValueError) as exc:  # a file cut short since its header was read
+            raise CheckpointError(f"{entry.file.uri}: tensor '{entry.name}': cannot map it: {exc}") from exc
+        return np.frombuffer(mapped, dtype=np.uint8, count=entry.nbytes, offset=entry.offset - start)
 
     def _fd(self, path: str) -> int:
         if path not in self._fds:

@@ -26,7 +26,9 @@ from mergeflow.engine import merge
 from mergeflow.methods import METHODS
 from mergeflow.methods.primitives import dare_key, dare_uniforms
 from mergeflow.output import ShardedWriter
-from mergeflow.safetensors_io import PlannedTensor
+from mergeflow.errors import CheckpointError
+from mergeflow.safetensors_io import PlannedTensor, TensorFileReader, read_header
+from mergeflow.storage import locate
 from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo
 
 # --- an independent reference: whole tensors, plain torch, mergekit's formulas ---------------
@@ -373,3 +375,21 @@ def test_an_error_of_a_background_write_is_raised_in_order(tmp_path):
     loaded = load_file(written)
     assert sorted(loaded) == ["a", "b"]
     assert all(torch.equal(t, torch.arange(4, dtype=torch.float32)) for t in loaded.values())
+
+
+def test_a_mapped_tensor_holds_the_bytes_a_read_returns(tmp_path):
+    tensors = {"a": torch.randn(3, 5).bfloat16(), "b": torch.randn(7)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    entries = {e.name: e for e in read_header(locate(str(tmp_path / "model.safetensors")))}
+    reader = TensorFileReader()
+    for name, entry in entries.items():
+        mapped = reader.map(entry)
+        assert not mapped.flags.writeable
+        assert mapped.tobytes() == reader.read(entry, 0, entry.numel).view(torch.uint8).numpy().tobytes(), name
+
+    with open(tmp_path / "model.safetensors", "r+b") as file:  # cut short after its header was read
+        file.truncate(file.seek(0, 2) - 4)
+    last = max(entries.values(), key=lambda e: e.offset)
+    with pytest.raises(CheckpointError, match=f"tensor '{last.name}': cannot map it"):
+        reader.map(last)
+    reader.close()
