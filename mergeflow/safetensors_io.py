@@ -143,9 +143,8 @@ class TensorFileReader:
             return None
         start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
         try:
-            mapped = mmap.mmap(
-                self._fd(entry.file.path), entry.offset + entry.nbytes - start, prot=mmap.PROT_READ, offset=start
-            )
+            length = entry.offset + entry.nbytes - start
+            mapped = mmap.mmap(self._fd(entry.file.path), length, prot=mmap.PROT_READ, offset=start)
         except (OSError, ValueError) as exc:  # a file cut short since its header was read
             raise CheckpointError(f"{entry.file.uri}: tensor '{entry.name}': cannot map it: {exc}") from exc
         return np.frombuffer(mapped, dtype=np.uint8, count=entry.nbytes, offset=entry.offset - start)

@@ -23,10 +23,10 @@ from typer.testing import CliRunner
 from mergeflow.cli import app
 from mergeflow.config import parse_config
 from mergeflow.engine import merge
+from mergeflow.errors import CheckpointError
 from mergeflow.methods import METHODS
 from mergeflow.methods.primitives import dare_key, dare_uniforms
 from mergeflow.output import ShardedWriter
-from mergeflow.errors import CheckpointError
 from mergeflow.safetensors_io import PlannedTensor, TensorFileReader, read_header
 from mergeflow.storage import locate
 from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo
@@ -385,7 +385,8 @@ def test_a_mapped_tensor_holds_the_bytes_a_read_returns(tmp_path):
     for name, entry in entries.items():
         mapped = reader.map(entry)
         assert not mapped.flags.writeable
-        assert mapped.tobytes() == reader.read(entry, 0, entry.numel).view(torch.uint8).numpy().tobytes(), name
+        read = reader.read(entry, 0, entry.numel).view(torch.uint8).numpy()
+        assert mapped.tobytes() == read.tobytes(), name
 
     with open(tmp_path / "model.safetensors", "r+b") as file:  # cut short after its header was read
         file.truncate(file.seek(0, 2) - 4)
