@@ -32,6 +32,7 @@ import psutil
 import torch
 import yaml
 from machine import describe_machine, machine_line
+from results_history import write_keeping_history
 from safetensors import safe_open
 
 from mergeflow.zoo.generated import BENCH_166M, GeneratedZooSpec, build_generated_zoo
@@ -292,7 +293,7 @@ def write_results(rows: list[dict], info: dict, results: Path) -> None:
         METRIC_NOTE,
         "",
     ]
-    (results / "merge_bench.md").write_text("\n".join(md))
+    write_keeping_history(results / "merge_bench.md", "\n".join(md))
 
 
 def print_table(rows: list[dict]) -> None:
