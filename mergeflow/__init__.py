@@ -6,12 +6,15 @@ import os
 # pool spins before it sleeps; spinning for libgomp's default 300,000 rounds against the other
 # pool made merges up to 3x slower on the first 2-core machines. Not spinning at all makes every
 # torch operation wake its threads from sleep: training the zoo's small models ran 1.6-1.9x
-# slower per step (5M: 203 vs 120 ms, 2M: 98 vs 52). A short spin keeps both: merges take the
-# same time with 0, 30,000 or 100,000 rounds (docs/zoo.md). libgomp honours the spin count under
+# slower per step (5M: 203 vs 120 ms, 2M: 98 vs 52). A short spin suits training; the
+# `mergeflow merge` command spins none (MERGE_SPIN_COUNT). libgomp honours the spin count under
 # the passive policy; other OpenMP runtimes only read the policy. Must be set before either
 # library starts its pool; a user's value wins.
+TRAINING_SPIN_COUNT = "100000"
+MERGE_SPIN_COUNT = "0"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("GOMP_SPINCOUNT", "100000")
+SPIN_COUNT_FROM_USER = "GOMP_SPINCOUNT" in os.environ
+os.environ.setdefault("GOMP_SPINCOUNT", TRAINING_SPIN_COUNT)
 
 __all__ = ["MergeConfig", "MergeResult", "MergeflowError", "load_config", "merge"]
 __version__ = "0.1.0"

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
+import mergeflow
 from mergeflow.cli import app, parse_size
 from mergeflow.methods import ALIASES, METHODS
 
@@ -64,3 +68,23 @@ def test_parse_size_rejects_nonsense():
 
     with pytest.raises(typer.BadParameter):
         parse_size("lots")
+
+
+def test_a_merge_process_waits_without_spinning_unless_the_user_says_otherwise():
+    # The settings only take effect before torch loads, so each case runs in a fresh process.
+    script = (
+        "import os, sys; from mergeflow.cli import _threads_for_command; _threads_for_command(sys.argv[1:]);"
+        "print(os.environ['GOMP_SPINCOUNT'], os.environ['OPENBLAS_NUM_THREADS'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OPENBLAS_NUM_THREADS")}
+
+    def settings(*args: str, **extra: str) -> list[str]:
+        run = subprocess.run(
+            [sys.executable, "-c", script, *args], env=env | extra, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout.split()
+
+    assert settings("-v", "merge", "config.yaml") == [mergeflow.MERGE_SPIN_COUNT, "1"]
+    assert settings("zoo", "build") == [mergeflow.TRAINING_SPIN_COUNT, "1"]
+    assert settings("merge", "config.yaml", GOMP_SPINCOUNT="5", OPENBLAS_NUM_THREADS="2") == ["5", "2"]
