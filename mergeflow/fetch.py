@@ -18,7 +18,8 @@ from pathlib import Path
 
 from mergeflow.checkpoint import MANIFEST
 from mergeflow.errors import CheckpointError
-from mergeflow.hashing import cache_dir, file_sha256, model_sha256_at
+from mergeflow.file_hashes import cache_dir
+from mergeflow.hashing import file_sha256, model_sha256_at
 from mergeflow.storage import locate
 
 MLFLOW_SCHEME = "models:/"

@@ -1,52 +1,32 @@
 """Content hashes of input models, for lineage. Local file hashes are cached by
-(path, size, mtime), so re-merging the same experts does not re-read them, and a weight file in
-a Hugging Face cache is named by its sha256 already."""
+(path, size, mtime) (mergeflow.file_hashes), so re-merging the same experts does not re-read
+them, and a weight file in a Hugging Face cache is named by its sha256 already."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mergeflow.checkpoint import CONFIG, MANIFEST, Checkpoint, open_checkpoint
+from mergeflow.file_hashes import HASH_BLOCK, local_file_sha256
 from mergeflow.storage import Location
 
-HASH_BLOCK = 8 << 20
 _SHA256_NAME = re.compile(r"[0-9a-f]{64}")
-_CACHE_LOCK = threading.Lock()
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MERGEFLOW_CACHE_DIR", Path.home() / ".cache" / "mergeflow"))
 
 
 def file_sha256(file: Location, remember: bool = True) -> str:
-    """sha256 of one file. A local file's hash is remembered by (path, size, mtime) unless
-    `remember` is off, for files in a throwaway folder that would only grow the cache."""
-    if not file.is_local or not remember:
-        digest = hashlib.sha256()
-        with file.fs.open(file.path, "rb", block_size=HASH_BLOCK) as f:
-            while block := f.read(HASH_BLOCK):
-                digest.update(block)
-        return digest.hexdigest()
-    stat = os.stat(file.path)
-    key = f"{file.path}|{stat.st_size}|{stat.st_mtime_ns}"
-    cache_file = cache_dir() / "file-hashes.json"
-    known = read_json_cache(cache_file).get(key)
-    if known:
-        return known
+    """sha256 of one file; a local file's hash is remembered unless `remember` is off
+    (mergeflow.file_hashes.local_file_sha256)."""
+    if file.is_local:
+        return local_file_sha256(file.path, remember)
     digest = hashlib.sha256()
-    # One buffer read into again and again: a fresh bytes object per block would pay page
-    # faults on every block (a fifth of the time of hashing a file from the page cache).
-    block = memoryview(bytearray(HASH_BLOCK))
-    with open(file.path, "rb", buffering=0) as f:
-        while size := f.readinto(block):
-            digest.update(block[:size])
-    return update_json_cache(cache_file, {key: digest.hexdigest()})[key]
+    with file.fs.open(file.path, "rb", block_size=HASH_BLOCK) as f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def hub_cache_sha256(file: Location) -> str | None:
@@ -102,25 +82,3 @@ def model_sha256_at(ref: str) -> str:
         return model_sha256(checkpoint)
     finally:
         checkpoint.close()
-
-
-def read_json_cache(path: Path) -> dict:
-    """A JSON cache file's content; an absent or damaged file is an empty cache."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def update_json_cache(path: Path, entries: dict) -> dict:
-    """Add `entries` to a JSON cache file and return its new content. Read-modify-write under a
-    lock, as threads (Prefect's mapped tasks, the study's cells) update caches concurrently; the
-    file is replaced whole, so readers never see half. Between processes an update may be lost,
-    which only costs recomputing it later."""
-    with _CACHE_LOCK:
-        cache = read_json_cache(path) | entries
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
-        partial.write_text(json.dumps(cache, indent=1))
-        os.replace(partial, path)
-        return cache

@@ -26,7 +26,8 @@ from mergeflow.errors import ConfigError
 from mergeflow.eval.harness import evaluate
 from mergeflow.eval.metrics import normalise, task_infos
 from mergeflow.eval.tasks import held_out_tasks
-from mergeflow.hashing import cache_dir, model_sha256_at, read_json_cache, update_json_cache
+from mergeflow.file_hashes import cache_dir, read_json_cache, update_json_cache
+from mergeflow.hashing import model_sha256_at
 from mergeflow.merges import PAPER_METHODS, default_destination, merge_key, merge_or_reuse
 from mergeflow.methods import METHODS
 from mergeflow.task_vectors import ensure_task_vector

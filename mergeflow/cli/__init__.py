@@ -36,6 +36,9 @@ def merge_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Merge the models in CONFIG into OUT, streaming tensor by tensor."""
+    from mergeflow.file_hashes import start_hashing_inputs
+
+    start_hashing_inputs(config)  # while torch loads
     from mergeflow.config import load_config
     from mergeflow.engine import merge
 

@@ -1,0 +1,99 @@
+"""Local file hashes: remembered across processes, computed once at a time within one, and
+started for a merge's inputs before torch loads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergeflow.file_hashes import _local_model_files, local_file_sha256, read_json_cache, start_hashing_inputs
+from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo
+
+
+@pytest.fixture
+def hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "file-hashes.json"
+
+
+@pytest.fixture(scope="module")
+def sharded_zoo(tmp_path_factory):
+    spec = GeneratedZooSpec(num_experts=2, shard_bytes=40_000, seed=2)
+    return build_generated_zoo(tmp_path_factory.mktemp("zoo"), spec)
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_threads_hashing_one_file_at_once_all_get_its_hash(tmp_path, hash_cache):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(os.urandom(48 << 20))  # several hash blocks: the threads overlap
+    results: list[str] = []
+
+    def hash_it() -> None:
+        results.append(local_file_sha256(str(path)))
+
+    threads = [threading.Thread(target=hash_it) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [sha256(path)] * 4
+    assert list(read_json_cache(hash_cache).values()) == [sha256(path)]
+
+
+def test_a_merge_config_names_the_local_files_to_hash(sharded_zoo, tmp_path, monkeypatch):
+    config = {
+        "merge_method": "ties",
+        "base_model": sharded_zoo["base"],
+        "models": [
+            {"model": f"file://{sharded_zoo['expert_0']}"},
+            {"model": os.path.relpath(sharded_zoo["expert_1"], tmp_path)},  # from the working dir
+            {"model": "s3://bucket/expert"},  # hashed by the merge, not before
+            {"model": str(tmp_path / "missing")},
+        ],
+    }
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    files = _local_model_files("merge.yaml")
+    for name in ("base", "expert_0", "expert_1"):
+        folder = Path(sharded_zoo[name]).resolve()
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        shards = sorted({str(folder / shard) for shard in index["weight_map"].values()})
+        assert len(shards) > 1
+        of_folder = [f for f in files if f.startswith(f"{folder}{os.sep}")]
+        assert of_folder == [str(folder / "config.json"), *shards]
+    assert len(files) == 3 * (1 + len(shards))
+
+    (tmp_path / "broken.yaml").write_text("models: [")
+    assert _local_model_files("broken.yaml") == []
+
+
+def test_hashes_started_before_a_merge_are_the_files_hashes(sharded_zoo, tmp_path, hash_cache):
+    config = tmp_path / "merge.yaml"
+    models = [{"model": sharded_zoo["expert_0"]}]
+    config.write_text(yaml.safe_dump({"base_model": sharded_zoo["base"], "models": models}))
+    start_hashing_inputs(config)
+    for thread in threading.enumerate():
+        if thread.name == "mergeflow-prehash":
+            thread.join()
+    hashed = {key.split("|")[0]: digest for key, digest in read_json_cache(hash_cache).items()}
+    assert hashed == {path: sha256(path) for path in _local_model_files(config)}
+
+
+def test_the_merge_command_loads_no_torch_before_it_starts_hashing(tmp_path):
+    script = (
+        "import sys; from mergeflow.file_hashes import start_hashing_inputs;"
+        "print('torch' in sys.modules, 'numpy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
