@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import math
 import time
@@ -158,7 +157,9 @@ def _release_large_blocks_to_the_os() -> None:
     No-op where glibc's mallopt is unavailable.
     """
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # The symbols already loaded into the process: ctypes.util.find_library would fork the
+        # merge process to run ldconfig (a tree-wide RSS sample then counted its pages twice).
+        libc = ctypes.CDLL(None)
         libc.mallopt(_M_MMAP_THRESHOLD, 16 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
