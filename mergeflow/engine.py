@@ -68,7 +68,8 @@ def merge(
     _release_large_blocks_to_the_os()
     # Without `threads`, as many as torch uses: a caller that limits torch (a one-thread Dask
     # worker) limits the kernels too.
-    use_threads(threads or torch.get_num_threads())
+    threads = threads or torch.get_num_threads()
+    use_threads(threads)
     method = config.method
     opened: list[Checkpoint] = []
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-hash-inputs")
@@ -98,7 +99,8 @@ def merge(
         hashing = background.submit(models_sha256, to_hash, workers=torch.get_num_threads())
         stage = StagedOutput(out, overwrite=overwrite)
         try:
-            writer = ShardedWriter(stage.folder, plan, max_shard_bytes, background=True)
+            # A writer thread is one more core at work: not for a caller that asked for one.
+            writer = ShardedWriter(stage.folder, plan, max_shard_bytes, background=threads > 1)
             _merge_all(config, method, base, experts, reference, plan, writer, work_bytes, progress)
             hashes = hashing.result()
             if base and base_sha is None:
