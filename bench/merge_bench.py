@@ -1,12 +1,13 @@
 """Benchmark mergeflow against mergekit on a generated Llama zoo.
 
 For every (method, expert count) one mergekit YAML is written and given unchanged to both
-tools, each run as a subprocess. Reported: wall time, peak RSS of the whole process tree
-(the sum over the tree sampled every 50 ms, or the exact peak of its largest process from
-/usr/bin/time when that is higher) and how far the two outputs are apart, tensor by tensor.
+tools, each run as a subprocess, `--repeats` times taking turns. Reported: the median wall
+time (fastest and slowest in brackets), the highest peak RSS of the whole process tree (the sum
+over the tree sampled every 50 ms, or the exact peak of its largest process from /usr/bin/time
+when that is higher) and how far the two outputs are apart, tensor by tensor.
 
     .venv/bin/python bench/merge_bench.py                      # 166M zoo, 4 methods, 2 and 8 experts
-    .venv/bin/python bench/merge_bench.py --experts 8 --methods ties
+    .venv/bin/python bench/merge_bench.py --experts 8 --methods ties --repeats 1   # a quick look
     .venv/bin/python bench/merge_bench.py --hidden 256 --layers 2 --vocab 4096 --intermediate 512
 """
 
@@ -20,6 +21,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -46,6 +48,7 @@ SAMPLE_SECONDS = 0.05
 # stream that generated the zoo, and the bf16 bernoulli masks then correlate with the weights.
 MERGEKIT_SEED = 12345
 METRIC_NOTE = (
+    "Times: median of the runs (fastest–slowest). "
     "max|Δ|: largest |mergeflow − mergekit| over all entries; rel: the largest, over tensors, of "
     "max|Δ| / max|base tensor|; >1ulp: fraction of entries differing by more than one unit in the "
     "last place of the output dtype (at the larger of the two values); δstd: std of (merged − base) "
@@ -121,6 +124,20 @@ def run_measured(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, An
             "largest_process_mb": largest / 1e6, "rc": proc.returncode, "log": str(log)}  # fmt: skip
 
 
+def summarise(runs: list[dict]) -> dict[str, Any]:
+    """One tool's runs of one config: the median wall time, the highest peak RSS, every run."""
+    failed = [r for r in runs if r["rc"] != 0]
+    seconds = sorted(r["seconds"] for r in runs)
+    return {
+        "seconds": statistics.median(seconds),
+        "seconds_range": [seconds[0], seconds[-1]],
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "rc": failed[0]["rc"] if failed else 0,
+        "log": (failed or runs)[-1]["log"],
+        "runs": runs,
+    }
+
+
 def tensor_index(folder: Path, stack: contextlib.ExitStack) -> dict[str, Any]:
     """{tensor name: open safetensors handle} over every shard in `folder`."""
     index = {}
@@ -182,19 +199,27 @@ def bench_one(method: str, n: int, zoo: Path, spec: GeneratedZooSpec, args: argp
     config = work / "config.yaml"
     config.write_text(yaml.safe_dump(merge_config(method, n, zoo, spec.dtype), sort_keys=False))
     threads = ["--threads", str(args.threads)] if args.threads else []
-    # A fresh hash cache per run: mergeflow's timing includes sha256 of every input file.
-    env = dict(os.environ, MERGEFLOW_CACHE_DIR=str(work / "hash-cache"))
     row: dict[str, Any] = {"method": method, "experts": n, "config": str(config)}
     mf_cmd = [str(BIN / "mergeflow"), "merge", str(config), "--out", str(work / "mergeflow"), "-q"]
     mf_cmd += ["--overwrite", "--shard-size", str(spec.shard_bytes), *threads]
-    row["mergeflow"] = run_measured(mf_cmd, work / "mergeflow.log", env)
-    if not args.skip_mergekit:
-        itemsize = getattr(torch, spec.dtype).itemsize
-        mk_cmd = [str(BIN / "mergekit-yaml"), str(config), str(work / "mergekit"), "--no-copy-tokenizer"]
-        mk_cmd += ["--no-write-model-card", "--quiet", "--random-seed", str(MERGEKIT_SEED)]
-        mk_cmd += ["--out-shard-size", str(spec.shard_bytes // itemsize)]
-        mk_cmd += ["-j", str(args.threads)] if args.threads else []
-        row["mergekit"] = run_measured(mk_cmd, work / "mergekit.log", env)
+    itemsize = getattr(torch, spec.dtype).itemsize
+    mk_cmd = [str(BIN / "mergekit-yaml"), str(config), str(work / "mergekit"), "--no-copy-tokenizer"]
+    mk_cmd += ["--no-write-model-card", "--quiet", "--random-seed", str(MERGEKIT_SEED)]
+    mk_cmd += ["--out-shard-size", str(spec.shard_bytes // itemsize)]
+    mk_cmd += ["-j", str(args.threads)] if args.threads else []
+    tools = {"mergeflow": mf_cmd} | ({} if args.skip_mergekit else {"mergekit": mk_cmd})
+    runs: dict[str, list[dict]] = {tool: [] for tool in tools}
+    # The tools take turns, so a slow spell of this noisy machine falls on both.
+    for attempt in range(args.repeats):
+        for tool, cmd in tools.items():
+            # A fresh hash cache per run: mergeflow's timing includes sha256 of every input file.
+            env = dict(os.environ, MERGEFLOW_CACHE_DIR=str(work / f"hash-cache-{attempt}"))
+            run = run_measured(cmd, work / f"{tool}-{attempt}.log", env)
+            runs[tool].append(run)
+            if run["rc"] != 0:
+                break
+    for tool, measured in runs.items():
+        row[tool] = summarise(measured)
     for tool in ("mergeflow", "mergekit"):
         if tool in row and row[tool]["rc"] != 0:
             tail = Path(row[tool]["log"]).read_text(errors="replace")[-2000:]
@@ -218,15 +243,21 @@ HEADER = (
 
 def cells(row: dict) -> list[str]:
     mf, mk, cmp = row["mergeflow"], row.get("mergekit"), row.get("compare")
-    out = [row["method"], str(row["experts"]), f"{mf['seconds']:.1f}"]
+    out = [row["method"], str(row["experts"]), wall_time(mf)]
     if mk is None:
         return [*out, "-", "-", f"{mf['peak_rss_mb']:.0f}", *["-"] * 6]
-    out += [f"{mk['seconds']:.1f}", f"{row['speedup']:.1f}×", f"{mf['peak_rss_mb']:.0f}"]
+    out += [wall_time(mk), f"{row['speedup']:.1f}×", f"{mf['peak_rss_mb']:.0f}"]
     out += [f"{mk['peak_rss_mb']:.0f}", f"{row['rss_ratio']:.1f}×"]
     if not row["comparable"]:
         return [*out, "n/c (random masks differ)", "n/c", "n/c", f"{cmp['delta_std_ratio']:.3f}"]
     out += [f"{cmp['max_abs_diff']:.2e}", f"{cmp['max_abs_diff_rel_base']:.2e}"]
     return [*out, f"{100 * cmp['frac_beyond_1ulp']:.4f}%", f"{cmp['delta_std_ratio']:.4f}"]
+
+
+def wall_time(tool: dict) -> str:
+    """The median, and the fastest and slowest run when there were several."""
+    median, (low, high) = tool["seconds"], tool["seconds_range"]
+    return f"{median:.1f}" if len(tool["runs"]) == 1 else f"{median:.1f} ({low:.1f}–{high:.1f})"
 
 
 def summary_lines(rows: list[dict]) -> list[str]:
@@ -320,6 +351,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", default=str(BENCH / "results"), help="where merge_bench.md/.json go")
     p.add_argument("--threads", type=int, default=None, help="torch threads for both tools")
     p.add_argument("--keep-outputs", action="store_true", help="keep the merged models")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="runs of each tool per config, taking turns; median reported"
+    )
     return p.parse_args(argv)
 
 
