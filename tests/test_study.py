@@ -153,6 +153,8 @@ def test_findings_follow_from_the_table():
     assert verdicts == {1: "reproduces", 2: "reproduces", 3: "reproduces", 4: "reproduces", 5: "reproduces"}
     verdicts = {f.number: f.verdict for f in findings(paper_like(it_bonus=-0.1, converge=False))}
     assert verdicts[1] == "does not reproduce" and verdicts[4] == "does not reproduce"
+    # Finding 5 is about IT bases: here only the PT families' merges beat their multitask models.
+    assert verdicts[5] == "does not reproduce"
 
 
 def test_an_effect_smaller_than_the_seed_noise_decides_nothing():
@@ -179,6 +181,8 @@ def test_a_finding_that_needs_an_absent_axis_says_so(tmp_path):
     report = write_report(one_size, tmp_path).read_text()
     assert "not testable here" in report and "![](scores_vs_experts.png)" in report
     assert {p.name for p in tmp_path.glob("*.png")} >= {"scores_vs_experts.png", "pt_vs_it.png"}
+    only_pt = {f.number: f for f in findings(table[table["stage"] == "pt"])}
+    assert only_pt[5].verdict == "not testable here" and "no IT base" in only_pt[5].evidence
 
 
 def cell_run_states(count: int) -> dict[str, list[str]]:
