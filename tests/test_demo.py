@@ -30,3 +30,20 @@ def test_demo_merges_with_every_paper_method_and_registers_the_best(
     table = summary_table(outcomes).splitlines()
     assert len(table) == 1 + len(PAPER_METHODS)
     assert table[2].startswith("task_arithmetic") and "lambda=" in table[2]
+
+
+def test_flows_start_prefect_servers_without_telemetry_unless_the_user_asks():
+    """Offline, the temporary server's telemetry logged an ERROR in the middle of the demo."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import flows, os; print(os.environ['PREFECT_SERVER_ANALYTICS_ENABLED'])"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
+
+    def value(extra: dict) -> str:
+        run = subprocess.run([sys.executable, "-c", code], env=env | extra, capture_output=True, text=True)
+        return run.stdout.strip()
+
+    assert value({}) == "false"
+    assert value({"PREFECT_SERVER_ANALYTICS_ENABLED": "true"}) == "true"
