@@ -125,15 +125,13 @@ def run_measured(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, An
 
 
 def summarise(runs: list[dict]) -> dict[str, Any]:
-    """One tool's runs of one config: the median wall time, the highest peak RSS, every run."""
-    failed = [r for r in runs if r["rc"] != 0]
+    """One tool's successful runs of one config: the median wall time, the highest peak RSS,
+    every run."""
     seconds = sorted(r["seconds"] for r in runs)
     return {
         "seconds": statistics.median(seconds),
         "seconds_range": [seconds[0], seconds[-1]],
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-        "rc": failed[0]["rc"] if failed else 0,
-        "log": (failed or runs)[-1]["log"],
         "runs": runs,
     }
 
@@ -215,15 +213,12 @@ def bench_one(method: str, n: int, zoo: Path, spec: GeneratedZooSpec, args: argp
             # A fresh hash cache per run: mergeflow's timing includes sha256 of every input file.
             env = dict(os.environ, MERGEFLOW_CACHE_DIR=str(work / f"hash-cache-{attempt}"))
             run = run_measured(cmd, work / f"{tool}-{attempt}.log", env)
-            runs[tool].append(run)
             if run["rc"] != 0:
-                break
+                tail = Path(run["log"]).read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{tool} failed on {method} with {n} experts (rc {run['rc']}):\n{tail}")
+            runs[tool].append(run)
     for tool, measured in runs.items():
         row[tool] = summarise(measured)
-    for tool in ("mergeflow", "mergekit"):
-        if tool in row and row[tool]["rc"] != 0:
-            tail = Path(row[tool]["log"]).read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{tool} failed on {method} with {n} experts (rc {row[tool]['rc']}):\n{tail}")
     if "mergekit" in row:
         row["speedup"] = row["mergekit"]["seconds"] / row["mergeflow"]["seconds"]
         row["rss_ratio"] = row["mergekit"]["peak_rss_mb"] / row["mergeflow"]["peak_rss_mb"]
