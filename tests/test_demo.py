@@ -3,6 +3,10 @@ registered; the table it prints."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import mlflow
 
 from flows.demo import PAPER_METHODS, best_method, demo, summary_table
@@ -34,10 +38,6 @@ def test_demo_merges_with_every_paper_method_and_registers_the_best(
 
 def test_flows_start_prefect_servers_without_telemetry_unless_the_user_asks():
     """Offline, the temporary server's telemetry logged an ERROR in the middle of the demo."""
-    import os
-    import subprocess
-    import sys
-
     code = "import flows, os; print(os.environ['PREFECT_SERVER_ANALYTICS_ENABLED'])"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
 

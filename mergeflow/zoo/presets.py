@@ -123,7 +123,7 @@ DEMO = replace(
     expert=TrainSpec(steps=200, lr=3e-3, batch_size=16, max_len=96),
     expert_overrides={"topic": TINY.expert_overrides["topic"]},
     tokenizer_tasks=None,
-    # About 40% of the experts' combined steps, at the rate topic needs, as tiny's.
+    # About a third of the experts' combined steps (200 + 960), at the rate topic needs.
     multitask=TrainSpec(steps=400, lr=1e-3, batch_size=16, max_len=96),
 )
 
