@@ -15,7 +15,7 @@ os.environ.setdefault("MERGEFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="mergeflow-
 
 from mergeflow.zoo.build import build_preset  # noqa: E402
 from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo, llama_config  # noqa: E402
-from mergeflow.zoo.presets import LlamaSize, Preset  # noqa: E402
+from mergeflow.zoo.presets import MIXED, LlamaSize, Preset  # noqa: E402
 from mergeflow.zoo.training import TrainSpec  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
@@ -37,10 +37,12 @@ MICRO = Preset(
     description="test-only micro zoo",
     sizes=(LlamaSize("micro", hidden_size=128, num_layers=2, intermediate_size=256, num_heads=4),),
     vocab_size=4096,
+    # In tiny's precisions: bases in float32, experts and multitask mixed where the CPU has
+    # bfloat16 natively (float32 elsewhere).
     pretrain=TrainSpec(steps=10, lr=3e-3, batch_size=8, max_len=64, warmup_steps=2),
     instruct=TrainSpec(steps=10, lr=1e-3, batch_size=8, max_len=64, warmup_steps=2),
-    expert=TrainSpec(steps=100, lr=3e-3, batch_size=16, max_len=96),
-    multitask=TrainSpec(steps=20, lr=3e-3, batch_size=16, max_len=64),
+    expert=TrainSpec(steps=100, lr=3e-3, batch_size=16, max_len=96, precision=MIXED),
+    multitask=TrainSpec(steps=20, lr=3e-3, batch_size=16, max_len=64, precision=MIXED),
     instruct_examples=200,
     tasks=("text_genre",),
 )

@@ -15,7 +15,16 @@ import torch
 from conftest import random_llama
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from mergeflow.zoo.training import IGNORE, TrainSequence, TrainSpec, _batch, _loss, row_capacity, train
+from mergeflow.zoo.training import (
+    IGNORE,
+    TrainSequence,
+    TrainSpec,
+    _batch,
+    _loss,
+    resolved_precision,
+    row_capacity,
+    train,
+)
 
 
 def _sequences(answer_only: bool) -> list[TrainSequence]:
@@ -40,10 +49,13 @@ def _padded_reference(sequences: list[TrainSequence], pad: int) -> tuple[torch.T
     return ids, labels
 
 
+# Mixed-precision training switches to eager attention, whose packed-sequence masks must hold too.
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("capacity", [0, 16, 64], ids=["one-per-row", "packed-in-rows", "one-row"])
 @pytest.mark.parametrize("answer_only", [True, False], ids=["answer-only", "every-token"])
-def test_the_loss_and_its_gradients_equal_the_models_own(answer_only, capacity):
+def test_the_loss_and_its_gradients_equal_the_models_own(answer_only, capacity, attention):
     model = random_llama(97, tie_word_embeddings=True)
+    model.set_attn_implementation(attention)
     sequences = _sequences(answer_only)
     batch = _batch(sequences, pad=0, capacity=capacity)
     assert len(batch.ids) == {0: 6, 16: 4, 64: 1}[capacity]  # the sequences really share rows
@@ -59,17 +71,46 @@ def test_the_loss_and_its_gradients_equal_the_models_own(answer_only, capacity):
         torch.testing.assert_close(ours_g, p.grad, rtol=1e-5, atol=1e-7)
 
 
-def _trained_weights(seed: int) -> list[torch.Tensor]:
+def _trained(seed: int, precision: str = "float32"):
     model = random_llama(97, tie_word_embeddings=True)
-    spec = TrainSpec(steps=20, lr=3e-3, batch_size=4, max_len=32, warmup_steps=2, seed=seed)
-    train(model, _sequences(answer_only=True), spec, pad_id=0, progress=False)
-    return [p.detach().clone() for p in model.parameters()]
+    spec = TrainSpec(
+        steps=20, lr=3e-3, batch_size=4, max_len=32, warmup_steps=2, seed=seed, precision=precision
+    )
+    stats = train(model, _sequences(answer_only=True), spec, pad_id=0, progress=False)
+    return model, stats
 
 
-def test_training_is_deterministic_for_a_seed():
-    first, again, other = _trained_weights(0), _trained_weights(0), _trained_weights(1)
+def _trained_weights(seed: int, precision: str = "float32") -> list[torch.Tensor]:
+    return [p.detach().clone() for p in _trained(seed, precision)[0].parameters()]
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed-bfloat16"])
+def test_training_is_deterministic_for_a_seed(precision):
+    first, again = _trained_weights(0, precision), _trained_weights(0, precision)
+    other = _trained_weights(1, precision)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a, c) for a, c in zip(first, other, strict=True))
+
+
+def test_mixed_precision_multiplies_in_bfloat16_and_keeps_float32_weights():
+    model, stats = _trained(0, "mixed-bfloat16")
+    assert stats["final_loss"] < stats["first_loss"] - 0.5
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    # The model goes back to its own attention after training with eager attention.
+    assert model.config._attn_implementation == "sdpa"
+    float32 = _trained_weights(0, "float32")
+    mixed = [p.detach() for p in model.parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(mixed, float32, strict=True))
+    # Rounded products, not another computation: the two trainings stay close.
+    for a, b in zip(mixed, float32, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0.05)
+
+
+def test_mixed_precision_falls_back_to_float32_where_bfloat16_is_not_native():
+    mixed = TrainSpec(steps=1, lr=1e-3, batch_size=4, precision="mixed-bfloat16")
+    assert resolved_precision(mixed, torch.device("meta")).precision == "float32"
+    float32 = TrainSpec(steps=1, lr=1e-3, batch_size=4)
+    assert resolved_precision(float32, torch.device("cpu")) == float32
 
 
 def test_zoo_models_pack_and_other_architectures_do_not():

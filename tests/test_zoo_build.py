@@ -13,7 +13,8 @@ from safetensors import safe_open
 
 from mergeflow.errors import ZooError
 from mergeflow.eval.harness import evaluate
-from mergeflow.zoo.build import RECORD, build_preset, built_models, load_index
+from mergeflow.zoo.build import RECORD, build_preset, built_models, device, load_index
+from mergeflow.zoo.training import fast_bfloat16, resolved_precision
 
 
 def test_an_expert_trained_here_beats_its_base_on_its_task(micro_zoo, monkeypatch):
@@ -32,7 +33,9 @@ def test_the_record_holds_the_hyper_parameters(micro_zoo):
     _, index = micro_zoo
     expert = index["families"]["tinymicro-it-trained-here"]["experts"]["text_genre"]
     record = json.loads((Path(expert) / RECORD).read_text())
-    assert record["train"] == dataclasses.asdict(MICRO.expert)
+    # The precision it really trained in: mixed only where the CPU multiplies bfloat16 natively.
+    assert record["train"] == resolved_precision(MICRO.expert, device()).as_dict()
+    assert record["train"]["precision"] == ("mixed-bfloat16" if fast_bfloat16(device()) else "float32")
     assert record["role"] == "expert" and record["task"] == "text_genre"
     with safe_open(f"{expert}/model.safetensors", "pt") as f:
         assert "model.embed_tokens.weight" in set(f.keys())

@@ -127,7 +127,7 @@ class Builder:
         if f"pt-{size.name}" in self._bases:
             return self._bases[f"pt-{size.name}"]
         tokenizer_folder, tokenizer_key = self.tokenizer()
-        spec = self.preset.pretrain
+        spec = training.resolved_precision(self.preset.pretrain, device())
         texts = self.pretraining_texts()
         key = content_key(
             role="pt",
@@ -173,7 +173,7 @@ class Builder:
 
     def instruction_tuned(self, size: LlamaSize) -> tuple[Path, str]:
         parent, parent_key = self.pretrained(size)
-        spec = self.preset.instruct
+        spec = training.resolved_precision(self.preset.instruct, device())
         mixture = taskset.instruction_mixture(self.preset.instruct_examples, seed=spec.seed)
         key = content_key(
             role="it", parent=parent_key, spec=spec.as_dict(), data=fingerprint(mixture.to_dict())
@@ -209,7 +209,9 @@ class Builder:
     # -- experts -----------------------------------------------------------------------------
     def fine_tuned(self, base: Path, base_key: str, family: str, task: str | None) -> tuple[Path, dict]:
         """An expert for `task`, or the multitask model when task is None."""
-        spec = self.preset.expert_spec(task) if task else self.preset.multitask
+        spec = training.resolved_precision(
+            self.preset.expert_spec(task) if task else self.preset.multitask, device()
+        )
         names = [task] if task else self.tasks
         splits = [taskset.load_task(name)["train"] for name in names]
         data_key = fingerprint([split.to_dict() for split in splits])

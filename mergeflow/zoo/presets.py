@@ -53,6 +53,13 @@ class Preset:
         return self.expert_overrides.get(task, self.expert)
 
 
+# tiny's experts and multitask models train with bfloat16 matrix products where the CPU has them
+# natively (float32 elsewhere; mergeflow.zoo.training): 1.5-1.9x faster per step there, with
+# the same gains at the gate. Its bases pre-train in float32: pre-trained in mixed precision,
+# the 5M bases gave experts that learned less (5M IT sentiment -0.01, 5M PT semantic category
+# +0.11 against +0.39; bench/results/zoo_build_tiny.md).
+MIXED = "mixed-bfloat16"
+
 # Held-in tasks a model of a few million parameters pre-trained here for minutes learns from the
 # surface of the text. The other five (closed-book QA, analogies, word similarity, definitions,
 # hypernyms) need knowledge it does not have: at 2M its experts stay within 0.05 of the base or
@@ -78,7 +85,7 @@ TINY = Preset(
     vocab_size=8192,
     pretrain=TrainSpec(steps=300, lr=3e-3, batch_size=16, max_len=128, warmup_steps=20),
     instruct=TrainSpec(steps=100, lr=2e-3, batch_size=16, max_len=96),
-    expert=TrainSpec(steps=240, lr=3e-3, batch_size=16, max_len=96),
+    expert=TrainSpec(steps=240, lr=3e-3, batch_size=16, max_len=96, precision=MIXED),
     # Sentiment and topic spread their signal over many rare words: at 2M they stay within 0.07
     # of the base after 240 steps at either lr and after 480 at 3e-3, and learn at 1e-3
     # (sentiment 0.47 -> 0.72, topic 0.31 -> 0.55 on validation in 480 steps). 480 steps was
@@ -88,12 +95,12 @@ TINY = Preset(
     # (seeds 1 and 2: +0.15, -0.01), at 960 +0.16 (+0.11, +0.05): topic takes 960 steps
     # (bench/results/zoo_build_tiny.md).
     expert_overrides={
-        "sentiment": TrainSpec(steps=720, lr=1e-3, batch_size=16, max_len=96),
-        "topic": TrainSpec(steps=960, lr=1e-3, batch_size=16, max_len=96),
+        "sentiment": TrainSpec(steps=720, lr=1e-3, batch_size=16, max_len=96, precision=MIXED),
+        "topic": TrainSpec(steps=960, lr=1e-3, batch_size=16, max_len=96, precision=MIXED),
     },
     # About 40% of the experts' combined steps (6 x 240 + 720 + 960), at the lower rate sentiment
     # and topic need.
-    multitask=TrainSpec(steps=1200, lr=1e-3, batch_size=16, max_len=96),
+    multitask=TrainSpec(steps=1200, lr=1e-3, batch_size=16, max_len=96, precision=MIXED),
     tasks=SURFACE_TASKS,
     # The six tasks tiny had when its tokenizer was trained; word order and spelling edit VADER
     # sentences that sentiment and text_genre already bring.
@@ -120,11 +127,11 @@ DEMO = replace(
     sizes=TINY.sizes[:1],
     stages=("pt",),
     tasks=("text_genre", "topic"),
-    expert=TrainSpec(steps=200, lr=3e-3, batch_size=16, max_len=96),
+    expert=TrainSpec(steps=200, lr=3e-3, batch_size=16, max_len=96, precision=MIXED),
     expert_overrides={"topic": TINY.expert_overrides["topic"]},
     tokenizer_tasks=None,
     # About a third of the experts' combined steps (200 + 960), at the rate topic needs.
-    multitask=TrainSpec(steps=400, lr=1e-3, batch_size=16, max_len=96),
+    multitask=TrainSpec(steps=400, lr=1e-3, batch_size=16, max_len=96, precision=MIXED),
 )
 
 PRESETS = {preset.name: preset for preset in (TINY, SMOL, DEMO)}
