@@ -1,4 +1,4 @@
-"""What each zoo preset builds. Budgets are for 2 CPU cores (see bench/results/zoo_build.md).
+"""What each zoo preset builds. Budgets are for 2 CPU cores (bench/results/zoo_build_<preset>.md).
 
 - `tiny`: Llama models pre-trained here from scratch at two sizes, each as a PT model and an IT
   sibling instruction-tuned on the instruction mixture; one fully fine-tuned expert per held-in
