@@ -15,6 +15,7 @@ import torch
 from conftest import random_llama
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from mergeflow.errors import ZooError
 from mergeflow.zoo.training import (
     IGNORE,
     TrainSequence,
@@ -104,6 +105,11 @@ def test_mixed_precision_multiplies_in_bfloat16_and_keeps_float32_weights():
     # Rounded products, not another computation: the two trainings stay close.
     for a, b in zip(mixed, float32, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0.05)
+
+
+def test_an_unknown_precision_is_refused_by_name():
+    with pytest.raises(ZooError, match="TrainSpec.precision: 'bfloat16'"):
+        TrainSpec(steps=1, lr=1e-3, batch_size=4, precision="bfloat16")
 
 
 def test_mixed_precision_falls_back_to_float32_where_bfloat16_is_not_native():
