@@ -33,7 +33,16 @@ from mergeflow.eval.tasks import (
     text,
     wordnet,
 )
-from mergeflow.eval.tasks.base import MAX_TRAIN_SIZE, MIN_TRAIN_SIZE, TEST_SIZE, VALIDATION_SIZE, build_splits
+from mergeflow.eval.tasks.base import (
+    MAX_TRAIN_SIZE,
+    MAX_VALIDATION_SIZE,
+    MIN_TRAIN_SIZE,
+    MIN_VALIDATION_SIZE,
+    TEST_SIZE,
+    Item,
+    TaskSpec,
+    build_splits,
+)
 from mergeflow.hashing import file_sha256
 from mergeflow.storage import locate
 
@@ -187,8 +196,11 @@ def test_task_sizes_columns_and_prompts(name, real_data):
     spec = TASKS[name]
     data = load_task(name)
     assert list(data) == list(SPLITS)
-    assert len(data["test"]) == TEST_SIZE and len(data["validation"]) == VALIDATION_SIZE
+    assert len(data["test"]) == TEST_SIZE
+    assert MIN_VALIDATION_SIZE <= len(data["validation"]) <= MAX_VALIDATION_SIZE
     assert MIN_TRAIN_SIZE <= len(data["train"]) <= MAX_TRAIN_SIZE
+    # Validation grows past its minimum only with items a full training split leaves over.
+    assert len(data["validation"]) == MIN_VALIDATION_SIZE or len(data["train"]) == MAX_TRAIN_SIZE
     for split in SPLITS:
         assert data[split].column_names == ["id", "prompt", "choices", "label"]
         for row in data[split].to_list():
@@ -217,6 +229,20 @@ def test_the_right_answer_has_no_favourite_position(name, real_data):
     for split in ("validation", "test"):
         labels = Counter(load_task(name)[split]["label"])
         assert max(labels.values()) <= 0.6 * sum(labels.values()), (split, labels)
+
+
+@pytest.mark.parametrize(
+    ("distinct", "validation", "train"),
+    [(350, 100, 50), (2300, 100, 2000), (2450, 250, 2000), (2500, 300, 2000), (9000, 300, 2000)],
+)
+def test_validation_takes_only_what_a_full_training_split_leaves(distinct, validation, train):
+    spec = TaskSpec(
+        name="numbers", kind="held_in", category="c", source="generated", instruction="Which?",
+        description="d", build=lambda: [], labels=("odd", "even"),
+    )  # fmt: skip
+    items = [Item(key=f"n:{i}", text=f"number {i}", answer=("odd", "even")[i % 2]) for i in range(distinct)]
+    splits = build_splits(spec, items)
+    assert [len(splits[s]) for s in ("test", "validation", "train")] == [TEST_SIZE, validation, train]
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

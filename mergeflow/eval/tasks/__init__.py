@@ -18,8 +18,9 @@ from mergeflow.errors import DataError
 from mergeflow.eval.tasks import lexical, perturbed, sentiment, text
 from mergeflow.eval.tasks.base import (
     MAX_TRAIN_SIZE,
+    MAX_VALIDATION_SIZE,
+    MIN_VALIDATION_SIZE,
     TEST_SIZE,
-    VALIDATION_SIZE,
     Item,
     TaskSpec,
     build_splits,
@@ -253,7 +254,8 @@ __all__ = [
     "MIXTURE_TASKS",
     "TASKS",
     "TEST_SIZE",
-    "VALIDATION_SIZE",
+    "MAX_VALIDATION_SIZE",
+    "MIN_VALIDATION_SIZE",
     "Item",
     "TaskSpec",
     "format_prompt",
