@@ -54,12 +54,16 @@ def _padded_reference(sequences: list[TrainSequence], pad: int) -> tuple[torch.T
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("capacity", [0, 16, 64], ids=["one-per-row", "packed-in-rows", "one-row"])
 @pytest.mark.parametrize("answer_only", [True, False], ids=["answer-only", "every-token"])
-def test_the_loss_and_its_gradients_equal_the_models_own(answer_only, capacity, attention):
+# Mixed precision rounds the width of the rows up to a multiple of 16 tokens.
+@pytest.mark.parametrize("width_multiple", [1, 16])
+def test_the_loss_and_its_gradients_equal_the_models_own(answer_only, capacity, attention, width_multiple):
     model = random_llama(97, tie_word_embeddings=True)
     model.set_attn_implementation(attention)
     sequences = _sequences(answer_only)
-    batch = _batch(sequences, pad=0, capacity=capacity)
+    batch = _batch(sequences, pad=0, capacity=capacity, width_multiple=width_multiple)
     assert len(batch.ids) == {0: 6, 16: 4, 64: 1}[capacity]  # the sequences really share rows
+    unpadded_width = {0: 12, 16: 14, 64: 46}[capacity]
+    assert batch.ids.shape[1] == -(-unpadded_width // width_multiple) * width_multiple
     ours = _loss(model, batch)
     ours.backward()
     our_grads = [p.grad.clone() for p in model.parameters()]

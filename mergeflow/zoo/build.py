@@ -29,7 +29,7 @@ from mergeflow.zoo import RECORD, training, zoo_dir
 from mergeflow.zoo.presets import PRESETS, LlamaSize, Preset
 
 # Bump when training or data code changes what a cached model would contain.
-ZOO_CODE_VERSION = 1
+ZOO_CODE_VERSION = 2
 
 
 def content_key(**parts) -> str:
