@@ -41,7 +41,8 @@ MICRO = Preset(
     # bfloat16 natively (float32 elsewhere).
     pretrain=TrainSpec(steps=10, lr=3e-3, batch_size=8, max_len=64, warmup_steps=2),
     instruct=TrainSpec(steps=10, lr=1e-3, batch_size=8, max_len=64, warmup_steps=2),
-    expert=TrainSpec(steps=100, lr=3e-3, batch_size=16, max_len=96, precision=MIXED),
+    # At lr 3e-3 the expert gained +0.02 on 300 validation examples; +0.16 at 1e-3, tiny's rate.
+    expert=TrainSpec(steps=100, lr=1e-3, batch_size=16, max_len=96, precision=MIXED),
     multitask=TrainSpec(steps=20, lr=3e-3, batch_size=16, max_len=64, precision=MIXED),
     instruct_examples=200,
     tasks=("text_genre",),
