@@ -88,3 +88,21 @@ def test_a_merge_process_waits_without_spinning_unless_the_user_says_otherwise()
     assert settings("-v", "merge", "config.yaml") == [mergeflow.MERGE_SPIN_COUNT, "1"]
     assert settings("zoo", "build") == [mergeflow.TRAINING_SPIN_COUNT, "1"]
     assert settings("merge", "config.yaml", GOMP_SPINCOUNT="5", OPENBLAS_NUM_THREADS="2") == ["5", "2"]
+
+
+def test_a_merge_process_loads_numbas_numpy_support_without_scipy_and_can_import_scipy_after():
+    # In a fresh process: this one may have imported scipy already.
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from mergeflow.cli import _load_numba_numpy_support_without_scipy\n"
+        "_load_numba_numpy_support_without_scipy()\n"
+        "assert 'scipy' not in sys.modules and 'numba.np.arraymath' in sys.modules\n"
+        "from mergeflow.methods.primitives import Magnitudes\n"
+        "tau = torch.arange(1, 101, dtype=torch.float32)\n"
+        "assert Magnitudes.of(tau).kth_largest(10) == 91.0  # a kernel compiles and runs\n"
+        "import scipy.linalg\n"
+        "print(scipy.linalg.norm(np.ones(4)))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["2.0"]

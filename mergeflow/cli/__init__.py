@@ -39,6 +39,7 @@ def merge_command(
     from mergeflow.file_hashes import start_hashing_inputs
 
     start_hashing_inputs(config)  # while torch loads
+    _load_numba_numpy_support_without_scipy()
     from mergeflow.config import load_config
     from mergeflow.engine import merge
 
@@ -244,6 +245,20 @@ def run() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _load_numba_numpy_support_without_scipy() -> None:
+    """numba loads its numpy support on a process's first kernel, and that imports scipy.linalg
+    (0.12 s of a 2 s merge) only to learn whether np.convolve and np.correlate may call BLAS;
+    mergeflow's kernels call neither, and a merge process runs no other numba code. Loaded with
+    scipy hidden, numba uses its own loops for those two; scipy imports normally afterwards."""
+    if "scipy" in sys.modules:
+        return
+    sys.modules["scipy"] = None  # `import scipy...` raises ImportError while this is set
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        del sys.modules["scipy"]
 
 
 def _threads_for_command(args: list[str]) -> None:
