@@ -88,6 +88,7 @@ def summary_table(outcomes: dict[str, MergeOutcome]) -> str:
 def main() -> int:
     from mergeflow.errors import MergeflowError
     from mergeflow.zoo.build import build_preset
+    from mergeflow.zoo.parallel import default_workers
 
     try:
         settings = ensure_s3(load_settings())
@@ -95,7 +96,7 @@ def main() -> int:
         print(
             f"building or reusing zoo preset {PRESET!r} (small Llama models trained here, minutes when cold)"
         )
-        build_preset(PRESET)
+        build_preset(PRESET, workers=default_workers())
         outcomes = demo()
     except MergeflowError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -114,15 +114,24 @@ def zoo_build(
     preset: Annotated[
         str, typer.Option(help="tiny (small models trained here) or smol (SmolLM2-135M).")
     ] = "tiny",
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Models trained at once, each in a process of its own on its share of the cores "
+            "(default: one per core, at most 4; 1 on a GPU). The models are the same whatever the number.",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Build (or reuse from the cache) a zoo preset: bases, one expert per held-in task, a multitask
     model; print each expert's validation accuracy against its base's."""
     from mergeflow.zoo import zoo_dir
     from mergeflow.zoo.build import build_preset
+    from mergeflow.zoo.parallel import default_workers
 
     try:
-        index = build_preset(preset, progress=not quiet)
+        index = build_preset(preset, progress=not quiet, workers=workers or default_workers())
     finally:
         print_zoo_table(preset)
     typer.echo(

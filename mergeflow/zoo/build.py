@@ -45,11 +45,18 @@ def read_record(folder: Path) -> dict:
     return json.loads((folder / RECORD).read_text())
 
 
-def cached(name: str, key: str, build: Callable[[Path], dict]) -> tuple[Path, dict, bool]:
-    """The folder for (name, key), building it when absent. Returns (folder, record, built)."""
+class NotBuilt(Exception):
+    """A cache-only pass met a model that is not built yet."""
+
+
+def cached(name: str, key: str, build: Callable[[Path], dict] | None) -> tuple[Path, dict, bool]:
+    """The folder for (name, key), building it when absent (raising NotBuilt when `build` is
+    None). Returns (folder, record, built)."""
     folder = zoo_dir() / "models" / f"{name}-{key[:12]}"
     if (folder / RECORD).is_file():
         return folder, read_record(folder), False
+    if build is None:
+        raise NotBuilt(folder.name)
     stage = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
@@ -78,6 +85,10 @@ def load(folder: Path):
 
 
 def save(model, tokenizer, folder: Path) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    # A bar per one-file save would cut through the build's own.
+    transformers_logging.disable_progress_bar()
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 
@@ -92,6 +103,8 @@ class Builder:
         self.progress = progress
         self.tasks = list(preset.tasks) if preset.tasks else taskset.held_in_tasks()
         self.built: list[str] = []
+        # False for a cache-only pass: a model that is not built raises NotBuilt.
+        self.may_build = True
         self._pretraining_texts: list[str] | None = None
         # The tokenizer and each PT base are needed by several later models; resolve them once.
         self._bases: dict[str, tuple[Path, str]] = {}
@@ -116,8 +129,7 @@ class Builder:
             train_tokenizer(texts, self.preset.vocab_size).save_pretrained(stage)
             return {"role": "tokenizer", "vocab_size": self.preset.vocab_size}
 
-        folder, _, built = cached(f"tokenizer-bpe{self.preset.vocab_size // 1024}k-trained-here", key, build)
-        self._note(folder, built)
+        folder, _ = self._cached(f"tokenizer-bpe{self.preset.vocab_size // 1024}k-trained-here", key, build)
         self._bases["tokenizer"] = folder, key
         return folder, key
 
@@ -166,8 +178,7 @@ class Builder:
                 "stats": stats,
             }
 
-        folder, _, built = cached(f"tiny{size.name}-pt-trained-here", key, build)
-        self._note(folder, built)
+        folder, _ = self._cached(family_name(size, "pt"), key, build)
         self._bases[f"pt-{size.name}"] = folder, key
         return folder, key
 
@@ -196,8 +207,7 @@ class Builder:
                 "stats": stats,
             }
 
-        folder, _, built = cached(f"tiny{size.name}-it-trained-here", key, build)
-        self._note(folder, built)
+        folder, _ = self._cached(family_name(size, "it"), key, build)
         return folder, key
 
     def real_base(self) -> tuple[Path, str]:
@@ -239,8 +249,7 @@ class Builder:
                 "validation_accuracy": validation,
             }
 
-        folder, record, built = cached(f"{family}--{task or 'multitask'}", key, build)
-        self._note(folder, built)
+        folder, record = self._cached(f"{family}--{task or 'multitask'}", key, build)
         return folder, record
 
     def base_accuracy(self, base: Path) -> dict[str, float]:
@@ -251,6 +260,8 @@ class Builder:
         missing = [task for task in self.tasks if task not in scores]
         if not missing:
             return scores
+        if not self.may_build:
+            raise NotBuilt(f"{base.name} scores")
         model, tokenizer = load(base)
         scores |= evaluate_loaded(model, tokenizer, missing, "validation")
         tmp = path.with_suffix(".partial")
@@ -291,22 +302,38 @@ class Builder:
         save(model, tokenizer, stage)
         return stats
 
-    def _note(self, folder: Path, built: bool) -> None:
+    def _cached(self, name: str, key: str, build: Callable[[Path], dict]) -> tuple[Path, dict]:
+        folder, record, built = cached(name, key, build if self.may_build else None)
         if built:
             self.built.append(folder.name)
         if self.progress:
             tqdm.write(f"{'built ' if built else 'cached'} {folder.name}")
+        return folder, record
 
 
-def build_preset(preset: str | Preset, progress: bool = True) -> dict:
-    """Build (or reuse) every model of a preset, check the experts, write the preset index.
-    Raises ZooError, after writing the index, when an expert does not beat its base clearly."""
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ZooError(f"unknown zoo preset {preset!r}; presets: {', '.join(sorted(PRESETS))}")
-        preset = PRESETS[preset]
-    name = preset.name
-    builder = Builder(preset, progress)
+def family_name(size: LlamaSize, stage: str) -> str:
+    return f"tiny{size.name}-{stage}-trained-here"
+
+
+def remove_abandoned_stages() -> None:
+    """Remove the staging folders of builds whose process is gone (killed, or a worker stopped
+    when another failed); they never look complete, but they take disk."""
+    for stage in (zoo_dir() / "models").glob(".*.partial-*"):
+        pid = stage.name.rsplit("-", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stage, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
+def _families(builder: Builder) -> dict[str, dict]:
+    """Each family's base, experts, multitask model and expert-vs-base table, building what is
+    missing one model after another."""
+    preset = builder.preset
     families = {}
     if preset.real_base:
         base, key = builder.real_base()
@@ -314,8 +341,40 @@ def build_preset(preset: str | Preset, progress: bool = True) -> dict:
     for size in preset.sizes:
         for stage in preset.stages:
             base, key = builder.pretrained(size) if stage == "pt" else builder.instruction_tuned(size)
-            family = f"tiny{size.name}-{stage}-trained-here"
+            family = family_name(size, stage)
             families[family] = builder.family(family, base, key, stage, size.name)
+    return families
+
+
+def build_preset(preset: str | Preset, progress: bool = True, workers: int = 1) -> dict:
+    """Build (or reuse) every model of a preset, check the experts, write the preset index.
+    With `workers` > 1 the models are trained in that many processes at once
+    (`mergeflow.zoo.parallel`); the models are the same whatever the number.
+    Raises ZooError, after writing the index, when an expert does not beat its base clearly."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ZooError(f"unknown zoo preset {preset!r}; presets: {', '.join(sorted(PRESETS))}")
+        preset = PRESETS[preset]
+    if workers < 1:
+        raise ZooError(f"workers must be at least 1, got {workers}")
+    name = preset.name
+    remove_abandoned_stages()
+    builder = Builder(preset, progress)
+    families = None
+    if workers > 1:
+        # Workers take seconds to start: only when something is missing.
+        builder.may_build = False
+        try:
+            families = _families(builder)
+        except NotBuilt:
+            from mergeflow.zoo.parallel import build_in_workers
+
+            builder.may_build = True
+            build_in_workers(builder, workers)
+            # Everything is built now; the pass below only reads the records, quietly.
+            builder.progress = False
+    if families is None:
+        families = _families(builder)
     index = {
         "preset": name,
         "description": preset.description,

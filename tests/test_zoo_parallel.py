@@ -1,0 +1,85 @@
+"""Zoo builds in worker processes: the same models as one process builds, a failing step named and
+the workers stopped, nothing half-built left behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import MICRO
+
+from mergeflow.errors import ZooError
+from mergeflow.zoo import parallel
+from mergeflow.zoo.build import build_preset, remove_abandoned_stages
+
+
+def _models(zoo: Path) -> dict[str, dict[str, bytes]]:
+    """Every model folder's weights, by folder name (which carries the content key)."""
+    return {
+        folder.name: {file.name: file.read_bytes() for file in folder.glob("*.safetensors")}
+        for folder in (zoo / "models").iterdir()
+    }
+
+
+def _workers_alive() -> list[psutil.Process]:
+    return [
+        child
+        for child in psutil.Process().children(recursive=True)
+        if "mergeflow.zoo.worker" in " ".join(child.cmdline())
+    ]
+
+
+def test_two_workers_build_the_models_one_process_builds_bit_for_bit(micro_zoo, tmp_path, monkeypatch):
+    serial_zoo, serial_index = micro_zoo
+    monkeypatch.setenv("MERGEFLOW_ZOO_DIR", str(tmp_path))
+    index = build_preset(MICRO, progress=False, workers=2)
+    assert len(index["built_now"]) == 7  # tokenizer, PT and IT bases, an expert and a multitask model each
+    # The serial zoo is shared with other tests, which add models to it: ours must all be there.
+    ours, theirs = _models(tmp_path), _models(serial_zoo)
+    assert len(ours) == 7 and ours.keys() <= theirs.keys()
+    for name, weights in ours.items():
+        assert weights == theirs[name], name
+    for family, expected in serial_index["families"].items():
+        assert index["families"][family]["table"] == expected["table"]
+    assert not _workers_alive()
+
+    # Built: a rebuild reads the cache without starting workers.
+    def no_workers(*args):
+        raise AssertionError("workers started for a preset that is built")
+
+    monkeypatch.setattr(parallel, "build_in_workers", no_workers)
+    assert build_preset(MICRO, progress=False, workers=2)["built_now"] == []
+
+
+def test_a_failing_step_names_itself_and_stops_the_other_workers(micro_zoo, monkeypatch):
+    folder, _ = micro_zoo
+    monkeypatch.setenv("MERGEFLOW_ZOO_DIR", str(folder))
+    # Same tokenizer and bases (cached); the step that scores or trains on the unknown task fails.
+    broken = dataclasses.replace(MICRO, tasks=("text_genre", "no_such_task"), tokenizer_tasks=("text_genre",))
+    with pytest.raises(ZooError, match=r"^tinymicro-(pt|it)-trained-here .*unknown task 'no_such_task'"):
+        build_preset(broken, progress=False, workers=2)
+    assert not _workers_alive()
+    assert not list((folder / "models").glob(".*.partial-*"))
+
+
+def test_staging_folders_of_ended_processes_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEFLOW_ZOO_DIR", str(tmp_path))
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    models = tmp_path / "models"
+    abandoned = models / f".tinymicro-pt-trained-here-0123.partial-{ended.pid}"
+    live = models / f".tinymicro-it-trained-here-4567.partial-{psutil.Process().pid}"
+    for stage in (abandoned, live):
+        stage.mkdir(parents=True)
+        (stage / "model.safetensors").write_bytes(b"half")
+    remove_abandoned_stages()
+    assert not abandoned.exists() and live.exists()
+
+
+def test_workers_are_refused_below_one():
+    with pytest.raises(ZooError, match="workers must be at least 1"):
+        build_preset(MICRO, progress=False, workers=0)
