@@ -3,7 +3,7 @@
 Models of a few million parameters use two cores better as two one-thread trainings than as one
 two-thread training: on 2 cores of an AMD EPYC a 5M expert trains 1.5-1.6x slower on one thread
 (its small products barely split), so two side by side do ~1.3x the work; the tiny preset built
-cold in 14.5 min with two workers against ~17.6 min in one process (bench/results/zoo_build_tiny.md).
+cold in 13.7-14.5 min with two workers against ~17.6 min in one process (bench/results/zoo_build_tiny.md).
 Float32 pre-training splits well (1.9x slower on one thread) and SmolLM2-135M experts gain ~1.05x.
 The trained weights are bit-identical whatever the thread count (tests/test_zoo_parallel.py), so a
 model's cache key does not depend on how it was built.
