@@ -316,8 +316,8 @@ def family_name(size: LlamaSize, stage: str) -> str:
 
 
 def remove_abandoned_stages() -> None:
-    """Remove the staging folders of builds whose process is gone (killed, or a worker stopped
-    when another failed); they never look complete, but they take disk."""
+    """Remove the staging folders of builds whose process (on this machine) is gone: killed, or a
+    worker stopped when another failed. They never look complete, but they take disk."""
     for stage in (zoo_dir() / "models").glob(".*.partial-*"):
         pid = stage.name.rsplit("-", 1)[1]
         if not pid.isdigit():

@@ -141,6 +141,16 @@ class Worker:
         self.process.wait()
 
 
+def _next_answer(answers: queue.Queue, bar: tqdm) -> tuple[Worker, tuple | None]:
+    """The next answer of any worker; the bar's clock keeps ticking meanwhile (a pre-training
+    takes minutes)."""
+    while True:
+        try:
+            return answers.get(timeout=1.0)
+        except queue.Empty:
+            bar.refresh()
+
+
 def build_in_workers(builder: Builder, workers: int) -> None:
     """Build every model of the builder's preset that is not cached yet, `workers` at a time, each
     on its share of the cores. Raises ZooError naming the step when one fails, after
@@ -175,7 +185,7 @@ def build_in_workers(builder: Builder, workers: int) -> None:
             while ready and idle:
                 idle.pop().start(ready.pop(), cores if alone else max(1, cores // workers))
             bar.set_postfix_str(", ".join(w.step.label for w in pool if w not in idle), refresh=True)
-            worker, answer = answers.get()
+            worker, answer = _next_answer(answers, bar)
             step = worker.step
             if answer is None:
                 raise ZooError(f"zoo worker for {step.label} stopped (exit code {worker.process.wait()})")
