@@ -169,6 +169,8 @@ def build_in_workers(builder: Builder, workers: int) -> None:
         total=bases + families * (len(builder.tasks) + 2),
         desc=f"zoo {preset.name} ({workers} workers)",
         unit="step",
+        # Steps take from a second to minutes: a rate or time left from their count would mislead.
+        bar_format="{desc}: {n}/{total} steps [{elapsed}]{postfix}",
         disable=not builder.progress,
     )
     answers: queue.Queue = queue.Queue()
