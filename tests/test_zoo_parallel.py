@@ -66,6 +66,17 @@ def test_a_failing_step_names_itself_and_stops_the_other_workers(micro_zoo, monk
     assert not list((folder / "models").glob(".*.partial-*"))
 
 
+def test_a_worker_that_cannot_start_gives_a_clear_error_not_a_hang(micro_zoo, monkeypatch):
+    folder, _ = micro_zoo
+    monkeypatch.setenv("MERGEFLOW_ZOO_DIR", str(folder))
+    monkeypatch.setattr(parallel.sys, "executable", "/bin/false")  # exits at once, status 1
+    changed = dataclasses.replace(MICRO, multitask=dataclasses.replace(MICRO.multitask, steps=11))
+    # Which of the two dead workers is heard first, the idle one or the one given the step, varies.
+    stopped = r"zoo worker .* stopped (before its first step|on pt micro), exit code 1"
+    with pytest.raises(ZooError, match=stopped):
+        build_preset(changed, progress=False, workers=2)
+
+
 def test_staging_folders_of_ended_processes_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("MERGEFLOW_ZOO_DIR", str(tmp_path))
     ended = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -125,8 +125,11 @@ class Worker:
         self._send((step, threads))
 
     def _send(self, message) -> None:
-        pickle.dump(message, self.process.stdin)
-        self.process.stdin.flush()
+        try:
+            pickle.dump(message, self.process.stdin)
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass  # the process ended; its reader reports that
 
     def _read(self, answers: queue.Queue) -> None:
         while True:
@@ -190,7 +193,11 @@ def build_in_workers(builder: Builder, workers: int) -> None:
             worker, answer = _next_answer(answers, bar)
             step = worker.step
             if answer is None:
-                raise ZooError(f"zoo worker for {step.label} stopped (exit code {worker.process.wait()})")
+                doing = f"on {step.label}" if step else "before its first step"
+                raise ZooError(
+                    f"a zoo worker ({sys.executable} -m mergeflow.zoo.worker) stopped {doing}, exit "
+                    f"code {worker.process.wait()}; its errors, if any, are above"
+                )
             outcome, error = answer
             if error is not None:
                 raise ZooError(f"{step.label}: {error}")
