@@ -45,10 +45,10 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
     os.environ["MERGEFLOW_ZOO_DIR"] = str(folder)
     from mergeflow.zoo.build import build_preset, built_models, load_index
-    from mergeflow.zoo.parallel import available_cores, default_workers
+    from mergeflow.zoo.parallel import default_workers, threads_per_worker
 
     workers = args.workers or default_workers()
-    threads = max(1, available_cores() // workers)
+    threads = threads_per_worker(workers)
 
     machine = describe_machine()
     started = time.perf_counter()

@@ -41,16 +41,18 @@ from mergeflow.zoo.presets import LlamaSize, Preset
 REAL_BASE_WEIGHT = 576.0**2 * 30
 
 
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def default_workers() -> int:
     """One worker per core on the CPU, at most 4 (each holds its own copy of torch and data); one
-    on a GPU, which the trainings would only take turns on."""
+    on a GPU, which the trainings would only take turns on. Cores are torch's thread count, as
+    the merge engine counts them (OMP_NUM_THREADS or the physical cores)."""
     if torch.cuda.is_available():
         return 1
-    return min(available_cores(), 4)
+    return min(torch.get_num_threads(), 4)
+
+
+def threads_per_worker(workers: int) -> int:
+    """Each worker's share of the cores while all of them train."""
+    return max(1, torch.get_num_threads() // workers)
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ def build_in_workers(builder: Builder, workers: int) -> None:
         disable=not builder.progress,
     )
     answers: queue.Queue = queue.Queue()
-    cores = available_cores()
+    cores, shared = torch.get_num_threads(), threads_per_worker(workers)
     pool = [Worker(preset, answers) for _ in range(workers)]
     try:
         idle = list(pool)
@@ -188,7 +190,7 @@ def build_in_workers(builder: Builder, workers: int) -> None:
             # core is ever given twice.
             alone = len(ready) == 1 and len(idle) == len(pool)
             while ready and idle:
-                idle.pop().start(ready.pop(), cores if alone else max(1, cores // workers))
+                idle.pop().start(ready.pop(), cores if alone else shared)
             bar.set_postfix_str(", ".join(w.step.label for w in pool if w not in idle), refresh=True)
             worker, answer = _next_answer(answers, bar)
             step = worker.step
