@@ -7,14 +7,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from mergeflow.errors import CheckpointError, StorageError
 from mergeflow.safetensors_io import (
-    DTYPES,
     PlannedTensor,
     ShardFileWriter,
     TensorEntry,
+    dtype_of,
+    numpy_view,
     read_header,
 )
 from mergeflow.storage import Location, locate
@@ -123,6 +122,8 @@ def _convert_pickles(checkpoint: Checkpoint, allow_pickle: bool) -> list[str]:
             f"model '{checkpoint.ref}': only pickle checkpoints ({', '.join(pickles)}); pickle can "
             "run code when loaded, so it is refused: convert to safetensors or pass --allow-pickle"
         )
+    import torch  # only for pickles: a merge of safetensors checkpoints never loads torch
+
     checkpoint._converted = tempfile.TemporaryDirectory(prefix="mergeflow-pickle-")
     converted = []
     for name in pickles:
@@ -134,16 +135,14 @@ def _convert_pickles(checkpoint: Checkpoint, allow_pickle: bool) -> list[str]:
             state = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # the unpickler raises many types; all mean "unreadable"
             raise CheckpointError(f"model '{checkpoint.ref}': cannot load {name}: {exc}") from exc
-        tensors = {
-            k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.dtype in DTYPES.values()
-        }
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and dtype_of(v) is not None}
         target = f"{Path(name).stem}.safetensors"
         writer = ShardFileWriter(
             str(Path(checkpoint._converted.name) / target),
-            [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()],
+            [PlannedTensor(k, dtype_of(v), tuple(v.shape)) for k, v in tensors.items()],
         )
         for key, value in tensors.items():
-            writer.write(key, value.reshape(-1))
+            writer.write(key, numpy_view(value.reshape(-1)))
         writer.finish()
         converted.append(target)
     return converted

@@ -4,12 +4,8 @@ reference has them. Each refusal names both models and the tensor or field that 
 
 from __future__ import annotations
 
-import torch
-
 from mergeflow.checkpoint import Checkpoint
 from mergeflow.errors import IncompatibleModelsError
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def check_compatible(reference: Checkpoint, experts: list[Checkpoint]) -> None:
@@ -39,7 +35,7 @@ def check_compatible(reference: Checkpoint, experts: list[Checkpoint]) -> None:
                     f"tensor '{name}': shape {list(theirs.shape)} in '{other.ref}' but "
                     f"{list(entry.shape)} in '{reference.ref}'"
                 )
-            if (theirs.dtype in FLOAT_DTYPES) != (entry.dtype in FLOAT_DTYPES):
+            if theirs.dtype.is_float != entry.dtype.is_float:
                 raise IncompatibleModelsError(
                     f"tensor '{name}': dtype {theirs.dtype} in '{other.ref}' "
                     f"but {entry.dtype} in '{reference.ref}'"

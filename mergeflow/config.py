@@ -13,16 +13,16 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from mergeflow.errors import ConfigError
 from mergeflow.methods import MergeMethod, Param, get_method
+from mergeflow.safetensors_io import DTYPES_BY_LONG_NAME, DType
 
 Scalar = bool | int | float | str
 DTypeName = Literal["float32", "float16", "bfloat16"]
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ConditionalParameter(BaseModel):
@@ -65,9 +65,9 @@ class MergeConfig(BaseModel):
             return list(self.models)
         return [m for m in self.models if m.model != self.base_model]
 
-    def output_dtype(self) -> torch.dtype | None:
+    def output_dtype(self) -> DType | None:
         name = self.out_dtype or self.dtype
-        return DTYPES[name] if name else None
+        return DTYPES_BY_LONG_NAME[name] if name else None
 
     def tokenizer_reference(self) -> str | None:
         """Where the tokenizer comes from: a model reference, or None for the base."""
@@ -173,7 +173,7 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
 
 def resolve_parameters(config: MergeConfig, tensor_name: str, num_layers: int) -> dict[str, Any]:
     """Parameter values for one tensor: shared ones as numbers or flags, per-model ones as
-    [N] float32 tensors. Model settings win over global ones, which win over defaults."""
+    [N] float32 arrays. Model settings win over global ones, which win over defaults."""
     method, t = config.method, layer_position(tensor_name, num_layers)
     resolved: dict[str, Any] = {}
     for param in method.params:
@@ -182,7 +182,7 @@ def resolve_parameters(config: MergeConfig, tensor_name: str, num_layers: int) -
                 _first(param, [entry.parameters, config.parameters], tensor_name, t)
                 for entry in config.experts()
             ]
-            resolved[param.name] = torch.tensor(values, dtype=torch.float32)
+            resolved[param.name] = np.array(values, dtype=np.float32)
         else:
             resolved[param.name] = _first(param, [config.parameters], tensor_name, t)
     return resolved

@@ -5,7 +5,8 @@ Per tensor: resolve the method's parameters; compute its whole-tensor statistics
 at a time, or as a Gram matrix accumulated over chunks); then merge chunk by chunk. A chunk
 holds at most `work_bytes` of float32 across all models, so peak memory is set by the budget
 and the largest tensor, not by the number of models. The next chunk is read on an IO thread
-while the current one is merged on torch's intra-op threads.
+while the current one is merged by the kernels' threads. Arrays are numpy; the engine does not
+import torch (importing it took most of a small merge's time).
 """
 
 from __future__ import annotations
@@ -18,16 +19,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import torch
 from tqdm import tqdm
 
 import mergeflow
 from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, num_layers, open_checkpoint
-from mergeflow.compatibility import FLOAT_DTYPES, check_compatible
+from mergeflow.compatibility import check_compatible
 from mergeflow.config import MergeConfig, resolve_parameters
 from mergeflow.hashing import model_sha256, models_sha256
 from mergeflow.methods import MergeMethod
-from mergeflow.methods.kernels import use_threads
+from mergeflow.methods.kernels import default_threads, use_threads
+from mergeflow.methods.primitives import from_float32
 from mergeflow.output import ShardedWriter, StagedOutput
 from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
 from mergeflow.task_vectors import check_task_vectors_match_base, task_vector_info
@@ -62,9 +63,7 @@ def merge(
     """Merge the models of `config` into `out` (a local path, file:// or s3:// URI)."""
     started = time.perf_counter()
     _release_large_blocks_to_the_os()
-    # Without `threads`, as many as torch uses: a caller that limits torch (a one-thread Dask
-    # worker) limits the kernels too.
-    threads = threads or torch.get_num_threads()
+    threads = threads or default_threads()
     use_threads(threads)
     method = config.method
     opened: list[Checkpoint] = []
@@ -82,7 +81,7 @@ def merge(
         tokenizer_source = load(config.tokenizer_reference()) if config.tokenizer_reference() else reference
         out_dtype = config.output_dtype()
         plan = [
-            PlannedTensor(e.name, out_dtype if out_dtype and e.dtype in FLOAT_DTYPES else e.dtype, e.shape)
+            PlannedTensor(e.name, out_dtype if out_dtype and e.dtype.is_float else e.dtype, e.shape)
             for e in reference.tensors.values()
         ]
         # Task vector inputs are checked against the base's hash before any work. The other
@@ -92,7 +91,7 @@ def merge(
         base_sha = model_sha256(base) if base and has_task_vectors else None
         check_task_vectors_match_base(base, base_sha, experts)
         to_hash = ([base] if base and base_sha is None else []) + experts
-        hashing = background.submit(models_sha256, to_hash, workers=torch.get_num_threads())
+        hashing = background.submit(models_sha256, to_hash, workers=threads)
         stage = StagedOutput(out, overwrite=overwrite)
         try:
             # A writer thread is one more core at work: not for a caller that asked for one.
@@ -202,7 +201,7 @@ def _merge_all(
                 base_entry = base.tensors[target.name] if base else None
                 entries = [c.tensors[target.name] for c in experts]
                 ref_entry = reference.tensors[target.name]
-                if ref_entry.dtype not in FLOAT_DTYPES:
+                if not ref_entry.dtype.is_float:
                     _copy(reader, ref_entry, target, writer, chunk, bar)
                     continue
                 params = resolve_parameters(config, target.name, layers)
@@ -212,8 +211,8 @@ def _merge_all(
                 for merged in tensor.run():
                     # Written in the background: a method may return a view of the workspace
                     # (slerp does), which the next chunk overwrites, so the writer gets a copy.
-                    writer.write(target.name, merged.to(target.dtype, copy=True))
-                    bar.update(merged.numel() * target.dtype.itemsize)
+                    writer.write(target.name, from_float32(merged, target.dtype))
+                    bar.update(merged.size * target.dtype.itemsize)
     finally:
         bar.close()
         reader.close()
@@ -223,7 +222,7 @@ def _copy(reader, entry, target, writer, chunk, bar) -> None:
     for start in range(0, entry.numel, chunk):
         data = reader.read(entry, start, min(chunk, entry.numel - start))
         writer.write(target.name, data)
-        bar.update(data.numel() * target.dtype.itemsize)
+        bar.update(data.size * target.dtype.itemsize)
 
 
 def _write_side_files(stage: StagedOutput, reference: Checkpoint, tokenizer: Checkpoint, out_dtype) -> list:
@@ -237,8 +236,7 @@ def _write_side_files(stage: StagedOutput, reference: Checkpoint, tokenizer: Che
     if reference.config is not None:
         config = dict(reference.config)
         if out_dtype is not None:
-            name = str(out_dtype).removeprefix("torch.")
-            config["torch_dtype" if "torch_dtype" in config else "dtype"] = name
+            config["torch_dtype" if "torch_dtype" in config else "dtype"] = out_dtype.long_name
         written.append(("config.json", json.dumps(config, indent=2).encode()))
     if "generation_config.json" in reference.file_names:
         written.append(

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from mergeflow.checkpoint import INDEX, MANIFEST
 from mergeflow.errors import StorageError
@@ -68,7 +68,7 @@ class ShardedWriter:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="mergeflow-write") if background else None
         self._queued: deque[Future] = deque()
 
-    def write(self, name: str, data: torch.Tensor) -> None:
+    def write(self, name: str, data: np.ndarray) -> None:
         """Append the next piece of tensor `name`. In the background, `data` is written after
         this returns: the caller must not change it afterwards."""
         if self._thread is None:
@@ -78,7 +78,7 @@ class ShardedWriter:
             self._queued.popleft().result()
         self._queued.append(self._thread.submit(self._write_now, name, data))
 
-    def _write_now(self, name: str, data: torch.Tensor) -> None:
+    def _write_now(self, name: str, data: np.ndarray) -> None:
         index = self._shard_of[name]
         if self._current is None or self._current[0] != index:
             self._close_current()

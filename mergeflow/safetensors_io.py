@@ -22,25 +22,63 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
-import torch
 
 from mergeflow.errors import CheckpointError
 from mergeflow.storage import Location
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DType:
+    """A safetensors dtype and the numpy dtype its bytes are held in. numpy has no bfloat16:
+    bfloat16 tensors are held as their uint16 bit patterns, which the kernels widen."""
+
+    name: str  # safetensors' name, e.g. "BF16"
+    storage: type  # numpy dtype of the stored elements
+    long_name: str  # torch's and HF configs' name, e.g. "bfloat16"
+    is_float: bool = False
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.storage).itemsize
+
+    def __str__(self) -> str:
+        return self.long_name
+
+
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in (
+        DType("F64", np.float64, "float64", is_float=True),
+        DType("F32", np.float32, "float32", is_float=True),
+        DType("F16", np.float16, "float16", is_float=True),
+        DType("BF16", np.uint16, "bfloat16", is_float=True),
+        DType("I64", np.int64, "int64"),
+        DType("I32", np.int32, "int32"),
+        DType("I16", np.int16, "int16"),
+        DType("I8", np.int8, "int8"),
+        DType("U8", np.uint8, "uint8"),
+        DType("BOOL", np.bool_, "bool"),
+    )
+}
+DTYPES_BY_LONG_NAME = {d.long_name: d for d in DTYPES.values()}
+FLOAT32, BFLOAT16 = DTYPES["F32"], DTYPES["BF16"]
+
+
+def dtype_of(tensor) -> DType | None:
+    """The DType of a torch tensor, or None for a dtype safetensors files here do not hold."""
+    return DTYPES_BY_LONG_NAME.get(str(tensor.dtype).removeprefix("torch."))
+
+
+def numpy_view(tensor) -> np.ndarray:
+    """A CPU torch tensor as the numpy array the writers take (bfloat16 as its bit patterns),
+    for the callers that build tensors with torch: the zoo and pickle conversion. The merge
+    engine itself never imports torch (importing it is most of a small merge's time)."""
+    import torch
+
+    tensor = tensor.detach().contiguous()
+    return (tensor.view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
 @dataclass(frozen=True)
@@ -49,7 +87,7 @@ class TensorEntry:
 
     name: str
     file: Location
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     offset: int
 
@@ -115,26 +153,24 @@ class TensorFileReader:
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
 
-    def read(
-        self, entry: TensorEntry, start: int, count: int, into: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Elements [start, start+count) of the flattened tensor, in its stored dtype; read into
-        the front of the uint8 tensor `into` when given (reusing a buffer saves page faults)."""
+    def read(self, entry: TensorEntry, start: int, count: int, into: np.ndarray | None = None) -> np.ndarray:
+        """Elements [start, start+count) of the flattened tensor, in its storage dtype; read
+        into the front of the uint8 array `into` when given (reusing a buffer saves page faults)."""
         itemsize = entry.dtype.itemsize
         offset, nbytes = entry.offset + start * itemsize, count * itemsize
-        buffer = torch.empty(nbytes, dtype=torch.uint8) if into is None else into[:nbytes]
+        buffer = np.empty(nbytes, dtype=np.uint8) if into is None else into[:nbytes]
         if entry.file.is_local:
-            got = os.preadv(self._fd(entry.file.path), [buffer.numpy()], offset)
+            got = os.preadv(self._fd(entry.file.path), [buffer], offset)
         else:
             data = entry.file.read_range(offset, nbytes)
             got = len(data)
-            buffer.numpy()[:got] = memoryview(data)
+            buffer[:got] = np.frombuffer(data, dtype=np.uint8)
         if got != nbytes:
             raise CheckpointError(
                 f"{entry.file.uri}: tensor '{entry.name}': short read ({got} of {nbytes} bytes); "
                 "the file changed or is truncated"
             )
-        return buffer.view(entry.dtype)
+        return buffer.view(entry.dtype.storage)
 
     def map(self, entry: TensorEntry) -> np.ndarray | None:
         """The bytes of a whole tensor of a local file as a read-only view of the file's pages
@@ -163,7 +199,7 @@ class TensorFileReader:
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
 
     @property
@@ -177,7 +213,7 @@ def header_bytes(tensors: list[PlannedTensor]) -> bytes:
     offset = 0
     for t in tensors:
         header[t.name] = {
-            "dtype": DTYPE_NAMES[t.dtype],
+            "dtype": t.dtype.name,
             "shape": list(t.shape),
             "data_offsets": [offset, offset + t.nbytes],
         }
@@ -199,12 +235,13 @@ class ShardFileWriter:
         self.bytes_written = 0
         self._write(header_bytes(tensors))
 
-    def write(self, name: str, data: torch.Tensor) -> None:
-        """Append the next piece of tensor `name`; pieces must arrive in layout order."""
+    def write(self, name: str, data: np.ndarray) -> None:
+        """Append the next piece of tensor `name` (its storage dtype); pieces must arrive in
+        layout order."""
         if not self._pending or self._pending[-1].name != name:
             expected = self._pending[-1].name if self._pending else "nothing"
             raise RuntimeError(f"{self.path}: got '{name}' but expected {expected}")
-        raw = data.contiguous().view(torch.uint8).numpy().data
+        raw = memoryview(np.ascontiguousarray(data)).cast("B")
         if raw.nbytes > self._remaining:
             raise RuntimeError(f"{self.path}: tensor '{name}' overflows its planned size")
         self._write(raw)

@@ -19,15 +19,14 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import torch
-
 import mergeflow
 from mergeflow.checkpoint import CONFIG, MANIFEST, Checkpoint, open_checkpoint
-from mergeflow.compatibility import FLOAT_DTYPES, check_compatible
+from mergeflow.compatibility import check_compatible
 from mergeflow.errors import CheckpointError, IncompatibleModelsError
 from mergeflow.hashing import model_sha256
+from mergeflow.methods.primitives import to_float32
 from mergeflow.output import ShardedWriter, StagedOutput, WrittenFile
-from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
+from mergeflow.safetensors_io import FLOAT32, PlannedTensor, TensorFileReader
 from mergeflow.storage import locate
 
 MARKER = "mergeflow_task_vector"
@@ -80,7 +79,7 @@ def write_task_vector(base: Checkpoint, expert: Checkpoint, out: str, base_sha: 
     check_compatible(base, [expert])
     started = time.perf_counter()
     plan = [
-        PlannedTensor(e.name, torch.float32 if e.dtype in FLOAT_DTYPES else e.dtype, e.shape)
+        PlannedTensor(e.name, FLOAT32 if e.dtype.is_float else e.dtype, e.shape)
         for e in expert.tensors.values()
     ]
     stage = StagedOutput(out, overwrite=True)
@@ -92,8 +91,9 @@ def write_task_vector(base: Checkpoint, expert: Checkpoint, out: str, base_sha: 
             for start in range(0, max(theirs.numel, 1), CHUNK_ELEMENTS):  # an empty tensor: one empty chunk
                 count = min(CHUNK_ELEMENTS, theirs.numel - start)
                 data = reader.read(theirs, start, count)
-                if target.dtype == torch.float32:
-                    data = data.float().sub_(reader.read(ours, start, count).float())
+                if target.dtype == FLOAT32:
+                    data = to_float32(data)
+                    data -= to_float32(reader.read(ours, start, count))
                 writer.write(target.name, data)
         files = writer.finish()
         config = dict(expert.config or {})

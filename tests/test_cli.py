@@ -93,12 +93,12 @@ def test_a_merge_process_waits_without_spinning_unless_the_user_says_otherwise()
 def test_a_merge_process_loads_numbas_numpy_support_without_scipy_and_can_import_scipy_after():
     # In a fresh process: this one may have imported scipy already.
     script = (
-        "import sys, numpy as np, torch\n"
+        "import sys, numpy as np\n"
         "from mergeflow.cli import _load_numba_numpy_support_without_scipy\n"
         "_load_numba_numpy_support_without_scipy()\n"
         "assert 'scipy' not in sys.modules and 'numba.np.arraymath' in sys.modules\n"
         "from mergeflow.methods.primitives import Magnitudes\n"
-        "tau = torch.arange(1, 101, dtype=torch.float32)\n"
+        "tau = np.arange(1, 101, dtype=np.float32)\n"
         "assert Magnitudes.of(tau).kth_largest(10) == 91.0  # a kernel compiles and runs\n"
         "import scipy.linalg\n"
         "print(scipy.linalg.norm(np.ones(4)))\n"

@@ -13,6 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -27,7 +28,7 @@ from mergeflow.errors import CheckpointError
 from mergeflow.methods import METHODS
 from mergeflow.methods.primitives import dare_key, dare_uniforms
 from mergeflow.output import ShardedWriter
-from mergeflow.safetensors_io import PlannedTensor, TensorFileReader, read_header
+from mergeflow.safetensors_io import FLOAT32, PlannedTensor, TensorFileReader, read_header
 from mergeflow.storage import locate
 from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo
 
@@ -96,7 +97,7 @@ def band(tau, density, gamma):
 
 
 def dare(tau, density, seed, name, index):
-    u = dare_uniforms(dare_key(seed, name, index), 0, tau.numel()).reshape(tau.shape)
+    u = torch.from_numpy(dare_uniforms(dare_key(seed, name, index), 0, tau.numel())).reshape(tau.shape)
     return torch.where(u < density, tau / density, 0.0)
 
 
@@ -357,18 +358,38 @@ def test_console_script_runs(zoo, tmp_path):
     assert failed.returncode == 2 and f"error: {missing}: cannot read config" in failed.stderr
 
 
+def test_a_merge_process_does_not_load_torch(zoo, tmp_path):
+    # Importing torch took ~0.8 s and ~250 MB of a small merge; the engine is numpy and numba.
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config_for("dare_ties", zoo)))
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('torch loaded:', 'torch' in sys.modules))\n"
+        "from mergeflow.cli import run\n"
+        "run()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, "merge", str(path), "--out", str(tmp_path / "o"), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "with dare_ties" in done.stdout and "torch loaded: False" in done.stdout
+
+
 def test_an_error_of_a_background_write_is_raised_in_order(tmp_path):
-    plan = [PlannedTensor("a", torch.float32, (4,)), PlannedTensor("b", torch.float32, (4,))]
+    plan = [PlannedTensor("a", FLOAT32, (4,)), PlannedTensor("b", FLOAT32, (4,))]
     writer = ShardedWriter(tmp_path, plan, max_shard_bytes=1 << 20, background=True)
-    writer.write("a", torch.ones(4))
-    writer.write("b", torch.ones(8))  # larger than planned: fails on the writer thread
+    writer.write("a", np.ones(4, np.float32))
+    writer.write("b", np.ones(8, np.float32))  # larger than planned: fails on the writer thread
     with pytest.raises(RuntimeError, match="tensor 'b' overflows its planned size"):
         writer.finish()
     writer.abort()
 
     writer = ShardedWriter(tmp_path, plan, max_shard_bytes=1 << 20, background=True)
     for name in ("a", "b"):
-        writer.write(name, torch.arange(4, dtype=torch.float32))
+        writer.write(name, np.arange(4, dtype=np.float32))
     (file,) = writer.finish()
     written = tmp_path / file.path
     assert file.sha256 == hashlib.sha256(written.read_bytes()).hexdigest()
@@ -385,7 +406,7 @@ def test_a_mapped_tensor_holds_the_bytes_a_read_returns(tmp_path):
     for name, entry in entries.items():
         mapped = reader.map(entry)
         assert not mapped.flags.writeable
-        read = reader.read(entry, 0, entry.numel).view(torch.uint8).numpy()
+        read = reader.read(entry, 0, entry.numel)
         assert mapped.tobytes() == read.tobytes(), name
 
     with open(tmp_path / "model.safetensors", "r+b") as file:  # cut short after its header was read

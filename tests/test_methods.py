@@ -1,11 +1,13 @@
 """Merge math on small tensors: against PEFT's merge_utils where it has the method (unit
 weights, PEFT's divisor), against hand-computed answers, and against plain re-statements of
-mergekit's formulas for the conventions PEFT does not share."""
+mergekit's formulas for the conventions PEFT does not share. Cases are written with torch, as
+PEFT's are; the methods take and return numpy arrays."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from peft.utils import merge_utils as peft
@@ -19,32 +21,41 @@ from mergeflow.methods.slerp import slerp_coefficients
 def run_method(name: str, base, models, stats=None, tensor_name="w", start=0, **params):
     """Apply a registered method to whole tensors, with defaults for unset parameters."""
     method = METHODS[name]
+    base, models = base.numpy().copy(), models.numpy().copy()
     resolved = {}
     for p in method.params:
         value = params.get(p.name, p.default)
-        resolved[p.name] = torch.full((models.shape[0],), float(value)) if p.per_model else value
+        resolved[p.name] = np.full(models.shape[0], float(value), np.float32) if p.per_model else value
     if method.model_statistic is not None and stats is None:
 
         def per_model(i):
-            return {k: float(v[i]) if isinstance(v, torch.Tensor) else v for k, v in resolved.items()}
+            return {k: float(v[i]) if isinstance(v, np.ndarray) else v for k, v in resolved.items()}
 
         magnitudes = [P.Magnitudes.of(model, base) for model in models]
-        stats = torch.stack([method.model_statistic(m, per_model(i)) for i, m in enumerate(magnitudes)])
+        stats = np.stack([method.model_statistic(m, per_model(i)) for i, m in enumerate(magnitudes)])
     if method.gram_rows is not None and stats is None:
-        rows = method.gram_rows(base, models.clone()).double()
+        rows = method.gram_rows(base, models.copy()).astype(np.float64)
         stats = method.gram_statistic(rows @ rows.T, resolved)
-    return method.merge(Chunk(tensor_name, start, base.clone(), models.clone(), resolved, stats))
+    return torch.from_numpy(method.merge(Chunk(tensor_name, start, base, models, resolved, stats)))
+
+
+def merge_chunk(name: str, base, models, params):
+    """One registered method's merge on torch inputs, with its parameters given in full."""
+    params = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in params.items()}
+    chunk = Chunk("w", 0, None if base is None else base.numpy().copy(), models.numpy().copy(), params)
+    return torch.from_numpy(METHODS[name].merge(chunk))
 
 
 def dare_dropped(deltas, density, seed):
     """Task vectors after our DARE step, as dare_ties/dare_linear see them: each model alone
     over a zero base with weight 1, and its own stream key."""
-    dens = torch.tensor([density])
+    dens = np.array([density], np.float32)
     return torch.stack([
-        P.merge_task_vectors(
-            delta.view(1, -1), torch.zeros(delta.numel()), torch.ones(1), consensus=False, normalize=False,
-            lam=1.0, keys=[P.dare_key(seed, "w", i)], density=dens, scale=1 / dens,
-        )
+        torch.from_numpy(P.merge_task_vectors(
+            delta.view(1, -1).numpy(), np.zeros(delta.numel(), np.float32), np.ones(1, np.float32),
+            consensus=False, normalize=False, lam=1.0, keys=[P.dare_key(seed, "w", i)], density=dens,
+            scale=1 / dens,
+        ))
         for i, delta in enumerate(deltas)
     ])  # fmt: skip
 
@@ -69,16 +80,15 @@ def test_task_arithmetic_matches_peft_with_weights():
     base, deltas = random_task_vectors()
     weights = torch.tensor([0.5, 1.5, -0.25, 2.0])
     expected = peft.task_arithmetic(list(deltas), weights)
-    method = METHODS["task_arithmetic"]
     params = {"weight": weights, "lambda": 1.0, "normalize": False}
-    got = method.merge(Chunk("w", 0, base.clone(), base + deltas, params)) - base
+    got = merge_chunk("task_arithmetic", base, base + deltas, params) - base
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_magnitude_trim_matches_peft_prune():
     _, deltas = random_task_vectors()
     for row in deltas:
-        threshold = P.magnitude_threshold(P.Magnitudes.of(row), 0.3)
+        threshold = P.magnitude_threshold(P.Magnitudes.of(row.numpy()), 0.3)
         ours = row.masked_fill(row.abs() < threshold, 0)
         torch.testing.assert_close(ours, peft.prune(row, 0.3, method="magnitude"))
 
@@ -100,7 +110,6 @@ def test_dare_linear_matches_peft_formula_on_the_same_drop_masks():
     weights = torch.tensor([1.0, 0.5, 2.0, 1.0])
     dropped = dare_dropped(deltas, 0.3, seed=0)
     expected = peft.task_arithmetic(list(dropped), weights)
-    method = METHODS["dare_linear"]
     params = {
         "weight": weights,
         "density": torch.full((4,), 0.3),
@@ -110,7 +119,7 @@ def test_dare_linear_matches_peft_formula_on_the_same_drop_masks():
         "seed": 0,
         "int8_mask": False,
     }
-    got = method.merge(Chunk("w", 0, base.clone(), base + deltas, params)) - base
+    got = merge_chunk("dare_linear", base, base + deltas, params) - base
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -141,28 +150,30 @@ def test_ties_lambda_scales_after_the_disjoint_mean():
 def test_ties_weights_apply_before_sign_election_mergekit_convention():
     # Weighted [3w, ...]: with weights (1, 4, 1) model 2 outvotes the rest in column 0:
     # 3 - 8 + 1 < 0 so the elected sign is -, and the divisor is model 2's weight alone.
-    weights = torch.tensor([1.0, 4.0, 1.0])
-    merged = P.merge_task_vectors(TAUS, torch.zeros(4), weights, consensus=True, normalize=True, lam=1.0)
-    assert merged[0].item() == pytest.approx(-8.0 / 4.0)
+    weights = np.array([1.0, 4.0, 1.0], np.float32)
+    merged = P.merge_task_vectors(
+        TAUS.numpy(), np.zeros(4, np.float32), weights, consensus=True, normalize=True, lam=1.0
+    )
+    assert merged[0] == pytest.approx(-8.0 / 4.0)
 
 
 def test_magnitude_ties_at_the_threshold_are_all_kept():
     delta = torch.tensor([1.0, 1.0, 1.0, 0.5])
     # k = 2, but three entries equal the 2nd largest
-    threshold = P.magnitude_threshold(P.Magnitudes.of(delta), 0.5)
-    assert threshold.item() == 1.0
+    threshold = P.magnitude_threshold(P.Magnitudes.of(delta.numpy()), 0.5)
+    assert threshold == 1.0
     assert int((delta.abs() >= threshold).sum()) == 3
 
 
 def test_magnitude_keeps_at_least_one_entry():
     delta = torch.tensor([0.1, -0.4, 0.2])
     # floor(0.3) = 0, raised to 1
-    assert P.magnitude_threshold(P.Magnitudes.of(delta), 0.1).item() == pytest.approx(0.4)
+    assert P.magnitude_threshold(P.Magnitudes.of(delta.numpy()), 0.1) == pytest.approx(0.4)
 
 
 def test_breadcrumbs_band_drops_largest_gamma_and_smallest():
     delta = torch.arange(1, 11, dtype=torch.float32) / 10  # 0.1 .. 1.0
-    low, high = P.breadcrumbs_bounds(P.Magnitudes.of(delta), density=0.5, gamma=0.1)
+    low, high = P.breadcrumbs_bounds(P.Magnitudes.of(delta.numpy()), density=0.5, gamma=0.1)
     kept = delta[(delta >= low) & (delta <= high)]
     torch.testing.assert_close(kept, torch.tensor([0.5, 0.6, 0.7, 0.8, 0.9]))
 
@@ -190,17 +201,17 @@ def test_average_is_the_weighted_mean():
     got = run_method("average", torch.zeros(2), models.clone())
     torch.testing.assert_close(got, torch.tensor([2.0, 4.0]))
     weights = {"weight": torch.tensor([3.0, 1.0]), "normalize": True}
-    got = METHODS["average"].merge(Chunk("w", 0, None, models.clone(), weights))
+    got = merge_chunk("average", None, models, weights)
     torch.testing.assert_close(got, torch.tensor([1.5, 3.0]))
 
 
 def test_model_stock_ratio_known_cases():
-    orthogonal = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    orthogonal = np.eye(2)
     assert interpolation_ratio(orthogonal) == 0.0  # cos 0 -> t 0: stay at the base
-    parallel = torch.ones(2, 2, dtype=torch.float64)
+    parallel = np.ones((2, 2))
     assert interpolation_ratio(parallel) == pytest.approx(1.0)  # cos 1 -> t 1: the average
     # three models at cos 0.5: t = 3·0.5 / (1 + 2·0.5) = 0.75
-    gram = torch.full((3, 3), 0.5, dtype=torch.float64).fill_diagonal_(1.0)
+    gram = np.full((3, 3), 0.5) + 0.5 * np.eye(3)
     assert interpolation_ratio(gram) == pytest.approx(0.75)
 
 
@@ -220,7 +231,7 @@ def test_slerp_quarter_circle():
 
 
 def test_slerp_falls_back_to_lerp_for_parallel_tensors():
-    gram = torch.tensor([[4.0, 8.0], [8.0, 16.0]], dtype=torch.float64)  # θ1 = 2·θ0
+    gram = np.array([[4.0, 8.0], [8.0, 16.0]])  # θ1 = 2·θ0
     assert slerp_coefficients(gram, 0.25) == (0.75, 0.25)
 
 

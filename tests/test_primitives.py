@@ -1,4 +1,5 @@
-"""The primitives' contracts: exact selection, chunk-invariant DARE randomness."""
+"""The primitives' contracts: exact selection, chunk-invariant DARE randomness, torch's
+rounding to bfloat16 and float16. Cases are written with torch; the primitives take numpy."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import torch
 
 from mergeflow.methods import kernels as K
 from mergeflow.methods import primitives as P
+from mergeflow.safetensors_io import DTYPES, dtype_of, numpy_view
 
 
 def kth_largest(values: torch.Tensor, k: int) -> float:
-    return P.Magnitudes.of(values).kth_largest(k)
+    return P.Magnitudes.of(numpy_view(values)).kth_largest(k)
 
 
 @pytest.mark.parametrize("k", [1, 7, 100_000, 300_000, 599_999, 600_000])
@@ -34,8 +36,9 @@ def test_kth_largest_of_a_difference_is_that_of_the_float32_difference(dtype):
     base = torch.randn(300_000, generator=g).to(dtype)
     model = (base.float() + 0.01 * torch.randn(300_000, generator=g)).to(dtype)
     expected = (model.float() - base.float()).abs().sort(descending=True).values
-    magnitudes = P.Magnitudes.of(model, base)
-    torch.testing.assert_close(magnitudes.values(), (model.float() - base.float()).abs(), rtol=0, atol=0)
+    magnitudes = P.Magnitudes.of(numpy_view(model), numpy_view(base))
+    got = torch.from_numpy(magnitudes.values())
+    torch.testing.assert_close(got, (model.float() - base.float()).abs(), rtol=0, atol=0)
     for k in (1, 1234, 60_000, 299_999, 300_000):
         assert magnitudes.kth_largest(k) == expected[k - 1].item()
 
@@ -47,7 +50,7 @@ def test_magnitude_histograms_count_every_entry_once_whatever_the_slicing(n_part
     base = torch.randn(100_003, generator=g).to(torch.bfloat16)
     model = (base.float() + 0.01 * torch.randn(100_003, generator=g)).to(torch.bfloat16)
     bits = (model.float() - base.float()).abs().view(torch.int32).numpy()
-    magnitudes = P.Magnitudes.of(model, base)
+    magnitudes = P.Magnitudes.of(numpy_view(model), numpy_view(base))
     top = K.magnitude_histogram(magnitudes.model, magnitudes.base, True, -1, n_parts)
     np.testing.assert_array_equal(top, np.bincount(bits >> 16, minlength=1 << 15))
     busiest = int(np.argmax(top))
@@ -72,12 +75,12 @@ def test_dare_uniforms_do_not_depend_on_chunking():
     n = 200_003
     whole = P.dare_uniforms(key, 0, n)
     for chunk in (1000, 65_536, 77_777):
-        pieces = torch.cat([P.dare_uniforms(key, s, min(chunk, n - s)) for s in range(0, n, chunk)])
-        assert torch.equal(pieces, whole)
+        pieces = np.concatenate([P.dare_uniforms(key, s, min(chunk, n - s)) for s in range(0, n, chunk)])
+        np.testing.assert_array_equal(pieces, whole)
 
 
 def test_dare_uniforms_look_uniform():
-    u = P.dare_uniforms(P.dare_key(0, "w", 0), 0, 1_000_000)
+    u = torch.from_numpy(P.dare_uniforms(P.dare_key(0, "w", 0), 0, 1_000_000))
     assert u.min() >= 0 and u.max() < 1
     assert u.mean().item() == pytest.approx(0.5, abs=0.002)
     histogram = torch.histc(u.float(), bins=10, min=0, max=1) / u.numel()
@@ -89,16 +92,17 @@ def test_dare_keys_differ_by_seed_tensor_and_model():
     keys = {P.dare_key(0, "a", 0), P.dare_key(1, "a", 0), P.dare_key(0, "b", 0), P.dare_key(0, "a", 1)}
     assert len(keys) == 4
     first = P.dare_uniforms(P.dare_key(0, "a", 0), 0, 1000)
-    assert not torch.equal(first, P.dare_uniforms(P.dare_key(0, "a", 1), 0, 1000))
+    assert not np.array_equal(first, P.dare_uniforms(P.dare_key(0, "a", 1), 0, 1000))
 
 
 def dare(delta: torch.Tensor, density: float, start: int = 0) -> torch.Tensor:
     """One task vector after the DARE step: a single model over a zero base, weight 1."""
-    dens = torch.tensor([density])
-    return P.merge_task_vectors(
-        delta.view(1, -1), torch.zeros(delta.numel()), torch.ones(1), consensus=False, normalize=False,
-        lam=1.0, keys=[P.dare_key(0, "w", 0)], density=dens, scale=1 / dens, start=start,
-    )  # fmt: skip
+    dens = np.array([density], np.float32)
+    return torch.from_numpy(P.merge_task_vectors(
+        delta.view(1, -1).numpy(), np.zeros(delta.numel(), np.float32), np.ones(1, np.float32),
+        consensus=False, normalize=False, lam=1.0, keys=[P.dare_key(0, "w", 0)], density=dens,
+        scale=1 / dens, start=start,
+    ))  # fmt: skip
 
 
 def test_dare_keeps_density_fraction_and_rescales():
@@ -121,6 +125,36 @@ def test_dare_density_one_keeps_everything():
 
 
 def test_ordered_sum_is_bitwise_a_left_fold():
-    rows = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0))
+    rows = np.random.default_rng(0).standard_normal((5, 1000), dtype=np.float32)
     expected = (((rows[0] + rows[1]) + rows[2]) + rows[3]) + rows[4]
-    assert torch.equal(P.ordered_sum(rows), expected)
+    np.testing.assert_array_equal(P.ordered_sum(rows), expected)
+
+
+def every_float32() -> torch.Tensor:
+    """A sample of float32 bit patterns: random ones plus every exponent's edges, the
+    rounding ties of bfloat16 and float16, subnormals, ±0, ±Inf and NaN."""
+    bits = torch.randint(
+        0, 2**32, (1_000_000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64
+    )
+    edges = [
+        (e << 23) | m for e in range(256) for m in (0, 1, 0x7FFF, 0x8000, 0x8001, 0x18000, 0x1000, 0x7FFFFF)
+    ]
+    edges += [x | 1 << 31 for x in edges]
+    return torch.cat([bits, torch.tensor(edges)]).to(torch.int64).to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("name", ["BF16", "F16"])
+def test_narrowing_float32_gives_the_bits_torch_gives(name):
+    values = every_float32()
+    expected = values.to({"BF16": torch.bfloat16, "F16": torch.float16}[name])
+    got = P.from_float32(values.numpy(), DTYPES[name])
+    assert dtype_of(expected) == DTYPES[name]
+    finite = torch.isfinite(expected) | torch.isinf(expected)
+    np.testing.assert_array_equal(got[finite.numpy()], numpy_view(expected)[finite.numpy()])
+    assert np.isnan(P.to_float32(got)[~finite.numpy()]).all()
+
+
+def test_widening_bfloat16_is_exact():
+    stored = every_float32().to(torch.bfloat16)
+    widened = P.to_float32(numpy_view(stored))
+    np.testing.assert_array_equal(widened.view(np.uint32), stored.float().numpy().view(np.uint32))

@@ -28,7 +28,7 @@ app.add_typer(zoo_app, name="zoo")
 def merge_command(
     config: Annotated[Path, typer.Argument(help="mergekit-style YAML config.", exists=False)],
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder: path, file:// or s3:// URI.")],
-    threads: Annotated[int | None, typer.Option(help="Torch threads (default: all cores).", min=1)] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads (default: all cores).", min=1)] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle (*.bin) checkpoints.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 500MB, 2GB.")] = "2GB",
@@ -38,7 +38,7 @@ def merge_command(
     """Merge the models in CONFIG into OUT, streaming tensor by tensor."""
     from mergeflow.file_hashes import start_hashing_inputs
 
-    start_hashing_inputs(config)  # while torch loads
+    start_hashing_inputs(config)  # while the engine loads
     _load_numba_numpy_support_without_scipy()
     from mergeflow.config import load_config
     from mergeflow.engine import merge

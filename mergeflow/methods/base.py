@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -28,16 +28,16 @@ class Param:
 class Chunk:
     """Everything a method sees for elements [start, start + numel) of one tensor.
 
-    `models` is [N, numel] float32, or bfloat16 as stored for a method that `reads_bfloat16`,
-    and owned by the method (it may be modified in place);
+    `models` is [N, numel] float32, or bfloat16 bit patterns (uint16) as stored for a method
+    that `reads_bfloat16`, and owned by the method (it may be modified in place);
     `base` is [numel] float32 or None. Shared parameters are floats/bools; per-model
-    parameters are [N] float32 tensors. `stats` is whatever the method's statistic returned.
+    parameters are [N] float32 arrays. `stats` is whatever the method's statistic returned.
     """
 
     tensor_name: str
     start: int
-    base: Tensor | None
-    models: Tensor
+    base: np.ndarray | None
+    models: np.ndarray
     params: Mapping[str, Any]
     stats: Any = None
 
@@ -56,14 +56,14 @@ class MergeMethod:
     name: str
     summary: str
     formula: str
-    merge: Callable[[Chunk], Tensor]
+    merge: Callable[[Chunk], np.ndarray]
     params: tuple[Param, ...] = ()
     needs_base: bool = True
     min_models: int = 1
     max_models: int | None = None
-    model_statistic: Callable[[Any, Mapping[str, float]], Tensor] | None = None
-    gram_rows: Callable[[Tensor | None, Tensor], Tensor] | None = None
-    gram_statistic: Callable[[Tensor, Mapping[str, Any]], Any] | None = None
+    model_statistic: Callable[[Any, Mapping[str, float]], np.ndarray] | None = None
+    gram_rows: Callable[[np.ndarray | None, np.ndarray], np.ndarray] | None = None
+    gram_statistic: Callable[[np.ndarray, Mapping[str, Any]], Any] | None = None
     # merge() takes bfloat16 models as they are stored: its kernels widen them as they read,
     # which saves a conversion pass over every chunk.
     reads_bfloat16: bool = False

@@ -1,17 +1,18 @@
 """Fused loops for the merge hot paths, compiled with numba.
 
-torch runs one pass over memory per operation; TIES on a chunk is a dozen of them. These
+An array library runs one pass over memory per operation; TIES on a chunk is a dozen of them. These
 kernels do the same arithmetic in one or two passes. Each output element is computed by one
 thread, summing over models in model order, so results do not depend on chunking or on the
-number of threads. Inputs are numpy views of torch tensors (no copies): float32, or bfloat16
-as its uint16 bit patterns, which `widen` turns into float32 as it reads them.
+number of threads. Inputs are numpy arrays: float32, or bfloat16 as its uint16 bit patterns,
+which `widen` turns into float32 as it reads them.
 """
 
 from __future__ import annotations
 
+import sys
+
 import numba
 import numpy as np
-import torch
 from numba import njit, prange, types
 from numba.extending import overload
 
@@ -24,8 +25,17 @@ _TWO_POW_24 = 16777216.0
 MODE_NONE, MODE_BAND, MODE_RANDOM = 0, 1, 2
 
 
+def default_threads() -> int:
+    """Threads for a merge that names none: as many as torch uses where the caller loaded
+    torch (a caller that limits torch, such as a one-thread Dask worker, limits the kernels
+    too), else one per core."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else numba.config.NUMBA_NUM_THREADS
+
+
 def use_threads(count: int) -> None:
-    """Run the kernels on `count` threads, and keep torch's own parallel operations at `count`.
+    """Run the kernels on `count` threads, and keep torch's own parallel operations at `count`
+    in a process that loaded torch (the engine does not need it).
 
     numba's OpenMP pool shares the OpenMP runtime torch uses; when the pool starts (on the first
     parallel kernel of a process) it raises the runtime's thread count, and torch's element-wise
@@ -35,7 +45,9 @@ def use_threads(count: int) -> None:
     from numba.np.ufunc.parallel import _launch_threads
 
     _launch_threads()
-    torch.set_num_threads(count)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(count)
     numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
 
 
@@ -154,6 +166,23 @@ def _widen(x):
     if x == types.uint16:
         return lambda x: np.int32(np.int64(x) << 16).view(np.float32)
     return lambda x: np.float32(x)
+
+
+@njit(parallel=True, cache=True)
+def widen_(out, src):
+    """out = float32 of bfloat16 bit patterns `src`."""
+    for j in prange(src.size):
+        out[j] = widen(src[j])
+
+
+@njit(parallel=True, cache=True)
+def narrow_to_bfloat16_(out, src_bits):
+    """out = bfloat16 bit patterns of the float32 values whose bit patterns are `src_bits`
+    (uint32), rounded to nearest, ties to even, as torch rounds (NaN becomes 0x7FC0)."""
+    for j in prange(src_bits.size):
+        bits = np.int64(src_bits[j])
+        rounded = (bits + ((bits >> 16) & 1) + 0x7FFF) >> 16
+        out[j] = np.uint16(0x7FC0) if bits & 0x7FFFFFFF > 0x7F800000 else np.uint16(rounded)
 
 
 @njit(cache=True, inline="always")

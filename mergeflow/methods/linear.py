@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from mergeflow.methods import primitives as P
 from mergeflow.methods.base import Chunk, MergeMethod, Param
 
 
-def weighted_average(models: Tensor, weights: Tensor, normalize: bool) -> Tensor:
+def weighted_average(models: np.ndarray, weights: np.ndarray, normalize: bool) -> np.ndarray:
     """Σi wi θi, divided by Σi wi when `normalize` (|Σ w| < 1e-8 divides as 1)."""
-    zero = torch.zeros(models.shape[1:], dtype=torch.float32)
+    zero = np.zeros(models.shape[1:], dtype=np.float32)
     return P.merge_task_vectors(models, zero, weights, consensus=False, normalize=normalize, lam=1.0)
 
 
-def _merge(chunk: Chunk) -> Tensor:
+def _merge(chunk: Chunk) -> np.ndarray:
     return weighted_average(chunk.models, chunk.params["weight"], bool(chunk.params["normalize"]))
 
 

@@ -6,40 +6,40 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from mergeflow.methods import primitives as P
 from mergeflow.methods.base import Chunk, MergeMethod, Param
 
 
-def interpolation_ratio(gram: Tensor) -> float:
+def interpolation_ratio(gram: np.ndarray) -> float:
     """t = N·c / (1 + (N−1)·c), c = mean pairwise cosine of the task vectors (from their
     Gram matrix). A near-singular denominator (|·| < 1e-6) keeps the base: t = 0."""
     n = gram.shape[0]
-    norms = gram.diagonal().clamp(min=0).sqrt()
+    norms = np.sqrt(np.maximum(gram.diagonal(), 0))
     cosines = [
-        (gram[i, j] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
-        for i in range(n)
-        for j in range(i + 1, n)
+        np.clip(gram[i, j] / max(norms[i] * norms[j], 1e-6), -1, 1) for i in range(n) for j in range(i + 1, n)
     ]
-    c = float(torch.stack(cosines).mean())
+    c = float(np.mean(cosines))
     denominator = 1 + (n - 1) * c
     return 0.0 if abs(denominator) < 1e-6 else n * c / denominator
 
 
-def _gram_rows(base: Tensor | None, models: Tensor) -> Tensor:
+def _gram_rows(base: np.ndarray | None, models: np.ndarray) -> np.ndarray:
     return models - base
 
 
-def _statistic(gram: Tensor, params: Mapping[str, Any]) -> float:
+def _statistic(gram: np.ndarray, params: Mapping[str, Any]) -> float:
     return interpolation_ratio(gram)
 
 
-def _merge(chunk: Chunk) -> Tensor:
+def _merge(chunk: Chunk) -> np.ndarray:
     t = chunk.stats
-    average = P.ordered_sum(chunk.models).div_(chunk.models.shape[0])
-    return average.mul_(t).add_(chunk.base, alpha=1 - t)
+    average = P.ordered_sum(chunk.models)
+    average /= np.float32(chunk.models.shape[0])
+    average *= np.float32(t)
+    average += np.float32(1 - t) * chunk.base
+    return average
 
 
 MODEL_STOCK = MergeMethod(

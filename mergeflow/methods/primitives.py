@@ -2,7 +2,8 @@
 
 Every function is deterministic: results do not depend on how a tensor is split into chunks or
 on the number of threads. Sums across models run in model order; the hot loops are fused
-numba kernels (`kernels.py`) called on zero-copy numpy views of float32 tensors.
+numba kernels (`kernels.py`). Arrays are numpy: float32, or bfloat16 as its uint16 bit
+patterns (numpy has no bfloat16; safetensors_io.DType), widened inside the kernels.
 """
 
 from __future__ import annotations
@@ -11,20 +12,19 @@ import hashlib
 
 import numba
 import numpy as np
-import torch
 from numba import njit, prange
-from torch import Tensor
 
 from mergeflow.methods import kernels as K
+from mergeflow.safetensors_io import DType
 
 
 class NonFiniteInput(ValueError):
     """A NaN or Inf reached a kernel; the engine finds and names the model and tensor."""
 
 
-def ordered_sum(stacked: Tensor) -> Tensor:
-    """Sum over dim 0 in index order, so the result is the same for any chunking."""
-    total = stacked[0].clone()
+def ordered_sum(stacked: np.ndarray) -> np.ndarray:
+    """Sum over axis 0 in index order, so the result is the same for any chunking."""
+    total = stacked[0].copy()
     for row in stacked[1:]:
         total += row
     return total
@@ -35,7 +35,7 @@ class Magnitudes:
     |model − base|, or |model| when the model already is a task vector (base None).
 
     The arrays are what the kernels read: float32, or bfloat16 as uint16 bit patterns (numpy
-    has no bfloat16). Use `of` to get them from tensors.
+    has no bfloat16). Use `of` for arrays of any float dtype and shape.
     """
 
     def __init__(self, model: np.ndarray, base: np.ndarray | None) -> None:
@@ -46,7 +46,7 @@ class Magnitudes:
         self._top_bits: np.ndarray | None = None
 
     @classmethod
-    def of(cls, model: Tensor, base: Tensor | None = None) -> Magnitudes:
+    def of(cls, model: np.ndarray, base: np.ndarray | None = None) -> Magnitudes:
         return cls(kernel_array(model.reshape(-1)), None if base is None else kernel_array(base.reshape(-1)))
 
     def kth_largest(self, k: int) -> float:
@@ -62,25 +62,50 @@ class Magnitudes:
         bottom, _ = K.bin_from_the_top(self._histogram(top), k - above)
         return float(np.uint32(top << 16 | bottom).view(np.float32))
 
-    def values(self) -> Tensor:
-        """All |τ| as a float32 tensor."""
-        out = torch.empty(self.numel, dtype=torch.float32)
-        K.magnitudes_(out.numpy(), self.model, self.base, self.has_base)
+    def values(self) -> np.ndarray:
+        """All |τ| as a float32 array."""
+        out = np.empty(self.numel, dtype=np.float32)
+        K.magnitudes_(out, self.model, self.base, self.has_base)
         return out
 
     def _histogram(self, high: int) -> np.ndarray:
         return K.magnitude_histogram(self.model, self.base, self.has_base, high, numba.get_num_threads())
 
 
-def kernel_array(tensor: Tensor) -> np.ndarray:
-    """A contiguous tensor as the kernels read it: float32, or bfloat16 as uint16 bit patterns.
-    Other dtypes are converted to float32."""
-    if tensor.dtype == torch.bfloat16:
-        return tensor.contiguous().view(torch.uint16).numpy()
-    return tensor.contiguous().to(torch.float32).numpy()
+def kernel_array(array: np.ndarray) -> np.ndarray:
+    """An array as the kernels read it, contiguous: float32, or bfloat16 as uint16 bit
+    patterns, as they are; other dtypes converted to float32."""
+    if array.dtype in (np.uint16, np.float32):
+        return np.ascontiguousarray(array)
+    return to_float32(array)
 
 
-def magnitude_threshold(magnitudes: Magnitudes, density: float) -> Tensor:
+def to_float32(stored: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 values of elements as stored (uint16 holds bfloat16 bit patterns), into `out`
+    when given (a reused buffer saves page faults)."""
+    if out is None:
+        out = np.empty(stored.shape, dtype=np.float32)
+    if stored.dtype == np.uint16:
+        K.widen_(out.reshape(-1), stored.reshape(-1))
+    else:
+        np.copyto(out, stored, casting="unsafe")
+    return out
+
+
+def from_float32(values: np.ndarray, dtype: DType) -> np.ndarray:
+    """A new array of float32 `values` in `dtype`'s storage: bfloat16 and float16 rounded to
+    nearest, ties to even (the bits torch gives)."""
+    if dtype.storage is np.uint16:
+        out = np.empty(values.shape, dtype=np.uint16)
+        K.narrow_to_bfloat16_(
+            out.reshape(-1), np.ascontiguousarray(values, np.float32).reshape(-1).view(np.uint32)
+        )
+        return out
+    with np.errstate(over="ignore"):  # beyond float16's range is ±Inf, as in torch
+        return values.astype(dtype.storage)
+
+
+def magnitude_threshold(magnitudes: Magnitudes, density: float) -> float:
     """TIES trim threshold over `magnitudes` = |τ|: entries with |τ| >= threshold are kept.
 
     k = max(1, floor(density * n)) entries are kept (mergekit's rounding; PEFT uses floor
@@ -90,29 +115,29 @@ def magnitude_threshold(magnitudes: Magnitudes, density: float) -> Tensor:
     density >= 1 keeps everything (threshold 0).
     """
     if density >= 1:
-        return torch.tensor(0.0)
-    return torch.tensor(magnitudes.kth_largest(max(1, int(density * magnitudes.numel))))
+        return 0.0
+    return magnitudes.kth_largest(max(1, int(density * magnitudes.numel)))
 
 
-def breadcrumbs_bounds(magnitudes: Magnitudes, density: float, gamma: float) -> Tensor:
+def breadcrumbs_bounds(magnitudes: Magnitudes, density: float, gamma: float) -> tuple[float, float]:
     """Model Breadcrumbs band [low, high] over `magnitudes` = |τ|: drop the largest `gamma`
     fraction and then the smallest, keeping a `density` fraction (mergekit's
     `magnitude_outliers`).
 
     With n entries ranked by ascending magnitude, ranks [n_bot, n_bot + floor(density*n)) are
     kept, where n_bot = max(0, n - floor(density*n) - floor(gamma*n)); ties at either bound
-    are kept. Returns tensor([low, high]); an empty band is (inf, -inf). density >= 1 keeps all.
+    are kept. Returns (low, high); an empty band is (inf, -inf). density >= 1 keeps all.
     """
     if density >= 1:
-        return torch.tensor([0.0, float("inf")])
+        return 0.0, float("inf")
     n = magnitudes.numel
     keep = int(density * n)
     if keep == 0:
-        return torch.tensor([float("inf"), float("-inf")])
+        return float("inf"), float("-inf")
     n_bottom = max(0, n - keep - int(gamma * n))
     low = magnitudes.kth_largest(n - n_bottom)  # ascending rank n_bottom
     high = magnitudes.kth_largest(n - n_bottom - keep + 1)  # ascending rank n_bottom+keep-1
-    return torch.tensor([low, high])
+    return low, high
 
 
 def dare_key(seed: int, tensor_name: str, model_index: int) -> int:
@@ -121,7 +146,7 @@ def dare_key(seed: int, tensor_name: str, model_index: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def dare_uniforms(key: int, start: int, count: int) -> Tensor:
+def dare_uniforms(key: int, start: int, count: int) -> np.ndarray:
     """Uniform numbers k/2^24 for flat elements [start, start+count) of one DARE stream.
 
     Counter-based (SplitMix64 of key + (index+1)·golden ratio), so any chunk of a tensor sees
@@ -129,7 +154,7 @@ def dare_uniforms(key: int, start: int, count: int) -> Tensor:
     """
     out = np.empty(count, dtype=np.float64)
     _uniforms(np.uint64(key), start, out)
-    return torch.from_numpy(out)
+    return out
 
 
 @njit(parallel=True, cache=True)
@@ -139,20 +164,20 @@ def _uniforms(key, start, out):
 
 
 def merge_task_vectors(
-    models: Tensor,
-    base: Tensor,
-    weights: Tensor,
+    models: np.ndarray,
+    base: np.ndarray,
+    weights: np.ndarray,
     *,
     consensus: bool,
     normalize: bool,
     lam: float,
-    low: Tensor | None = None,
-    high: Tensor | None = None,
-    scale: Tensor | None = None,
+    low: np.ndarray | None = None,
+    high: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
     keys: list[int] | None = None,
-    density: Tensor | None = None,
+    density: np.ndarray | None = None,
     start: int = 0,
-) -> Tensor:
+) -> np.ndarray:
     """θ0 + λ·merge of the weighted, sparsified task vectors τi = θi − θ0 of models [N, C]
     (float32 or bfloat16; the base is float32).
 
@@ -171,20 +196,20 @@ def merge_task_vectors(
         mode = K.MODE_BAND
     elif keys is not None:
         mode = K.MODE_RANDOM
-    total = float(ordered_sum(weights.to(torch.float32)))
+    total = float(ordered_sum(np.asarray(weights, dtype=np.float32)))
     divisor = np.float32(total if normalize and abs(total) >= 1e-8 else 1.0)
-    out = torch.empty_like(base)
+    out = np.empty_like(base)
     non_finite = K.merge_task_vectors(
-        kernel_array(models), base.numpy(), mode,
+        kernel_array(models), base, mode,
         _f32(low, no_limits), _f32(high, no_limits), _f32(scale, np.ones(n, np.float32)),
         np.array(keys or [0] * n, dtype=np.uint64),
-        np.asarray(density.numpy() if density is not None else no_limits, dtype=np.float64),
-        start, _f32(weights, no_limits), consensus, normalize, divisor, np.float32(lam), out.numpy(),
+        np.asarray(density if density is not None else no_limits, dtype=np.float64),
+        start, _f32(weights, no_limits), consensus, normalize, divisor, np.float32(lam), out,
     )  # fmt: skip
     if non_finite:
         raise NonFiniteInput(f"{non_finite} NaN/Inf value(s) in the task vectors")
     return out
 
 
-def _f32(tensor: Tensor | None, default: np.ndarray) -> np.ndarray:
-    return default if tensor is None else np.ascontiguousarray(tensor.numpy(), dtype=np.float32)
+def _f32(values: np.ndarray | None, default: np.ndarray) -> np.ndarray:
+    return default if values is None else np.ascontiguousarray(values, dtype=np.float32)

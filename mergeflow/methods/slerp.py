@@ -6,14 +6,14 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor
+import numpy as np
 
 from mergeflow.methods.base import Chunk, MergeMethod, Param
 
 DOT_THRESHOLD = 0.9995
 
 
-def slerp_coefficients(gram: Tensor, t: float, eps: float = 1e-8) -> tuple[float, float]:
+def slerp_coefficients(gram: np.ndarray, t: float, eps: float = 1e-8) -> tuple[float, float]:
     """(a, b) with θ = a·θ0 + b·θ1 for the angle Ω between the flattened tensors:
     a = sin((1−t)Ω)/sin Ω, b = sin(tΩ)/sin Ω; nearly (anti)parallel tensors (|cos Ω| >
     0.9995) interpolate linearly. Norms below eps count as 1, as in mergekit."""
@@ -26,19 +26,20 @@ def slerp_coefficients(gram: Tensor, t: float, eps: float = 1e-8) -> tuple[float
     return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
 
 
-def _gram_rows(base: Tensor | None, models: Tensor) -> Tensor:
-    rows = models.new_empty((2, models.shape[1]))
-    rows[0], rows[1] = base, models[0]
-    return rows
+def _gram_rows(base: np.ndarray | None, models: np.ndarray) -> np.ndarray:
+    return np.stack([base, models[0]])
 
 
-def _statistic(gram: Tensor, params: Mapping[str, Any]) -> tuple[float, float]:
+def _statistic(gram: np.ndarray, params: Mapping[str, Any]) -> tuple[float, float]:
     return slerp_coefficients(gram, float(params["t"]))
 
 
-def _merge(chunk: Chunk) -> Tensor:
+def _merge(chunk: Chunk) -> np.ndarray:
     a, b = chunk.stats
-    return chunk.models[0].mul_(b).add_(chunk.base, alpha=a)
+    merged = chunk.models[0]
+    merged *= np.float32(b)
+    merged += np.float32(a) * chunk.base
+    return merged
 
 
 SLERP = MergeMethod(

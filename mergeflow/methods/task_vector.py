@@ -17,8 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from mergeflow.methods import primitives as P
 from mergeflow.methods.base import Chunk, MergeMethod, Param
@@ -29,27 +28,26 @@ Sparsify = Literal["magnitude", "random", "outliers"] | None
 def _model_statistic(sparsify: Sparsify):
     """Per-model whole-tensor statistic from |τi|: trim bounds plus the L1 rescale factor."""
 
-    def statistic(magnitudes: P.Magnitudes, params: Mapping[str, float]) -> Tensor:
+    def statistic(magnitudes: P.Magnitudes, params: Mapping[str, float]) -> np.ndarray:
         if sparsify == "magnitude":
-            low = P.magnitude_threshold(magnitudes, params["density"])
-            bounds = torch.stack([low, torch.tensor(float("inf"))])
+            low, high = P.magnitude_threshold(magnitudes, params["density"]), float("inf")
         else:
-            bounds = P.breadcrumbs_bounds(magnitudes, params["density"], params["gamma"])
-        scale = torch.tensor(1.0)
+            low, high = P.breadcrumbs_bounds(magnitudes, params["density"], params["gamma"])
+        scale = 1.0
         if params["rescale"]:
             values = magnitudes.values()
-            kept = values[(values >= bounds[0]) & (values <= bounds[1])]
-            before = float(values.sum(dtype=torch.float64))
-            after = float(kept.sum(dtype=torch.float64))
+            kept = values[(values >= np.float32(low)) & (values <= np.float32(high))]
+            before = float(values.sum(dtype=np.float64))
+            after = float(kept.sum(dtype=np.float64))
             if before >= 1e-7 and after >= 1e-7:
-                scale = torch.tensor(before / after)
-        return torch.cat([bounds, scale.view(1)])
+                scale = before / after
+        return np.array([low, high, scale], dtype=np.float32)
 
     return statistic
 
 
 def _merge(sparsify: Sparsify, consensus: bool):
-    def merge(chunk: Chunk) -> Tensor:
+    def merge(chunk: Chunk) -> np.ndarray:
         p = chunk.params
         sparsified: dict = {}
         if sparsify == "random":

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mergeflow.output import ShardedWriter
-from mergeflow.safetensors_io import PlannedTensor
+from mergeflow.safetensors_io import DTYPES_BY_LONG_NAME, PlannedTensor, numpy_view
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def build_generated_zoo(folder: str | Path, spec: GeneratedZooSpec = GeneratedZo
     dtype = getattr(torch, spec.dtype)
     config = llama_config(spec)
     shapes = tensor_shapes(config)
-    plan = [PlannedTensor(name, dtype, shape) for name, shape in shapes.items()]
+    plan = [PlannedTensor(name, DTYPES_BY_LONG_NAME[spec.dtype], shape) for name, shape in shapes.items()]
     names = ["base"] + [f"expert_{i}" for i in range(spec.num_experts)]
     writers = {}
     for name in names:
@@ -93,13 +93,13 @@ def build_generated_zoo(folder: str | Path, spec: GeneratedZooSpec = GeneratedZo
             base = torch.ones(shape)
         else:
             base = torch.randn(shape, generator=generator).mul_(0.02)
-        writers["base"].write(name, base.to(dtype).reshape(-1))
+        writers["base"].write(name, numpy_view(base.to(dtype).reshape(-1)))
         shared = torch.randn(shape, generator=generator)
         for i in range(spec.num_experts):
             sign = 1.0 if i % 2 == 0 else -1.0
             own = torch.randn(shape, generator=generator)
             expert = base + spec.task_vector_scale * (sign * shared + own)
-            writers[f"expert_{i}"].write(name, expert.to(dtype).reshape(-1))
+            writers[f"expert_{i}"].write(name, numpy_view(expert.to(dtype).reshape(-1)))
     for writer in writers.values():
         writer.finish()
     (folder / "zoo.json").write_text(json.dumps({"kind": "generated", "spec": asdict(spec)}, indent=2))

@@ -26,7 +26,7 @@ import torch
 from mergeflow.errors import ZooError
 from mergeflow.hashing import file_sha256
 from mergeflow.output import ShardedWriter, WrittenFile
-from mergeflow.safetensors_io import PlannedTensor
+from mergeflow.safetensors_io import FLOAT32, PlannedTensor, numpy_view
 from mergeflow.storage import locate
 from mergeflow.zoo import RECORD, zoo_dir
 
@@ -198,10 +198,10 @@ def _write_model(model: torch.nn.Module, folder: Path) -> list[WrittenFile]:
         if model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
             raise ZooError(f"{GGUF_NAME}: the config ties lm_head to the embeddings but they differ")
         del state["lm_head.weight"]
-    plan = [PlannedTensor(k, torch.float32, tuple(state[k].shape)) for k in sorted(state)]
+    plan = [PlannedTensor(k, FLOAT32, tuple(state[k].shape)) for k in sorted(state)]
     writer = ShardedWriter(folder, plan, max_shard_bytes=1 << 40)
     for item in plan:
-        writer.write(item.name, state[item.name].detach().to(torch.float32).reshape(-1))
+        writer.write(item.name, numpy_view(state[item.name].to(torch.float32).reshape(-1)))
     return [
         _file_record(folder, "config.json"),
         _file_record(folder, "generation_config.json"),

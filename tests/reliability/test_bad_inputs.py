@@ -102,7 +102,7 @@ def test_integer_weights_where_the_base_has_floats(small, tmp_path):
     broken = copy_expert(small, tmp_path)
     edit_tensors(broken, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int32)}))
     assert_fails_cleanly(
-        ties(small, broken), tmp_path, IncompatibleModelsError, "model.norm.weight", "dtype torch.int32"
+        ties(small, broken), tmp_path, IncompatibleModelsError, "model.norm.weight", "dtype int32"
     )
 
 
