@@ -28,7 +28,6 @@ from mergeflow.config import MergeConfig, resolve_parameters
 from mergeflow.hashing import model_sha256, models_sha256
 from mergeflow.methods import MergeMethod
 from mergeflow.methods.kernels import default_threads, use_threads
-from mergeflow.methods.primitives import from_float32
 from mergeflow.output import ShardedWriter, StagedOutput
 from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
 from mergeflow.task_vectors import check_task_vectors_match_base, task_vector_info
@@ -209,10 +208,8 @@ def _merge_all(
                     target, method, base_entry, entries, deltas, params, reader, io, workspace
                 )
                 for merged in tensor.run():
-                    # Written in the background: a method may return a view of the workspace
-                    # (slerp does), which the next chunk overwrites, so the writer gets a copy.
-                    writer.write(target.name, from_float32(merged, target.dtype))
-                    bar.update(merged.size * target.dtype.itemsize)
+                    writer.write(target.name, merged)
+                    bar.update(merged.nbytes)
     finally:
         bar.close()
         reader.close()

@@ -10,7 +10,7 @@ import numpy as np
 
 from mergeflow.errors import NonFiniteError
 from mergeflow.methods import Chunk
-from mergeflow.methods.primitives import Magnitudes, NonFiniteInput, kernel_array, to_float32
+from mergeflow.methods.primitives import Magnitudes, NonFiniteInput, from_float32, kernel_array, to_float32
 from mergeflow.safetensors_io import BFLOAT16
 
 
@@ -71,6 +71,7 @@ class TensorMerge:
         self.numel = math.prod(target.shape)
 
     def run(self) -> Iterator[np.ndarray]:
+        """The merged tensor's chunks, in the target's storage dtype."""
         stats = self._statistics()
         for start, base, models in self._chunks():
             chunk = Chunk(self.target.name, start, base, models, self.params, stats)
@@ -79,17 +80,17 @@ class TensorMerge:
             except NonFiniteInput:
                 self._name_non_finite_input(start, models.shape[1])
                 raise
-            # NaN/Inf inputs reach the output of methods that do not sparsify; one sum finds it.
-            with np.errstate(over="ignore", invalid="ignore"):  # Inf and NaN are checked for here
-                total = float(merged.sum())
-            if not math.isfinite(total):
+            # A new array, so the background writer may keep it while the next chunk reuses the
+            # workspace (slerp returns a view of it). NaN/Inf inputs reach the output of methods
+            # that do not sparsify: the conversion counts them.
+            stored, non_finite = from_float32(merged, self.target.dtype)
+            if non_finite:
                 self._name_non_finite_input(start, models.shape[1])
-                if not np.isfinite(merged).all():
-                    raise NonFiniteError(
-                        f"tensor '{self.target.name}': merged values overflow to Inf/NaN "
-                        "(check lambda and the weights)"
-                    )
-            yield merged
+                raise NonFiniteError(
+                    f"tensor '{self.target.name}': merged values overflow to Inf/NaN "
+                    "(check lambda and the weights)"
+                )
+            yield stored
 
     def _statistics(self):
         method = self.method
@@ -128,8 +129,9 @@ class TensorMerge:
         return {k: float(v[i]) if isinstance(v, np.ndarray) else v for k, v in self.params.items()}
 
     def _chunks(self) -> Iterator[tuple[int, np.ndarray | None, np.ndarray]]:
-        """(start, base float32, models [N, count] float32, or bfloat16 as stored when the
-        method reads that), prefetching the next chunk."""
+        """(start, base, models [N, count]), prefetching the next chunk: float32, or for a
+        method that reads bfloat16 and bfloat16 models, the models and a float32 or bfloat16
+        base as stored."""
         starts = list(range(0, self.numel, self.chunk))
         if not starts:
             return
@@ -146,10 +148,13 @@ class TensorMerge:
             count = raw_models[0].size
             # Views of buffers reused for every chunk: fresh allocations this large would pay
             # page faults on every pass. Flat slices keep each view contiguous.
-            base = to_float32(raw_base, out=self.workspace.base[:count]) if raw_base is not None else None
-            if as_stored:  # the models' chunks lie back to back in the read buffer
-                yield start, base, self.workspace.stored_models(i % 2, len(raw_models), count)
+            if as_stored:  # the models' chunks lie back to back in the read buffer; the base as read
+                models = self.workspace.stored_models(i % 2, len(raw_models), count)
+                if raw_base is not None and raw_base.dtype not in (np.uint16, np.float32):
+                    raw_base = to_float32(raw_base, out=self.workspace.base[:count])
+                yield start, raw_base, models
                 continue
+            base = to_float32(raw_base, out=self.workspace.base[:count]) if raw_base is not None else None
             models = self.workspace.models[: len(raw_models) * count].reshape(len(raw_models), count)
             for row, raw, delta in zip(models, raw_models, self.deltas, strict=True):
                 to_float32(raw, out=row)

@@ -143,11 +143,12 @@ def every_float32() -> torch.Tensor:
     return torch.cat([bits, torch.tensor(edges)]).to(torch.int64).to(torch.int32).view(torch.float32)
 
 
-@pytest.mark.parametrize("name", ["BF16", "F16"])
+@pytest.mark.parametrize("name", ["BF16", "F16", "F32"])
 def test_narrowing_float32_gives_the_bits_torch_gives(name):
     values = every_float32()
-    expected = values.to({"BF16": torch.bfloat16, "F16": torch.float16}[name])
-    got = P.from_float32(values.numpy(), DTYPES[name])
+    expected = values.to({"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[name])
+    got, non_finite = P.from_float32(values.numpy(), DTYPES[name])
+    assert non_finite == int((~torch.isfinite(values)).sum())
     assert dtype_of(expected) == DTYPES[name]
     finite = torch.isfinite(expected) | torch.isinf(expected)
     np.testing.assert_array_equal(got[finite.numpy()], numpy_view(expected)[finite.numpy()])

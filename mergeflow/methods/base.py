@@ -30,8 +30,9 @@ class Chunk:
 
     `models` is [N, numel] float32, or bfloat16 bit patterns (uint16) as stored for a method
     that `reads_bfloat16`, and owned by the method (it may be modified in place);
-    `base` is [numel] float32 or None. Shared parameters are floats/bools; per-model
-    parameters are [N] float32 arrays. `stats` is whatever the method's statistic returned.
+    `base` is [numel] float32 or None, or for such a method bfloat16 as stored too. Shared
+    parameters are floats/bools; per-model parameters are [N] float32 arrays. `stats` is
+    whatever the method's statistic returned.
     """
 
     tensor_name: str

@@ -75,20 +75,20 @@ def _weighted_task_vector(model, base, mode, low, high, scale, weight, key, dens
     count = row.size
     if mode == MODE_BAND:
         for j in range(count):
-            tau = widen(model[j]) - base[j]
+            tau = widen(model[j]) - widen(base[j])
             bad += tau - tau != 0  # true exactly for NaN and ±Inf
             magnitude = abs(tau)
             kept = (low <= magnitude) & (magnitude <= high)
             row[j] = (tau * scale) * weight if kept else np.float32(0.0)
     elif mode == MODE_RANDOM:
         for j in range(count):
-            tau = widen(model[j]) - base[j]
+            tau = widen(model[j]) - widen(base[j])
             bad += tau - tau != 0
             kept = uniform24(key, first + j) < density
             row[j] = (tau * scale) * weight if kept else np.float32(0.0)
     else:
         for j in range(count):
-            tau = widen(model[j]) - base[j]
+            tau = widen(model[j]) - widen(base[j])
             bad += tau - tau != 0
             row[j] = (tau * scale) * weight
     return bad
@@ -147,10 +147,10 @@ def merge_task_vectors(
                 merged = total[j]
                 if normalize and agreeing[j] != 0:
                     merged = merged / agreeing[j]
-                block_out[j] = block_base[j] + merged * lam
+                block_out[j] = widen(block_base[j]) + merged * lam
         else:
             for j in range(size):
-                block_out[j] = block_base[j] + (total[j] / divisor) * lam
+                block_out[j] = widen(block_base[j]) + (total[j] / divisor) * lam
         non_finite += bad
     return non_finite
 
@@ -176,13 +176,29 @@ def widen_(out, src):
 
 
 @njit(parallel=True, cache=True)
-def narrow_to_bfloat16_(out, src_bits):
-    """out = bfloat16 bit patterns of the float32 values whose bit patterns are `src_bits`
-    (uint32), rounded to nearest, ties to even, as torch rounds (NaN becomes 0x7FC0)."""
-    for j in prange(src_bits.size):
+def narrow_to_bfloat16_(out, src, src_bits):
+    """out = bfloat16 bit patterns of float32 `src` (`src_bits`: the same memory as uint32),
+    rounded to nearest, ties to even, as torch rounds (NaN becomes 0x7FC0). Returns how many
+    of `src` are NaN or ±Inf."""
+    bad = 0
+    for j in prange(src.size):
+        x = src[j]
+        bad += x - x != 0  # true exactly for NaN and ±Inf
         bits = np.int64(src_bits[j])
         rounded = (bits + ((bits >> 16) & 1) + 0x7FFF) >> 16
-        out[j] = np.uint16(0x7FC0) if bits & 0x7FFFFFFF > 0x7F800000 else np.uint16(rounded)
+        out[j] = np.uint16(0x7FC0) if x != x else np.uint16(rounded)
+    return bad
+
+
+@njit(parallel=True, cache=True)
+def copy_float32_(out, src):
+    """out = src; returns how many of `src` are NaN or ±Inf."""
+    bad = 0
+    for j in prange(src.size):
+        x = src[j]
+        bad += x - x != 0
+        out[j] = x
+    return bad
 
 
 @njit(cache=True, inline="always")

@@ -92,17 +92,21 @@ def to_float32(stored: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def from_float32(values: np.ndarray, dtype: DType) -> np.ndarray:
-    """A new array of float32 `values` in `dtype`'s storage: bfloat16 and float16 rounded to
-    nearest, ties to even (the bits torch gives)."""
+def from_float32(values: np.ndarray, dtype: DType) -> tuple[np.ndarray, int]:
+    """A new array of float32 `values` in `dtype`'s storage, and how many of the values are NaN
+    or ±Inf, counted in the same pass. bfloat16 and float16 are rounded to nearest, ties to
+    even (the bits torch gives); beyond float16's range is ±Inf, as in torch."""
+    flat = np.ascontiguousarray(values, np.float32).reshape(-1)
+    out = np.empty(flat.size, dtype=dtype.storage)
     if dtype.storage is np.uint16:
-        out = np.empty(values.shape, dtype=np.uint16)
-        K.narrow_to_bfloat16_(
-            out.reshape(-1), np.ascontiguousarray(values, np.float32).reshape(-1).view(np.uint32)
-        )
-        return out
-    with np.errstate(over="ignore"):  # beyond float16's range is ±Inf, as in torch
-        return values.astype(dtype.storage)
+        non_finite = K.narrow_to_bfloat16_(out, flat, flat.view(np.uint32))
+    elif dtype.storage is np.float32:
+        non_finite = K.copy_float32_(out, flat)
+    else:
+        with np.errstate(over="ignore"):
+            out[:] = flat
+        non_finite = int(np.count_nonzero(~np.isfinite(flat)))
+    return out.reshape(values.shape), int(non_finite)
 
 
 def magnitude_threshold(magnitudes: Magnitudes, density: float) -> float:
@@ -179,7 +183,7 @@ def merge_task_vectors(
     start: int = 0,
 ) -> np.ndarray:
     """θ0 + λ·merge of the weighted, sparsified task vectors τi = θi − θ0 of models [N, C]
-    (float32 or bfloat16; the base is float32).
+    (float32 or bfloat16 bit patterns; the base too).
 
     Sparsify: with `low`/`high`, keep low[i] <= |τi| <= high[i] (magnitude trim, Breadcrumbs
     band); with `keys`/`density`, DARE: keep each entry with probability density[i], using
@@ -198,7 +202,7 @@ def merge_task_vectors(
         mode = K.MODE_RANDOM
     total = float(ordered_sum(np.asarray(weights, dtype=np.float32)))
     divisor = np.float32(total if normalize and abs(total) >= 1e-8 else 1.0)
-    out = np.empty_like(base)
+    out = np.empty(base.shape, np.float32)
     non_finite = K.merge_task_vectors(
         kernel_array(models), base, mode,
         _f32(low, no_limits), _f32(high, no_limits), _f32(scale, np.ones(n, np.float32)),
