@@ -1,6 +1,7 @@
 """sha256 of local files, remembered across processes by (path, size, mtime) and computed at
-most once at a time within a process. Imports no torch: `mergeflow merge` starts hashing its
-inputs on the core that importing torch leaves idle (mergeflow.hashing hashes models)."""
+most once at a time within a process. Imports nothing heavy: `mergeflow merge` starts hashing
+its inputs on the core that importing numba and the engine leaves idle (mergeflow.hashing
+hashes models)."""
 
 from __future__ import annotations
 

@@ -232,13 +232,14 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
 def run() -> None:
     """The console script: the app, then an exit without the interpreter's teardown.
 
-    Once torch and numba are loaded, Python's final garbage collection and module teardown
-    take 1-2 s, longer than some commands. What a normal exit does for us still happens first:
+    Once torch or numba is loaded, Python's final garbage collection and module teardown
+    take up to 1-2 s, longer than some commands. What a normal exit does for us still happens first:
     non-daemon threads are joined and atexit handlers (logging, MLflow) run.
 
     The cyclic garbage collector runs after every 100,000 new objects instead of 700 (as
-    mypy does): importing torch creates hundreds of thousands of objects, and collecting
-    them again and again took ~0.2 s of a 3 s merge.
+    mypy does): importing torch (zoo and evaluation commands) creates hundreds of thousands of
+    objects, and collecting them again and again took ~0.2 s of a 3 s merge when merges
+    imported it.
     """
     gc.set_threshold(100_000, *gc.get_threshold()[1:])
     _threads_for_command(sys.argv[1:])
