@@ -69,11 +69,11 @@ def _sha256_of(path: str) -> str:
 def start_hashing_inputs(config_path: str | Path) -> None:
     """Hash the local weight files of the models in a merge config on a background thread.
 
-    Importing torch takes ~1 s on one core; hashing the inputs for the lineage record meanwhile
-    (hashlib releases the GIL) takes part of that work off the merge, which then finds each
-    hash done or waits for the one in progress. TIES with 2 experts and a cold hash cache: 2.80
-    against 2.99 s (medians of 5); beside the import, hashing ran at half its speed alone on
-    the 2-core machine. A config this cannot read is left to the merge to report; the daemon
+    Starting the merge (importing numba and the engine, ~0.4 s on one core) leaves a core idle;
+    hashing the inputs for the lineage record meanwhile (hashlib releases the GIL) takes part of
+    that work off the merge, which then finds each hash done or waits for the one in progress.
+    Measured when merges imported torch (~1 s): TIES with 2 experts and a cold hash cache, 2.80
+    against 2.99 s (medians of 5). A config this cannot read is left to the merge to report; the daemon
     thread ends with the process.
     """
     files = _local_model_files(config_path)
