@@ -72,12 +72,12 @@ def dtype_of(tensor) -> DType | None:
 
 
 def numpy_view(tensor) -> np.ndarray:
-    """A CPU torch tensor as the numpy array the writers take (bfloat16 as its bit patterns),
+    """A torch tensor as the numpy array the writers take (bfloat16 as its bit patterns),
     for the callers that build tensors with torch: the zoo and pickle conversion. The merge
     engine itself never imports torch (importing it is most of a small merge's time)."""
     import torch
 
-    tensor = tensor.detach().contiguous()
+    tensor = tensor.detach().cpu().contiguous()
     return (tensor.view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
