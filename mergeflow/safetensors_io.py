@@ -164,10 +164,11 @@ class TensorFileReader:
         else:
             data = entry.file.read_range(offset, nbytes)
             got = len(data)
-            buffer[:got] = np.frombuffer(data, dtype=np.uint8)
+            if got == nbytes:
+                buffer[:] = np.frombuffer(data, dtype=np.uint8)
         if got != nbytes:
             raise CheckpointError(
-                f"{entry.file.uri}: tensor '{entry.name}': short read ({got} of {nbytes} bytes); "
+                f"{entry.file.uri}: tensor '{entry.name}': read {got} of {nbytes} bytes; "
                 "the file changed or is truncated"
             )
         return buffer.view(entry.dtype.storage)
