@@ -82,11 +82,13 @@ def kernel_array(array: np.ndarray) -> np.ndarray:
 
 def to_float32(stored: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float32 values of elements as stored (uint16 holds bfloat16 bit patterns), into `out`
-    when given (a reused buffer saves page faults)."""
+    when given (a contiguous buffer, reused: that saves page faults)."""
     if out is None:
         out = np.empty(stored.shape, dtype=np.float32)
+    if not out.flags.c_contiguous:  # reshape(-1) below would fill a copy
+        raise ValueError("to_float32 needs a contiguous output array")
     if stored.dtype == np.uint16:
-        K.widen_(out.reshape(-1), stored.reshape(-1))
+        K.widen_(out.reshape(-1), np.ascontiguousarray(stored).reshape(-1))
     else:
         np.copyto(out, stored, casting="unsafe")
     return out
