@@ -219,7 +219,7 @@ def _copy(reader, entry, target, writer, chunk, bar) -> None:
     for start in range(0, entry.numel, chunk):
         data = reader.read(entry, start, min(chunk, entry.numel - start))
         writer.write(target.name, data)
-        bar.update(data.size * target.dtype.itemsize)
+        bar.update(data.nbytes)
 
 
 def _write_side_files(stage: StagedOutput, reference: Checkpoint, tokenizer: Checkpoint, out_dtype) -> list:

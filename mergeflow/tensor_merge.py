@@ -10,7 +10,14 @@ import numpy as np
 
 from mergeflow.errors import NonFiniteError
 from mergeflow.methods import Chunk
-from mergeflow.methods.primitives import Magnitudes, NonFiniteInput, from_float32, kernel_array, to_float32
+from mergeflow.methods.primitives import (
+    KERNEL_DTYPES,
+    Magnitudes,
+    NonFiniteInput,
+    from_float32,
+    kernel_array,
+    to_float32,
+)
 from mergeflow.safetensors_io import BFLOAT16
 
 
@@ -118,12 +125,11 @@ class TensorMerge:
         a local file are the file's pages, mapped (copying them cost a quarter of the
         statistics' time); from S3 they are read straight into `buffer`'s bytes. Other dtypes
         go through `raw` into float32."""
-        as_stored = entry.dtype.storage in (np.uint16, np.float32)
+        as_stored = entry.dtype.storage in KERNEL_DTYPES
         if as_stored and (mapped := self.reader.map(entry)) is not None:
             return mapped.view(entry.dtype.storage)
-        if as_stored:
-            return kernel_array(self.reader.read(entry, 0, self.numel, into=buffer.view(np.uint8)))
-        return to_float32(self.reader.read(entry, 0, self.numel, into=raw), out=buffer)
+        stored = self.reader.read(entry, 0, self.numel, into=buffer.view(np.uint8) if as_stored else raw)
+        return kernel_array(stored, out=buffer)
 
     def _params_of_model(self, i: int) -> dict:
         return {k: float(v[i]) if isinstance(v, np.ndarray) else v for k, v in self.params.items()}
@@ -150,8 +156,8 @@ class TensorMerge:
             # page faults on every pass. Flat slices keep each view contiguous.
             if as_stored:  # the models' chunks lie back to back in the read buffer; the base as read
                 models = self.workspace.stored_models(i % 2, len(raw_models), count)
-                if raw_base is not None and raw_base.dtype not in (np.uint16, np.float32):
-                    raw_base = to_float32(raw_base, out=self.workspace.base[:count])
+                if raw_base is not None:
+                    raw_base = kernel_array(raw_base, out=self.workspace.base[:count])
                 yield start, raw_base, models
                 continue
             base = to_float32(raw_base, out=self.workspace.base[:count]) if raw_base is not None else None

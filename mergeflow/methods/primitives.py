@@ -72,12 +72,16 @@ class Magnitudes:
         return K.magnitude_histogram(self.model, self.base, self.has_base, high, numba.get_num_threads())
 
 
-def kernel_array(array: np.ndarray) -> np.ndarray:
-    """An array as the kernels read it, contiguous: float32, or bfloat16 as uint16 bit
-    patterns, as they are; other dtypes converted to float32."""
-    if array.dtype in (np.uint16, np.float32):
+# What the kernels read as it is: float32, and bfloat16 as its uint16 bit patterns.
+KERNEL_DTYPES = (np.uint16, np.float32)
+
+
+def kernel_array(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """An array as the kernels read it, contiguous: a KERNEL_DTYPES array as it is; other
+    dtypes converted to float32, into `out` when given."""
+    if array.dtype in KERNEL_DTYPES:
         return np.ascontiguousarray(array)
-    return to_float32(array)
+    return to_float32(array, out)
 
 
 def to_float32(stored: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
