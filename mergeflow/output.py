@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import shutil
 import tempfile
@@ -162,12 +163,19 @@ class StagedOutput:
             self._commit_s3()
 
     def _commit_local(self) -> None:
+        # Files and folder on the disk before the rename, and the rename after it: a power cut
+        # leaves either the old output or the complete new one, never a renamed folder of
+        # half-written files. (Shards were synced as they were closed; this is the small files.)
+        for file in self.folder.iterdir():
+            _sync(file)
+        _sync(self.folder)
         target = Path(self.target.path)
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             target.rename(old)
         self.folder.rename(target)
+        _sync(target.parent)
         if old is not None:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
 
@@ -200,3 +208,12 @@ class StagedOutput:
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _sync(path: Path) -> None:
+    """Wait until a file's or a folder's contents are on the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

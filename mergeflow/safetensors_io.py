@@ -19,11 +19,11 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import numpy as np
 
 from mergeflow.errors import CheckpointError
+from mergeflow.sequential_file import SequentialFileWriter
 from mergeflow.storage import Location
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -231,9 +231,8 @@ class ShardFileWriter:
         self.path = path
         self._pending = list(reversed(tensors))
         self._remaining = self._pending[-1].nbytes if self._pending else 0
-        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in finish()
+        self._file = SequentialFileWriter(path)
         self._sha = hashlib.sha256()
-        self.bytes_written = 0
         self._write(header_bytes(tensors))
 
     def write(self, name: str, data: np.ndarray) -> None:
@@ -251,17 +250,21 @@ class ShardFileWriter:
             self._pending.pop()
             self._remaining = self._pending[-1].nbytes if self._pending else 0
 
+    @property
+    def bytes_written(self) -> int:
+        return self._file.size
+
     def finish(self) -> str:
-        """Close the file and return its sha256; every planned byte must have been written."""
+        """Close the file, on the disk, and return its sha256; every planned byte must have
+        been written."""
         if self._pending:
             raise RuntimeError(f"{self.path}: tensor '{self._pending[-1].name}' was not written")
         self._file.close()
         return self._sha.hexdigest()
 
     def abort(self) -> None:
-        self._file.close()
+        self._file.abort()
 
     def _write(self, data) -> None:
         self._file.write(data)
         self._sha.update(data)
-        self.bytes_written += len(data) if isinstance(data, bytes) else data.nbytes
