@@ -35,7 +35,10 @@ from mergeflow.tensor_merge import TensorMerge, Workspace, chunk_elements
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WORK_BYTES = 64 << 20
+# Chunks of a few hundred thousand elements per model merge as fast as larger ones and touch
+# fewer fresh pages: side by side, TIES with 2 experts took 1.43-1.56 s against 1.52-1.70 s with
+# 64 MB, dare_ties with 8 experts 2.09-2.17 s against 2.12-2.27 s; peak RSS ~55 MB lower.
+DEFAULT_WORK_BYTES = 16 << 20
 DEFAULT_SHARD_BYTES = 2 << 30
 
 

@@ -32,7 +32,7 @@ def merge_command(
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle (*.bin) checkpoints.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 500MB, 2GB.")] = "2GB",
-    work_memory: Annotated[str, typer.Option(help="Working memory for chunks of all models.")] = "64MB",
+    work_memory: Annotated[str, typer.Option(help="Working memory for chunks of all models.")] = "16MB",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Merge the models in CONFIG into OUT, streaming tensor by tensor."""
