@@ -24,6 +24,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, replace
 from importlib.metadata import version
@@ -113,15 +114,27 @@ def run_measured(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, An
         proc = subprocess.Popen([*wrapper, *cmd], stdout=out, stderr=subprocess.STDOUT, env=env)
     root = psutil.Process(proc.pid)
     peak = 0
-    while proc.poll() is None:
-        with contextlib.suppress(psutil.Error):
-            total = 0
-            for p in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    total += p.memory_info().rss
-            peak = max(peak, total)
-        time.sleep(SAMPLE_SECONDS)
+    finished = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while True:
+            with contextlib.suppress(psutil.Error):
+                total = 0
+                for p in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        total += p.memory_info().rss
+                peak = max(peak, total)
+            if finished.wait(SAMPLE_SECONDS):
+                return
+
+    # Sampled on a thread, so the wall time ends when the tool does, not at the next sample.
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    proc.wait()
     seconds = time.perf_counter() - started
+    finished.set()
+    sampler.join()
     largest = int(maxrss.read_text().split()[-1]) * 1024 if wrapper and maxrss.exists() else 0
     return {"seconds": seconds, "peak_rss_mb": max(peak, largest) / 1e6, "sampled_tree_mb": peak / 1e6,
             "largest_process_mb": largest / 1e6, "rc": proc.returncode, "log": str(log)}  # fmt: skip
