@@ -76,7 +76,8 @@ def test_a_merge_process_waits_without_spinning_unless_the_user_says_otherwise()
         "import os, sys; from mergeflow.cli import _threads_for_command; _threads_for_command(sys.argv[1:]);"
         "print(os.environ['GOMP_SPINCOUNT'], os.environ['OPENBLAS_NUM_THREADS'])"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OPENBLAS_NUM_THREADS")}
+    ours = ("GOMP_SPINCOUNT", "MERGEFLOW_SET_GOMP_SPINCOUNT", "OPENBLAS_NUM_THREADS")
+    env = {k: v for k, v in os.environ.items() if k not in ours}
 
     def settings(*args: str, **extra: str) -> list[str]:
         run = subprocess.run(
@@ -88,6 +89,11 @@ def test_a_merge_process_waits_without_spinning_unless_the_user_says_otherwise()
     assert settings("-v", "merge", "config.yaml") == [mergeflow.MERGE_SPIN_COUNT, "1"]
     assert settings("zoo", "build") == [mergeflow.TRAINING_SPIN_COUNT, "1"]
     assert settings("merge", "config.yaml", GOMP_SPINCOUNT="5", OPENBLAS_NUM_THREADS="2") == ["5", "2"]
+    # Started by a process that imported mergeflow (this one): the spin count it inherits is
+    # mergeflow's default, not the user's.
+    inherited = {k: os.environ[k] for k in ("GOMP_SPINCOUNT", "MERGEFLOW_SET_GOMP_SPINCOUNT")}
+    assert inherited["GOMP_SPINCOUNT"] == mergeflow.TRAINING_SPIN_COUNT
+    assert settings("merge", "config.yaml", **inherited) == [mergeflow.MERGE_SPIN_COUNT, "1"]
 
 
 def test_a_merge_process_loads_numbas_numpy_support_without_scipy_and_can_import_scipy_after():
