@@ -96,19 +96,22 @@ def test_a_merge_process_waits_without_spinning_unless_the_user_says_otherwise()
     assert settings("merge", "config.yaml", **inherited) == [mergeflow.MERGE_SPIN_COUNT, "1"]
 
 
-def test_a_merge_process_loads_numbas_numpy_support_without_scipy_and_can_import_scipy_after():
+def test_a_merge_process_loads_numba_without_scipy_or_cffi_and_can_import_both_after():
     # In a fresh process: this one may have imported scipy already.
     script = (
         "import sys, numpy as np\n"
-        "from mergeflow.cli import _load_numba_numpy_support_without_scipy\n"
-        "_load_numba_numpy_support_without_scipy()\n"
+        "from mergeflow.cli import _load_numba_without_scipy_or_cffi\n"
+        "_load_numba_without_scipy_or_cffi()\n"
         "assert 'scipy' not in sys.modules and 'numba.np.arraymath' in sys.modules\n"
+        "assert 'cffi' not in sys.modules and 'numba.core.typing.cffi_utils' in sys.modules\n"
         "from mergeflow.methods.primitives import Magnitudes\n"
         "tau = np.arange(1, 101, dtype=np.float32)\n"
         "assert Magnitudes.of(tau).kth_largest(10) == 91.0  # a kernel compiles and runs\n"
         "import scipy.linalg\n"
         "print(scipy.linalg.norm(np.ones(4)))\n"
+        "import cffi\n"
+        "print(cffi.FFI().sizeof('int'))\n"
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["2.0"]
+    assert run.stdout.split() == ["2.0", "4"]
