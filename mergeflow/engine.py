@@ -227,10 +227,7 @@ def _copy(reader, entry, target, writer, chunk, bar) -> None:
 
 def _write_side_files(stage: StagedOutput, reference: Checkpoint, tokenizer: Checkpoint, out_dtype) -> list:
     """config.json (dtype updated), generation config and tokenizer files."""
-    import hashlib
     import json
-
-    from mergeflow.output import WrittenFile
 
     written = []
     if reference.config is not None:
@@ -245,8 +242,4 @@ def _write_side_files(stage: StagedOutput, reference: Checkpoint, tokenizer: Che
     for name in TOKENIZER_FILES:
         if name in tokenizer.file_names:
             written.append((name, tokenizer.location.child(name).read_bytes()))
-    files = []
-    for name, data in written:
-        (stage.folder / name).write_bytes(data)
-        files.append(WrittenFile(name, hashlib.sha256(data).hexdigest(), len(data)))
-    return files
+    return [stage.write_file(name, data) for name, data in written]

@@ -33,6 +33,15 @@ class WrittenFile:
     bytes: int
 
 
+def write_small_file(folder: Path, name: str, data: bytes) -> WrittenFile:
+    path = folder / name
+    try:
+        path.write_bytes(data)
+    except OSError as error:
+        raise StorageError(f"{path}: cannot write: {error.strerror or error}") from error
+    return WrittenFile(name, hashlib.sha256(data).hexdigest(), len(data))
+
+
 class ShardedWriter:
     """Lays tensors out in order into shards of at most `max_shard_bytes` (a tensor larger
     than that gets a shard of its own) and writes them sequentially.
@@ -99,8 +108,7 @@ class ShardedWriter:
             weight_map = {t.name: self.names[i] for i, g in enumerate(self._groups) for t in g}
             total = sum(t.nbytes for g in self._groups for t in g)
             index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-            (self._folder / INDEX).write_text(index)
-            self.files.append(WrittenFile(INDEX, hashlib.sha256(index.encode()).hexdigest(), len(index)))
+            self.files.append(write_small_file(self._folder, INDEX, index.encode()))
         return self.files
 
     def abort(self) -> None:
@@ -155,12 +163,19 @@ class StagedOutput:
             if posixpath.basename(name.rstrip("/")) != LOCK_NAME
         }
 
+    def write_file(self, name: str, data: bytes) -> WrittenFile:
+        """A small file of the output (config, tokenizer), staged beside the shards."""
+        return write_small_file(self.folder, name, data)
+
     def commit(self, manifest: dict) -> None:
-        (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if self.target.is_local:
-            self._commit_local()
-        else:
+        self.write_file(MANIFEST, json.dumps(manifest, indent=2).encode())
+        if not self.target.is_local:
             self._commit_s3()
+            return
+        try:
+            self._commit_local()
+        except OSError as error:
+            raise StorageError(f"{self.target.uri}: cannot commit the output: {error}") from error
 
     def _commit_local(self) -> None:
         # Files and folder on the disk before the rename, and the rename after it: a power cut

@@ -19,6 +19,8 @@ import os
 
 import numpy as np
 
+from mergeflow.errors import StorageError
+
 # O_DIRECT needs buffer addresses, lengths and file offsets aligned to the device's logical
 # block size: 512 or 4096 bytes; 4096 covers both.
 ALIGNMENT = 4096
@@ -34,12 +36,15 @@ class SequentialFileWriter:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         self.direct = bool(_O_DIRECT)
         try:
-            self._fd = os.open(path, flags | _O_DIRECT, 0o644)
+            try:
+                self._fd = os.open(path, flags | _O_DIRECT, 0o644)
+            except OSError as error:
+                if not _O_DIRECT or error.errno != errno.EINVAL:
+                    raise
+                self.direct = False
+                self._fd = os.open(path, flags, 0o644)
         except OSError as error:
-            if not _O_DIRECT or error.errno != errno.EINVAL:
-                raise
-            self.direct = False
-            self._fd = os.open(path, flags, 0o644)
+            raise self._cannot_write(error) from error
         raw = np.empty(BUFFER_BYTES + ALIGNMENT, dtype=np.uint8)
         skip = -raw.ctypes.data % ALIGNMENT
         self._buffer = raw[skip : skip + BUFFER_BYTES]
@@ -71,6 +76,8 @@ class SequentialFileWriter:
             else:
                 self._write_buffer(self._filled)
             os.fsync(self._fd)
+        except OSError as error:
+            raise self._cannot_write(error) from error
         finally:
             self.abort()
 
@@ -89,9 +96,13 @@ class SequentialFileWriter:
             except OSError as error:
                 # Some filesystems accept O_DIRECT when opening and refuse it when writing.
                 if not (self.direct and error.errno == errno.EINVAL and done == 0):
-                    raise
+                    raise self._cannot_write(error) from error
                 self._stop_direct_io()
         self._filled = 0
+
+    def _cannot_write(self, error: OSError) -> StorageError:
+        """A full or read-only disk, a file grown past the size limit: one line naming the file."""
+        return StorageError(f"{self.path}: cannot write: {error.strerror or error}")
 
     def _stop_direct_io(self) -> None:
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~_O_DIRECT)

@@ -1,14 +1,19 @@
-"""Faults against real servers: S3 stopping mid-merge, a corrupted shard in S3, two merges
-racing for one destination, MLflow down at registration. Each must fail clearly, leave nothing
-that looks complete, and let a re-run finish exactly as an undisturbed run would."""
+"""Faults against real servers and files: S3 stopping mid-merge, a corrupted shard in S3, two
+merges racing for one destination, MLflow down at registration, a disk that refuses a shard.
+Each must fail clearly, leave nothing that looks complete, and let a re-run finish exactly as
+an undisturbed run would."""
 
 from __future__ import annotations
 
 import json
+import resource
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
+import yaml
 from s3_server import free_ports, start_s3_server
 
 from mergeflow import write_lock
@@ -167,6 +172,31 @@ def test_two_merges_racing_for_one_local_destination_leave_one_complete_model(zo
     assert manifest["method"] in ("ties", "average")
     verify_manifest(destination)  # every file is the one its manifest lists
     assert sorted(p.name for p in destination.parent.iterdir()) == ["merged"]  # no staging left
+
+
+def test_a_disk_that_refuses_a_shard_fails_the_merge_in_one_line_and_leaves_nothing(zoo, tmp_path):
+    """A write of the output fails (here at the process's file-size limit, EFBIG: the same path
+    as a full disk's ENOSPC): one line naming the shard, no traceback, nothing staged left."""
+    config = tmp_path / "average.yaml"
+    config.write_text(yaml.safe_dump(average(zoo).model_dump(mode="json", exclude_defaults=True)))
+    out = tmp_path / "out" / "merged"
+    limit = 256 * 1024  # above numba's cache files, below the merged model's ~460 KB shard
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    command = [sys.executable, "-m", "mergeflow.cli", "merge", str(config), "--out", str(out), "-q"]
+    run = subprocess.run(
+        [*command, "--shard-size", "10MB"], preexec_fn=limit_file_size, capture_output=True, text=True
+    )
+    assert run.returncode == 2, run.stderr
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith("error: ") and line.endswith("model.safetensors: cannot write: File too large")
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+    run = subprocess.run(command, capture_output=True, text=True)  # the disk has room again
+    assert run.returncode == 0, run.stderr
+    verify_manifest(out)
 
 
 def race(writers) -> list[BaseException]:
