@@ -14,7 +14,6 @@ after its files were closed holds complete files even after a power cut.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 
 import numpy as np
@@ -105,5 +104,7 @@ class SequentialFileWriter:
         return StorageError(f"{self.path}: cannot write: {error.strerror or error}")
 
     def _stop_direct_io(self) -> None:
+        import fcntl  # POSIX only, like O_DIRECT itself
+
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~_O_DIRECT)
         self.direct = False
