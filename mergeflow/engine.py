@@ -28,7 +28,7 @@ from mergeflow.config import MergeConfig, resolve_parameters
 from mergeflow.hashing import model_sha256, models_sha256
 from mergeflow.methods import MergeMethod
 from mergeflow.methods.kernels import default_threads, use_threads
-from mergeflow.output import ShardedWriter, StagedOutput
+from mergeflow.output import ShardedWriter, StagedOutput, write_small_file
 from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
 from mergeflow.task_vectors import check_task_vectors_match_base, task_vector_info
 from mergeflow.tensor_merge import TensorMerge, Workspace, chunk_elements
@@ -242,4 +242,4 @@ def _write_side_files(stage: StagedOutput, reference: Checkpoint, tokenizer: Che
     for name in TOKENIZER_FILES:
         if name in tokenizer.file_names:
             written.append((name, tokenizer.location.child(name).read_bytes()))
-    return [stage.write_file(name, data) for name, data in written]
+    return [write_small_file(stage.folder, name, data) for name, data in written]

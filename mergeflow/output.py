@@ -34,6 +34,7 @@ class WrittenFile:
 
 
 def write_small_file(folder: Path, name: str, data: bytes) -> WrittenFile:
+    """A small file of an output (index, config, tokenizer, manifest) staged beside the shards."""
     path = folder / name
     try:
         path.write_bytes(data)
@@ -163,12 +164,8 @@ class StagedOutput:
             if posixpath.basename(name.rstrip("/")) != LOCK_NAME
         }
 
-    def write_file(self, name: str, data: bytes) -> WrittenFile:
-        """A small file of the output (config, tokenizer), staged beside the shards."""
-        return write_small_file(self.folder, name, data)
-
     def commit(self, manifest: dict) -> None:
-        self.write_file(MANIFEST, json.dumps(manifest, indent=2).encode())
+        write_small_file(self.folder, MANIFEST, json.dumps(manifest, indent=2).encode())
         if not self.target.is_local:
             self._commit_s3()
             return

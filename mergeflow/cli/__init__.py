@@ -264,9 +264,9 @@ def _load_numba_without_scipy_or_cffi() -> None:
     scipy hidden, numba uses its own loops for those two; scipy imports normally afterwards.
     cffi likewise: numba's support for calling cffi functions parses C declarations with
     pycparser when loaded (~25 ms), and no kernel calls one."""
-    hidden = [name for name in ("scipy", "cffi") if name not in sys.modules]
-    if "scipy" not in hidden:
+    if "scipy" in sys.modules:  # imported before: numba may have loaded its numpy support with it
         return
+    hidden = [name for name in ("scipy", "cffi") if name not in sys.modules]
     for name in hidden:
         sys.modules[name] = None  # `import name...` raises ImportError while this is set
     try:
