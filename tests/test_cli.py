@@ -96,22 +96,51 @@ def test_a_merge_process_waits_without_spinning_unless_the_user_says_otherwise()
     assert settings("merge", "config.yaml", **inherited) == [mergeflow.MERGE_SPIN_COUNT, "1"]
 
 
-def test_a_merge_process_loads_numba_without_scipy_or_cffi_and_can_import_both_after():
-    # In a fresh process: this one may have imported scipy already.
-    script = (
-        "import sys, numpy as np\n"
-        "from mergeflow.cli import _load_numba_without_scipy_or_cffi\n"
-        "_load_numba_without_scipy_or_cffi()\n"
-        "assert 'scipy' not in sys.modules and 'numba.np.arraymath' in sys.modules\n"
-        "assert 'cffi' not in sys.modules and 'numba.core.typing.cffi_utils' in sys.modules\n"
-        "from mergeflow.methods.primitives import Magnitudes\n"
-        "tau = np.arange(1, 101, dtype=np.float32)\n"
-        "assert Magnitudes.of(tau).kth_largest(10) == 91.0  # a kernel compiles and runs\n"
-        "import scipy.linalg\n"
-        "print(scipy.linalg.norm(np.ones(4)))\n"
-        "import cffi\n"
-        "print(cffi.FFI().sizeof('int'))\n"
-    )
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["2.0", "4"]
+KERNEL_MODULE = """
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True)
+def doubled_total(x):
+    doubled = np.empty(x.size, np.float64)  # allocates: needs numba's runtime
+    for j in prange(x.size):
+        doubled[j] = 2.0 * x[j]
+    return doubled.sum()
+"""
+
+RUN_KERNELS = (
+    "import json, sys, numpy as np\n"
+    "from mergeflow.methods.kernels import load_cached_kernels_without_compiler_setup\n"
+    "if sys.argv[1] == 'merge-command': load_cached_kernels_without_compiler_setup()\n"
+    "from tiny_kernel import doubled_total\n"
+    "from mergeflow.methods.primitives import merge_task_vectors\n"
+    "total = doubled_total(np.arange(10.0))\n"
+    "models = np.arange(12, dtype=np.float32).reshape(3, 4) - 5\n"
+    "merged = merge_task_vectors(models, np.zeros(4, np.float32), np.ones(3, np.float32),\n"
+    "    consensus=True, normalize=True, lam=1.0, keys=[1, 2, 3], density=np.full(3, 0.5),\n"
+    "    scale=np.full(3, 2.0, np.float32))\n"
+    "set_up = 'numba.np.arraymath' in sys.modules\n"
+    "print(json.dumps([total, merged.tolist(), set_up]))\n"
+)
+
+
+def test_the_merge_command_loads_cached_kernels_without_numba_compiler_setup_and_still_compiles(tmp_path):
+    # Fresh processes: this one has set numba's compiler up already. The first run compiles
+    # the tiny kernel (a cache miss: the compiler sets itself up), the next ones load it cached.
+    (tmp_path / "tiny_kernel.py").write_text(KERNEL_MODULE)
+
+    def kernel_results(setup: str) -> list:
+        env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+        command = [sys.executable, "-c", RUN_KERNELS, setup]
+        run = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout)
+
+    *compiled, compiler_set_up = kernel_results("merge-command")
+    assert compiler_set_up
+    *cached, compiler_set_up = kernel_results("merge-command")
+    assert not compiler_set_up  # for the cached tiny kernel and mergeflow's kernels alike
+    *stock, _ = kernel_results("numba-as-it-is")
+    assert compiled == cached == stock
+    assert compiled[0] == 90.0

@@ -39,7 +39,9 @@ def merge_command(
     from mergeflow.file_hashes import start_hashing_inputs
 
     start_hashing_inputs(config)  # while the engine loads
-    _load_numba_without_scipy_or_cffi()
+    from mergeflow.methods.kernels import load_cached_kernels_without_compiler_setup
+
+    load_cached_kernels_without_compiler_setup()
     from mergeflow.config import load_config
     from mergeflow.engine import merge
 
@@ -255,26 +257,6 @@ def run() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def _load_numba_without_scipy_or_cffi() -> None:
-    """numba loads its numpy support on a process's first kernel, and that imports scipy.linalg
-    (0.12 s of a 2 s merge) only to learn whether np.convolve and np.correlate may call BLAS;
-    mergeflow's kernels call neither, and a merge process runs no other numba code. Loaded with
-    scipy hidden, numba uses its own loops for those two; scipy imports normally afterwards.
-    cffi likewise: numba's support for calling cffi functions parses C declarations with
-    pycparser when loaded (~25 ms), and no kernel calls one."""
-    if "scipy" in sys.modules:  # imported before: numba may have loaded its numpy support with it
-        return
-    hidden = [name for name in ("scipy", "cffi") if name not in sys.modules]
-    for name in hidden:
-        sys.modules[name] = None  # `import name...` raises ImportError while this is set
-    try:
-        import numba.core.typing.cffi_utils  # noqa: F401
-        import numba.np.arraymath  # noqa: F401
-    finally:
-        for name in hidden:
-            del sys.modules[name]
 
 
 def _threads_for_command(args: list[str]) -> None:
