@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergeflow.file_hashes import _local_model_files, local_file_sha256, read_json_cache, start_hashing_inputs
+from mergeflow.file_hashes import (
+    LOCAL_WINDOW,
+    _local_model_files,
+    local_file_sha256,
+    read_json_cache,
+    start_hashing_inputs,
+)
 from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo
 
 
@@ -32,6 +38,13 @@ def sharded_zoo(tmp_path_factory):
 
 def sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("size", [0, 1, LOCAL_WINDOW - 1, LOCAL_WINDOW + 1, 2 * LOCAL_WINDOW + 12345])
+def test_a_file_hashed_window_by_window_has_its_sha256(tmp_path, size):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(os.urandom(size))
+    assert local_file_sha256(str(path), remember=False) == sha256(path)
 
 
 def test_threads_hashing_one_file_at_once_all_get_its_hash(tmp_path, hash_cache):
