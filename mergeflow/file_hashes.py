@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from mergeflow.errors import StorageError
+
 HASH_BLOCK = 8 << 20  # bytes per S3 range request while hashing
 # A local file is hashed through read-only mappings of 16 MB windows of its pages: hashlib
 # releases the GIL once per window. Read 1 MB at a time, the thread that hashes a merge's inputs
@@ -38,7 +40,10 @@ def local_file_sha256(path: str, remember: bool = True) -> str:
     hashing is waited for, not hashed twice."""
     if not remember:
         return _sha256_of(path)
-    stat = os.stat(path)
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot hash it: {exc.strerror}") from exc
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
     cache_file = cache_dir() / "file-hashes.json"
     known = read_json_cache(cache_file).get(key)
@@ -65,12 +70,15 @@ def local_file_sha256(path: str, remember: bool = True) -> str:
 
 def _sha256_of(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        for offset in range(0, size, LOCAL_WINDOW):
-            length = min(LOCAL_WINDOW, size - offset)
-            with mmap.mmap(f.fileno(), length, offset=offset, access=mmap.ACCESS_READ) as window:
-                digest.update(window)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            for offset in range(0, size, LOCAL_WINDOW):
+                length = min(LOCAL_WINDOW, size - offset)
+                with mmap.mmap(f.fileno(), length, offset=offset, access=mmap.ACCESS_READ) as window:
+                    digest.update(window)
+    except (OSError, ValueError) as exc:  # unreadable, gone, or cut short (mmap: ValueError)
+        raise StorageError(f"{path}: cannot hash it: {getattr(exc, 'strerror', None) or exc}") from exc
     return digest.hexdigest()
 
 
@@ -91,7 +99,7 @@ def start_hashing_inputs(config_path: str | Path) -> None:
 
 def _hash_quietly(files: list[str]) -> None:
     for file in files:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(StorageError):  # the merge reports it
             local_file_sha256(file)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mergeflow.errors import StorageError
 from mergeflow.file_hashes import (
     LOCAL_WINDOW,
     _local_model_files,
@@ -45,6 +47,12 @@ def test_a_file_hashed_window_by_window_has_its_sha256(tmp_path, size):
     path = tmp_path / "weights.bin"
     path.write_bytes(os.urandom(size))
     assert local_file_sha256(str(path), remember=False) == sha256(path)
+
+
+def test_a_file_that_cannot_be_hashed_is_named_in_one_line(tmp_path):
+    for path, reason in [(tmp_path / "gone.safetensors", "No such file"), (tmp_path, "Is a directory")]:
+        with pytest.raises(StorageError, match=f"^{re.escape(str(path))}: cannot hash it: {reason}"):
+            local_file_sha256(str(path))
 
 
 def test_threads_hashing_one_file_at_once_all_get_its_hash(tmp_path, hash_cache):
