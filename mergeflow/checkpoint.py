@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,13 +60,17 @@ class Checkpoint:
 
 
 def open_checkpoint(ref: str, allow_pickle: bool = False) -> Checkpoint:
-    """Locate a checkpoint and parse every shard header; nothing heavy is read yet."""
+    """Locate a checkpoint and parse every shard header; nothing heavy is read yet. `ref` is a
+    local path, file:// or s3:// URI, or a Hugging Face repo id cached locally (hub_snapshot)."""
     location = locate(ref)
+    if location.is_local and not Path(location.path).exists() and (snapshot := hub_snapshot(ref)):
+        location = locate(snapshot)
     try:
         if not location.is_dir():
             raise CheckpointError(
-                f"model '{ref}': not found or not a folder (give a local path, file:// or "
-                "s3:// URI of an HF checkpoint folder; mergeflow never downloads from a hub)"
+                f"model '{ref}': not found or not a folder (give a local path, file:// or s3:// URI "
+                "of an HF checkpoint folder, or the repo id of a model in the local Hugging Face "
+                f"cache, {_hub_cache()}; mergeflow never downloads from a hub)"
             )
         names = location.list_names()
     except StorageError as exc:
@@ -98,6 +103,33 @@ def open_checkpoint(ref: str, allow_pickle: bool = False) -> Checkpoint:
                     f"model '{ref}': {INDEX} puts tensor '{tensor}' in {shard}, which does not hold it"
                 )
     return checkpoint
+
+
+# How mergekit configs name a model on the Hugging Face hub: "org/name", "org/name@revision".
+HUB_REPO_ID = re.compile(r"(?P<repo>[\w][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
+
+
+def hub_snapshot(ref: str) -> str | None:
+    """The folder of repo id `ref`'s snapshot in the local Hugging Face cache (the revision
+    named after "@", else main), or None when `ref` is no repo id or is not cached. Nothing is
+    downloaded: users bring mergekit configs that name models by repo id, and fetch them with
+    `hf download` first. huggingface_hub (0.13 s to import) loads only for such references."""
+    match = HUB_REPO_ID.fullmatch(ref)
+    if match is None:
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(match["repo"], revision=match["revision"], local_files_only=True)
+    except (LocalEntryNotFoundError, HFValidationError):
+        return None
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
 
 
 def _weight_map(checkpoint: Checkpoint) -> dict[str, str]:
