@@ -46,6 +46,7 @@ class Checkpoint:
     tensors: dict[str, TensorEntry]
     weight_files: list[Location]
     file_names: list[str]
+    hub_commit: str | None = None  # the snapshot's commit, for a repo id found in the hub cache
     _converted: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     def read_json(self, name: str) -> dict:
@@ -62,9 +63,9 @@ class Checkpoint:
 def open_checkpoint(ref: str, allow_pickle: bool = False) -> Checkpoint:
     """Locate a checkpoint and parse every shard header; nothing heavy is read yet. `ref` is a
     local path, file:// or s3:// URI, or a Hugging Face repo id cached locally (hub_snapshot)."""
-    location = locate(ref)
+    location, hub_commit = locate(ref), None
     if location.is_local and not Path(location.path).exists() and (snapshot := hub_snapshot(ref)):
-        location = locate(snapshot)
+        location, hub_commit = locate(snapshot), Path(snapshot).name
     try:
         if not location.is_dir():
             raise CheckpointError(
@@ -75,7 +76,7 @@ def open_checkpoint(ref: str, allow_pickle: bool = False) -> Checkpoint:
         names = location.list_names()
     except StorageError as exc:
         raise CheckpointError(f"model '{ref}': {exc}") from exc
-    checkpoint = Checkpoint(ref, location, None, {}, [], names)
+    checkpoint = Checkpoint(ref, location, None, {}, [], names, hub_commit)
     if CONFIG in names:
         checkpoint.config = checkpoint.read_json(CONFIG)
     weight_map = _weight_map(checkpoint) if INDEX in names else None

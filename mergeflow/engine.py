@@ -103,7 +103,7 @@ def merge(
             if base and base_sha is None:
                 base_sha = hashes.pop(0)
             inputs = {
-                "base": {"ref": base.ref, "sha256": base_sha} if base else None,
+                "base": _reference(base) | {"sha256": base_sha} if base else None,
                 "models": [_input_record(c, sha) for c, sha in zip(experts, hashes, strict=True)],
             }
             files = writer.finish()
@@ -134,9 +134,17 @@ def merge(
     return MergeResult(stage.target.uri, manifest, len(plan), written, seconds)
 
 
+def _reference(checkpoint: Checkpoint) -> dict:
+    """How the config named an input and, for a repo id found in the Hugging Face cache, the
+    commit it named at merge time."""
+    if checkpoint.hub_commit is None:
+        return {"ref": checkpoint.ref}
+    return {"ref": checkpoint.ref, "hub_commit": checkpoint.hub_commit}
+
+
 def _input_record(checkpoint: Checkpoint, sha256: str) -> dict:
     """Lineage of one merged model: its hash and, for a task vector, the expert it came from."""
-    record = {"ref": checkpoint.ref, "sha256": sha256}
+    record = _reference(checkpoint) | {"sha256": sha256}
     info = task_vector_info(checkpoint)
     if info is not None:
         record["task_vector_of"] = {"ref": info["expert"], "sha256": info["expert_sha256"]}

@@ -92,11 +92,16 @@ def test_a_merge_config_names_models_in_the_local_hugging_face_cache_by_repo_id(
         manifests.append(json.loads((out / "mergeflow-manifest.json").read_text()))
     by_path_manifest, by_repo_id_manifest = manifests
     assert by_repo_id_manifest["files"] == by_path_manifest["files"]  # the same bytes
-    # The same models, named as the config names them: the model hashes match, taken from the
-    # cache's blob names instead of hashing the weights.
+    # The same models, named as the config names them with the commit each name resolved to;
+    # the model hashes match, taken from the cache's blob names instead of hashing the weights.
     inputs, path_inputs = by_repo_id_manifest["inputs"], by_path_manifest["inputs"]
     refs = [m["ref"] for m in [inputs["base"], *inputs["models"]]]
     assert refs == [f"{ORG}/base", f"{ORG}/expert_0@{pinned}", f"{ORG}/expert_1"]
+    commits = [m["hub_commit"] for m in [inputs["base"], *inputs["models"]]]
+    assert commits == [
+        hashlib.sha1(f"{ORG}/{name}".encode()).hexdigest() for name in ("base", "expert_0", "expert_1")
+    ]
+    assert "hub_commit" not in path_inputs["base"]
     hashes = [m["sha256"] for m in [inputs["base"], *inputs["models"]]]
     assert hashes == [m["sha256"] for m in [path_inputs["base"], *path_inputs["models"]]]
 
