@@ -4,8 +4,8 @@ reference has them. Each refusal names both models and the tensor or field that 
 
 from __future__ import annotations
 
-from mergeflow.checkpoint import Checkpoint
-from mergeflow.errors import IncompatibleModelsError
+from mergeflow.checkpoint import Checkpoint, num_layers
+from mergeflow.errors import ConfigError, IncompatibleModelsError
 
 
 def check_compatible(reference: Checkpoint, experts: list[Checkpoint]) -> None:
@@ -55,3 +55,18 @@ def _check_vocab(reference: Checkpoint, other: Checkpoint) -> None:
             f"vocab sizes differ: '{reference.ref}' has vocab_size {mine}, '{other.ref}' has "
             f"{theirs}; models with different tokenizers cannot be merged tensor by tensor"
         )
+
+
+def check_whole_models(layer_ranges: dict[str, tuple[int, int]], checkpoints: list[Checkpoint]) -> None:
+    """A mergekit slice's sources must each span every layer of their model: mergeflow merges
+    whole models, and such a slice is how mergekit's slerp examples list them."""
+    for checkpoint in checkpoints:
+        if checkpoint.ref not in layer_ranges:
+            continue
+        start, end = layer_ranges[checkpoint.ref]
+        layers = num_layers(checkpoint)
+        if (start, end) != (0, layers):
+            raise ConfigError(
+                f"slices: layer_range [{start}, {end}] of '{checkpoint.ref}' is not the whole model "
+                f"([0, {layers}]: it has {layers} layers); mergeflow merges whole models, not layer slices"
+            )

@@ -1,7 +1,8 @@
 """Merge configuration: mergekit's YAML, as users already write it, as a pydantic model.
 
 Supported keys: merge_method, base_model, models[].model, models[].parameters, parameters,
-dtype, out_dtype, tokenizer_source. A parameter value is a number or flag, a list of numbers
+dtype, out_dtype, tokenizer_source, and slices[].sources[] (model, layer_range, parameters) for
+one slice spanning whole models. A parameter value is a number or flag, a list of numbers
 (a gradient interpolated over layers) or a list of {filter, value} entries whose first entry
 with a filter contained in the tensor name (or no filter) applies - mergekit's rules.
 Relative model paths are resolved from the working directory, as mergekit does.
@@ -42,13 +43,30 @@ class ModelEntry(BaseModel):
     parameters: dict[str, ParameterSetting] = {}
 
 
+class SliceSource(BaseModel):
+    """One model of a mergekit slice, with the layers it contributes."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParameterSetting] = {}
+
+
+class LayerSlice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource]
+
+
 class MergeConfig(BaseModel):
-    """A merge, as in a mergekit YAML file."""
+    """A merge, as in a mergekit YAML file. Its models come under `models`, or under `slices`
+    as mergekit's slerp examples write them: one slice whose sources each span all of their
+    model's layers (checked when the models are opened: mergeflow merges whole models)."""
 
     model_config = ConfigDict(extra="forbid")
     merge_method: str
     base_model: str | None = None
     models: list[ModelEntry] = []
+    slices: list[LayerSlice] = []
     parameters: dict[str, ParameterSetting] = {}
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
@@ -58,12 +76,22 @@ class MergeConfig(BaseModel):
     def method(self) -> MergeMethod:
         return get_method(self.merge_method)
 
+    def entries(self) -> list[ModelEntry]:
+        """The models as listed, under `models` or as the sources of the one slice."""
+        if self.slices:
+            return [ModelEntry(model=s.model, parameters=s.parameters) for s in self.slices[0].sources]
+        return list(self.models)
+
     def experts(self) -> list[ModelEntry]:
-        """The models merged into the base: `models` minus entries that repeat the base
+        """The models merged into the base: the entries minus those that repeat the base
         (mergekit configs often list the base among the models with no parameters)."""
         if not self.method.needs_base:
-            return list(self.models)
-        return [m for m in self.models if m.model != self.base_model]
+            return self.entries()
+        return [m for m in self.entries() if m.model != self.base_model]
+
+    def layer_ranges(self) -> dict[str, tuple[int, int]]:
+        """The layer range a slice gives each model (none without slices)."""
+        return {s.model: s.layer_range for layer_slice in self.slices for s in layer_slice.sources}
 
     def output_dtype(self) -> DType | None:
         name = self.out_dtype or self.dtype
@@ -77,6 +105,13 @@ class MergeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> MergeConfig:
+        if self.slices and self.models:
+            raise ConfigError("slices: list the models under `models` or under `slices`, not both")
+        if len(self.slices) > 1:
+            raise ConfigError(
+                f"slices: {len(self.slices)} slices; mergeflow merges whole models, so it takes one "
+                "slice whose sources each span all of their model's layers"
+            )
         method = self.method
         if method.needs_base and not self.base_model:
             raise ConfigError(f"base_model: method '{method.name}' needs a base model")
@@ -96,8 +131,9 @@ class MergeConfig(BaseModel):
         if self.tokenizer_source == "union":
             raise ConfigError("tokenizer_source: 'union' is not supported; use 'base' or a model")
         _check_parameters(method, self.parameters, "parameters", per_model_only=False)
-        for i, entry in enumerate(self.models):
-            _check_parameters(method, entry.parameters, f"models[{i}].parameters", per_model_only=True)
+        where = "slices[0].sources" if self.slices else "models"
+        for i, entry in enumerate(self.entries()):
+            _check_parameters(method, entry.parameters, f"{where}[{i}].parameters", per_model_only=True)
         for param in method.params:
             if param.default is None and param.name not in self.parameters:
                 raise ConfigError(f"parameters.{param.name}: required by method '{method.name}'")
@@ -200,7 +236,6 @@ def _first(param: Param, scopes: list[dict], tensor_name: str, t: float) -> Any:
 
 
 _MERGEKIT_ONLY = {
-    "slices": "layer slicing (slices) is not supported; list whole models under `models`",
     "modules": "per-module configs (modules) are not supported",
     "tokenizer": "the `tokenizer` block is not supported; use tokenizer_source",
     "chat_template": "chat_template is not supported; the base model's template is copied",
@@ -234,13 +269,22 @@ def _describe(exc: ValidationError) -> str:
     error = exc.errors()[0]
     where = ".".join(str(part) for part in error["loc"] if not _is_union_branch(part))
     if error["type"] == "extra_forbidden":
-        supported = ", ".join(MergeConfig.model_fields) if len(error["loc"]) == 1 else "model, parameters"
+        supported = ", ".join(_fields_at(error["loc"]))
         return f"unknown key '{where}' (supported: {supported})"
     if error["type"] == "value_error":
         return str(error["ctx"]["error"])
     if error["type"] == "missing":
         return f"{where}: required"
     return f"{where}: {error['msg']}"
+
+
+def _fields_at(location: tuple) -> list[str]:
+    """The keys allowed where an unknown key was found."""
+    if len(location) == 1:
+        return list(MergeConfig.model_fields)
+    if location[0] != "slices":
+        return list(ModelEntry.model_fields)
+    return list(SliceSource.model_fields if "sources" in location[:-1] else LayerSlice.model_fields)
 
 
 def _is_union_branch(part: Any) -> bool:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import mergeflow
 from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, num_layers, open_checkpoint
-from mergeflow.compatibility import check_compatible
+from mergeflow.compatibility import check_compatible, check_whole_models
 from mergeflow.config import MergeConfig, resolve_parameters
 from mergeflow.hashing import model_sha256, models_sha256
 from mergeflow.methods import MergeMethod
@@ -79,6 +79,7 @@ def merge(
         base = load(config.base_model) if config.base_model else None
         experts = [load(entry.model) for entry in config.experts()]
         reference = base or experts[0]
+        check_whole_models(config.layer_ranges(), opened)
         check_compatible(reference, experts)
         tokenizer_source = load(config.tokenizer_reference()) if config.tokenizer_reference() else reference
         out_dtype = config.output_dtype()

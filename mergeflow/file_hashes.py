@@ -111,8 +111,10 @@ def _local_model_files(config_path: str | Path) -> list[str]:
         return []
     if not isinstance(raw, dict):
         return []
-    models = raw.get("models") if isinstance(raw.get("models"), list) else []
-    refs = [raw.get("base_model")] + [m.get("model") for m in models if isinstance(m, dict)]
+    entries = _list(raw.get("models"))
+    for layer_slice in _list(raw.get("slices")):  # mergekit's slerp examples list models there
+        entries += _list(layer_slice.get("sources")) if isinstance(layer_slice, dict) else []
+    refs = [raw.get("base_model")] + [m.get("model") for m in entries if isinstance(m, dict)]
     files: list[str] = []
     for ref in dict.fromkeys(r.removeprefix("file://") for r in refs if isinstance(r, str)):
         if "://" in ref:
@@ -122,6 +124,10 @@ def _local_model_files(config_path: str | Path) -> list[str]:
             continue
         files += [str(f) for f in [folder / "config.json", *_weight_files(folder)] if f.is_file()]
     return files
+
+
+def _list(value) -> list:
+    return value if isinstance(value, list) else []
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -105,3 +105,72 @@ def test_linear_is_an_alias_of_average():
 
     config = parse_config({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]})
     assert config.method.name == "average" and len(config.experts()) == 2
+
+
+MERGEKIT_SLERP = """\
+slices:
+  - sources:
+      - model: OpenPipe/mistral-ft-optimized-1218
+        layer_range: [0, 32]
+      - model: mlabonne/NeuralHermes-2.5-Mistral-7B
+        layer_range: [0, 32]
+merge_method: slerp
+base_model: OpenPipe/mistral-ft-optimized-1218
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5 # fallback for rest of tensors
+dtype: bfloat16
+"""
+
+
+def test_mergekit_slerp_yaml_with_a_whole_model_slice_parses_as_is(tmp_path):
+    path = tmp_path / "slerp.yaml"
+    path.write_text(MERGEKIT_SLERP)
+    config = load_config(path)
+    assert [m.model for m in config.experts()] == ["mlabonne/NeuralHermes-2.5-Mistral-7B"]
+    assert config.layer_ranges() == {
+        "OpenPipe/mistral-ft-optimized-1218": (0, 32),
+        "mlabonne/NeuralHermes-2.5-Mistral-7B": (0, 32),
+    }
+    assert resolve_parameters(config, "model.layers.8.self_attn.q_proj.weight", num_layers=33)["t"] == 0.5
+    assert resolve_parameters(config, "model.layers.0.mlp.up_proj.weight", num_layers=33)["t"] == 1.0
+    assert resolve_parameters(config, "model.norm.weight", num_layers=33)["t"] == 0.5
+
+
+def slerp_config(zoo: dict[str, str], layers: tuple[int, int] | None = None) -> dict:
+    config = {"merge_method": "slerp", "base_model": zoo["base"], "parameters": {"t": [0.2, 0.9]}}
+    models = [zoo["base"], zoo["expert_0"]]
+    if layers is None:
+        return config | {"models": [{"model": m} for m in models]}
+    return config | {"slices": [{"sources": [{"model": m, "layer_range": list(layers)} for m in models]}]}
+
+
+def test_a_whole_model_slice_merges_as_the_models_list_does(zoo, tmp_path):
+    from mergeflow.checkpoint import num_layers, open_checkpoint
+    from mergeflow.config import parse_config
+    from mergeflow.engine import merge
+
+    layers = num_layers(open_checkpoint(zoo["base"]))
+    listed = merge(parse_config(slerp_config(zoo)), str(tmp_path / "listed"))
+    sliced = merge(parse_config(slerp_config(zoo, (0, layers))), str(tmp_path / "sliced"))
+    assert sliced.manifest["files"] == listed.manifest["files"]
+
+
+def test_a_slice_of_some_layers_is_refused_naming_the_model(zoo, tmp_path):
+    from mergeflow.checkpoint import num_layers, open_checkpoint
+    from mergeflow.config import parse_config
+    from mergeflow.engine import merge
+    from mergeflow.errors import ConfigError
+
+    layers = num_layers(open_checkpoint(zoo["base"]))
+    with pytest.raises(ConfigError) as refused:
+        merge(parse_config(slerp_config(zoo, (0, layers - 1))), str(tmp_path / "out"))
+    assert str(refused.value) == (
+        f"slices: layer_range [0, {layers - 1}] of '{zoo['base']}' is not the whole model ([0, {layers}]: it "
+        f"has {layers} layers); mergeflow merges whole models, not layer slices"
+    )
+    assert not (tmp_path / "out").exists()

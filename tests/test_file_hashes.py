@@ -95,6 +95,12 @@ def test_a_merge_config_names_the_local_files_to_hash(sharded_zoo, tmp_path, mon
         assert of_folder == [str(folder / "config.json"), *shards]
     assert len(files) == 3 * (1 + len(shards))
 
+    # mergekit's slerp examples list the models as the sources of a slice
+    sources = [{"model": sharded_zoo[name], "layer_range": [0, 2]} for name in ("base", "expert_0")]
+    sliced = {"merge_method": "slerp", "base_model": sharded_zoo["base"], "slices": [{"sources": sources}]}
+    (tmp_path / "slerp.yaml").write_text(yaml.safe_dump(sliced))
+    assert _local_model_files("slerp.yaml") == [f for f in files if "expert_1" not in f]
+
     (tmp_path / "broken.yaml").write_text("models: [")
     assert _local_model_files("broken.yaml") == []
 

@@ -207,7 +207,16 @@ def test_folder_without_weights(small, tmp_path):
         ({"models": []}, "zero experts"),
         ({"base_model": None}, "needs a base model"),
         ({"colour": "red"}, "unknown key 'colour'"),
-        ({"slices": []}, "slices"),
+        ({"slices": [{"sources": [{"model": "m", "layer_range": [0, 2]}]}]}, "not both"),
+        (
+            {"models": [], "slices": [{"sources": [{"model": "m", "layer_range": [0, 1]}]}] * 2},
+            "slices: 2 slices; mergeflow merges whole models",
+        ),
+        (
+            {"models": [], "slices": [{"sources": [{"model": "m", "layer_range": [0, 1], "weight": 1}]}]},
+            "unknown key 'slices.0.sources.0.weight' (supported: model, layer_range, parameters)",
+        ),
+        ({"models": [], "slices": [{"sources": [{"model": "m"}]}]}, "sources.0.layer_range: required"),
         ({"tokenizer_source": "union"}, "union"),
         ({"dtype": "float8"}, "dtype"),
     ],
