@@ -1,5 +1,6 @@
-"""Models in the local Hugging Face cache: named by repo id as in mergekit configs, never
-downloaded, and their weight files' sha256 taken from the cache's blob names."""
+"""Models named as mergekit configs name them: by Hugging Face repo id, found in the local
+Hugging Face cache (never downloaded, their weight files' sha256 taken from the cache's blob
+names); mergekit's model+adapter form is refused in one line."""
 
 from __future__ import annotations
 
@@ -118,3 +119,16 @@ def test_a_repo_id_not_in_the_cache_is_refused_in_one_line_naming_the_cache(zoo,
         f"{cache}; mergeflow never downloads from a hub)"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_a_lora_adapter_is_refused_in_one_line(zoo, tmp_path):
+    config = {
+        "merge_method": "average",
+        "models": [{"model": zoo["base"]}, {"model": f"{ORG}/base+{ORG}/lora"}],
+    }
+    run = run_merge(config, tmp_path / "out", tmp_path / "hub", tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip() == (
+        f"error: model '{ORG}/base+{ORG}/lora': not found; mergekit's model+adapter form (a LoRA applied "
+        "to a model) is not supported: merge the adapter into its model first (PEFT's merge_and_unload)"
+    )
