@@ -52,7 +52,10 @@ class ShardedWriter:
     writing). At most `QUEUED` pieces wait, so memory stays bounded; an error of a queued write
     is raised by a later `write` or by `finish`."""
 
-    QUEUED = 4
+    # A merge's pieces are chunks: 16 of them in the output dtype hold at most about the working
+    # memory. 16 rather than 4 lets the merge run ahead while the writer is held up (dare_ties,
+    # 2 experts: 0.955 against 0.97 s, medians of 8 side by side; peak RSS +5-10 MB).
+    QUEUED = 16
 
     def __init__(
         self, folder: Path, tensors: list[PlannedTensor], max_shard_bytes: int, background: bool = False
