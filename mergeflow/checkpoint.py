@@ -67,12 +67,13 @@ def open_checkpoint(ref: str, allow_pickle: bool = False) -> Checkpoint:
     if location.is_local and not Path(location.path).exists() and (snapshot := hub_snapshot(ref)):
         location, hub_commit = locate(snapshot), Path(snapshot).name
     try:
-        if not location.is_dir() and "+" in ref:
-            raise CheckpointError(
-                f"model '{ref}': not found; mergekit's model+adapter form (a LoRA applied to a model) "
-                "is not supported: merge the adapter into its model first (PEFT's merge_and_unload)"
-            )
         if not location.is_dir():
+            if "+" in ref:
+                raise CheckpointError(
+                    f"model '{ref}': not found; mergekit's model+adapter form (a LoRA applied to a "
+                    "model) is not supported: merge the adapter into its model first (PEFT's "
+                    "merge_and_unload)"
+                )
             raise CheckpointError(
                 f"model '{ref}': not found or not a folder (give a local path, file:// or s3:// URI "
                 "of an HF checkpoint folder, or the repo id of a model in the local Hugging Face "
