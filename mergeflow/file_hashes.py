@@ -43,7 +43,7 @@ def local_file_sha256(path: str, remember: bool = True) -> str:
     try:
         stat = os.stat(path)
     except OSError as exc:
-        raise StorageError(f"{path}: cannot hash it: {exc.strerror}") from exc
+        raise _cannot_hash(path, exc) from exc
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
     cache_file = cache_dir() / "file-hashes.json"
     known = read_json_cache(cache_file).get(key)
@@ -78,8 +78,12 @@ def _sha256_of(path: str) -> str:
                 with mmap.mmap(f.fileno(), length, offset=offset, access=mmap.ACCESS_READ) as window:
                     digest.update(window)
     except (OSError, ValueError) as exc:  # unreadable, gone, or cut short (mmap: ValueError)
-        raise StorageError(f"{path}: cannot hash it: {getattr(exc, 'strerror', None) or exc}") from exc
+        raise _cannot_hash(path, exc) from exc
     return digest.hexdigest()
+
+
+def _cannot_hash(path: str, error: OSError | ValueError) -> StorageError:
+    return StorageError(f"{path}: cannot hash it: {getattr(error, 'strerror', None) or error}")
 
 
 def start_hashing_inputs(config_path: str | Path) -> None:

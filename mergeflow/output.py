@@ -22,6 +22,7 @@ import numpy as np
 from mergeflow.checkpoint import INDEX, MANIFEST
 from mergeflow.errors import StorageError
 from mergeflow.safetensors_io import PlannedTensor, ShardFileWriter
+from mergeflow.sequential_file import cannot_write
 from mergeflow.storage import Location, guarded, locate
 from mergeflow.write_lock import LOCK_NAME, write_lock
 
@@ -39,7 +40,7 @@ def write_small_file(folder: Path, name: str, data: bytes) -> WrittenFile:
     try:
         path.write_bytes(data)
     except OSError as error:
-        raise StorageError(f"{path}: cannot write: {error.strerror or error}") from error
+        raise cannot_write(path, error) from error
     return WrittenFile(name, hashlib.sha256(data).hexdigest(), len(data))
 
 

@@ -27,6 +27,11 @@ BUFFER_BYTES = 8 << 20
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
+def cannot_write(path, error: OSError) -> StorageError:
+    """A full or read-only disk, a file grown past the size limit: one line naming the file."""
+    return StorageError(f"{path}: cannot write: {error.strerror or error}")
+
+
 class SequentialFileWriter:
     """Appends bytes to a new file at `path` (replacing one that is there)."""
 
@@ -43,7 +48,7 @@ class SequentialFileWriter:
                 self.direct = False
                 self._fd = os.open(path, flags, 0o644)
         except OSError as error:
-            raise self._cannot_write(error) from error
+            raise cannot_write(self.path, error) from error
         raw = np.empty(BUFFER_BYTES + ALIGNMENT, dtype=np.uint8)
         skip = -raw.ctypes.data % ALIGNMENT
         self._buffer = raw[skip : skip + BUFFER_BYTES]
@@ -76,7 +81,7 @@ class SequentialFileWriter:
                 self._write_buffer(self._filled)
             os.fsync(self._fd)
         except OSError as error:
-            raise self._cannot_write(error) from error
+            raise cannot_write(self.path, error) from error
         finally:
             self.abort()
 
@@ -95,13 +100,9 @@ class SequentialFileWriter:
             except OSError as error:
                 # Some filesystems accept O_DIRECT when opening and refuse it when writing.
                 if not (self.direct and error.errno == errno.EINVAL and done == 0):
-                    raise self._cannot_write(error) from error
+                    raise cannot_write(self.path, error) from error
                 self._stop_direct_io()
         self._filled = 0
-
-    def _cannot_write(self, error: OSError) -> StorageError:
-        """A full or read-only disk, a file grown past the size limit: one line naming the file."""
-        return StorageError(f"{self.path}: cannot write: {error.strerror or error}")
 
     def _stop_direct_io(self) -> None:
         import fcntl  # POSIX only, like O_DIRECT itself
