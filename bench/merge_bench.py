@@ -236,7 +236,7 @@ def bench_one(method: str, n: int, zoo: Path, spec: GeneratedZooSpec, args: argp
     tools["mergeflow_hashes_cached"] = mf_cmd
     runs: dict[str, list[dict]] = {tool: [] for tool in tools}
     # Untimed: compiles numba's kernels when their cache is stale (kernels.py changed since the
-    # last merge), ~5 s and 600 MB that a user pays once, not on every merge.
+    # last merge), 3-6 s and up to ~650 MB that a user pays once, not on every merge.
     env = dict(os.environ, MERGEFLOW_CACHE_DIR=str(work / "hash-cache-warm-up"))
     run_checked(mf_cmd, work / "mergeflow-warm-up.log", env)
     # The tools take turns, so a slow spell of this noisy machine falls on both.
