@@ -28,8 +28,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from fsspec.asyn import sync
-
 from mergeflow.errors import StorageError
 from mergeflow.storage import Location, guarded
 
@@ -156,6 +154,8 @@ def _read(location: Location) -> tuple[dict | None, str]:
             body.close()
 
     def get() -> tuple[dict | None, str]:
+        from fsspec.asyn import sync  # S3 only; local merges never import fsspec
+
         try:
             data, etag = sync(location.fs.loop, get_object)
         except FileNotFoundError:
