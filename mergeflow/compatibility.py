@@ -4,7 +4,7 @@ reference has them. Each refusal names both models and the tensor or field that 
 
 from __future__ import annotations
 
-from mergeflow.checkpoint import Checkpoint, num_layers
+from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, num_layers
 from mergeflow.errors import ConfigError, IncompatibleModelsError
 
 
@@ -40,6 +40,35 @@ def check_compatible(reference: Checkpoint, experts: list[Checkpoint]) -> None:
                     f"tensor '{name}': dtype {theirs.dtype} in '{other.ref}' "
                     f"but {entry.dtype} in '{reference.ref}'"
                 )
+
+
+def check_tokenizer(reference: Checkpoint, tokenizer: Checkpoint, pad_to_multiple_of: int | None) -> None:
+    """The tokenizer copied into the output fits the merged embeddings: a model named for it
+    (tokenizer_source, tokenizer.source) has tokenizer files and the models' vocab_size, and a
+    `pad_to_multiple_of` is already met (mergeflow never resizes embeddings)."""
+    if tokenizer is not reference:
+        if not any(name in tokenizer.file_names for name in TOKENIZER_FILES):
+            raise ConfigError(
+                f"tokenizer source '{tokenizer.ref}' has no tokenizer files ({', '.join(TOKENIZER_FILES)})"
+            )
+        mine, theirs = ((c.config or {}).get("vocab_size") for c in (reference, tokenizer))
+        if mine is not None and theirs is not None and mine != theirs:
+            raise IncompatibleModelsError(
+                f"tokenizer source '{tokenizer.ref}' has vocab_size {theirs} but '{reference.ref}' has "
+                f"{mine}: its tokenizer would not fit the merged embeddings"
+            )
+    if pad_to_multiple_of is not None:
+        vocab_size = (reference.config or {}).get("vocab_size")
+        where = f"tokenizer.pad_to_multiple_of: {pad_to_multiple_of}"
+        if not isinstance(vocab_size, int):
+            raise ConfigError(
+                f"{where}: the config.json of '{reference.ref}' gives no vocab_size to check it against"
+            )
+        if vocab_size % pad_to_multiple_of:
+            raise ConfigError(
+                f"{where}: the vocab_size of '{reference.ref}' ({vocab_size}) is not a multiple of it, "
+                "and mergeflow does not resize embeddings"
+            )
 
 
 def _architecture(checkpoint: Checkpoint) -> str | None:

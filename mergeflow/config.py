@@ -1,8 +1,9 @@
 """Merge configuration: mergekit's YAML, as users already write it, as a pydantic model.
 
 Supported keys: merge_method, base_model, models[].model, models[].parameters, parameters,
-dtype, out_dtype, tokenizer_source, and slices[].sources[] (model, layer_range, parameters) for
-one slice spanning whole models. A parameter value is a number or flag, a list of numbers
+dtype, out_dtype, tokenizer_source or the tokenizer block (its source; pad_to_multiple_of when
+the vocabulary already is a multiple), and slices[].sources[] (model, layer_range, parameters)
+for one slice spanning whole models. A parameter value is a number or flag, a list of numbers
 (a gradient interpolated over layers) or a list of {filter, value} entries whose first entry
 with a filter contained in the tensor name (or no filter) applies - mergekit's rules.
 Relative model paths are resolved from the working directory, as mergekit does.
@@ -57,6 +58,17 @@ class LayerSlice(BaseModel):
     sources: list[SliceSource]
 
 
+class TokenizerSettings(BaseModel):
+    """mergekit's `tokenizer` block. mergeflow merges models that share a vocabulary and copies
+    one model's tokenizer files, so `source` may be `base` or a model; `union` (mergekit's
+    default here) and per-token embedding `tokens` would build a new vocabulary and embeddings."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    tokens: dict[str, Any] | None = None
+    pad_to_multiple_of: int | None = None
+
+
 class MergeConfig(BaseModel):
     """A merge, as in a mergekit YAML file. Its models come under `models`, or under `slices`
     as mergekit's slerp examples write them: one slice whose sources each span all of their
@@ -71,6 +83,7 @@ class MergeConfig(BaseModel):
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
 
     @property
     def method(self) -> MergeMethod:
@@ -99,9 +112,10 @@ class MergeConfig(BaseModel):
 
     def tokenizer_reference(self) -> str | None:
         """Where the tokenizer comes from: a model reference, or None for the base."""
-        if self.tokenizer_source in (None, "base"):
+        source = self.tokenizer.source if self.tokenizer else self.tokenizer_source
+        if source in (None, "base"):
             return None
-        return self.tokenizer_source.removeprefix("model:")
+        return source.removeprefix("model:")
 
     @model_validator(mode="after")
     def _check(self) -> MergeConfig:
@@ -128,8 +142,7 @@ class MergeConfig(BaseModel):
                 f"models: method '{method.name}' merges exactly {method.max_models} model(s) "
                 f"besides the base, got {len(experts)}"
             )
-        if self.tokenizer_source == "union":
-            raise ConfigError("tokenizer_source: 'union' is not supported; use 'base' or a model")
+        _check_tokenizer(self.tokenizer_source, self.tokenizer)
         _check_parameters(method, self.parameters, "parameters", per_model_only=False)
         where = "slices[0].sources" if self.slices else "models"
         for i, entry in enumerate(self.entries()):
@@ -138,6 +151,37 @@ class MergeConfig(BaseModel):
             if param.default is None and param.name not in self.parameters:
                 raise ConfigError(f"parameters.{param.name}: required by method '{method.name}'")
         return self
+
+
+def _check_tokenizer(source: str | None, block: TokenizerSettings | None) -> None:
+    if block is None:
+        if source == "union":
+            raise ConfigError(f"tokenizer_source: {UNION_REFUSED}")
+        return
+    if source is not None:
+        raise ConfigError("tokenizer: give tokenizer_source or the tokenizer block, not both")
+    if block.source == "union":
+        default = (
+            " (mergekit's default when the block gives no source)"
+            if "source" not in block.model_fields_set
+            else ""
+        )
+        raise ConfigError(f"tokenizer.source: {UNION_REFUSED}{default}")
+    if block.tokens:
+        raise ConfigError(
+            f"tokenizer.tokens: per-token embedding sources ({', '.join(block.tokens)}) are not "
+            "supported; mergeflow merges models that share a vocabulary and keeps their embeddings"
+        )
+    if block.pad_to_multiple_of is not None and block.pad_to_multiple_of < 1:
+        raise ConfigError(
+            f"tokenizer.pad_to_multiple_of: must be a positive integer, got {block.pad_to_multiple_of}"
+        )
+
+
+UNION_REFUSED = (
+    "'union' is not supported (it builds a new vocabulary and embeddings); use 'base' or a "
+    "model whose tokenizer all the models share"
+)
 
 
 def _check_parameters(method: MergeMethod, settings: dict, where: str, per_model_only: bool) -> None:
@@ -237,7 +281,6 @@ def _first(param: Param, scopes: list[dict], tensor_name: str, t: float) -> Any:
 
 _MERGEKIT_ONLY = {
     "modules": "per-module configs (modules) are not supported",
-    "tokenizer": "the `tokenizer` block is not supported; use tokenizer_source",
     "chat_template": "chat_template is not supported; the base model's template is copied",
 }
 
@@ -282,6 +325,8 @@ def _fields_at(location: tuple) -> list[str]:
     """The keys allowed where an unknown key was found."""
     if len(location) == 1:
         return list(MergeConfig.model_fields)
+    if location[0] == "tokenizer":
+        return list(TokenizerSettings.model_fields)
     if location[0] != "slices":
         return list(ModelEntry.model_fields)
     return list(SliceSource.model_fields if "sources" in location[:-1] else LayerSlice.model_fields)

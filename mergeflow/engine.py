@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import mergeflow
 from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, num_layers, open_checkpoint
-from mergeflow.compatibility import check_compatible, check_whole_models
+from mergeflow.compatibility import check_compatible, check_tokenizer, check_whole_models
 from mergeflow.config import MergeConfig, resolve_parameters
 from mergeflow.hashing import model_sha256, models_sha256
 from mergeflow.methods import MergeMethod
@@ -82,6 +82,7 @@ def merge(
         check_whole_models(config.layer_ranges(), opened)
         check_compatible(reference, experts)
         tokenizer_source = load(config.tokenizer_reference()) if config.tokenizer_reference() else reference
+        check_tokenizer(reference, tokenizer_source, config.tokenizer and config.tokenizer.pad_to_multiple_of)
         out_dtype = config.output_dtype()
         plan = [
             PlannedTensor(e.name, out_dtype if out_dtype and e.dtype.is_float else e.dtype, e.shape)

@@ -92,6 +92,35 @@ def test_vocab_sizes_differ(small, tmp_path):
     assert_fails_cleanly(ties(small, broken), tmp_path, IncompatibleModelsError, "vocab sizes differ", "257")
 
 
+def test_a_tokenizer_source_without_tokenizer_files(small, tmp_path):
+    config = ties(small, small["expert_1"]) | {"tokenizer": {"source": small["expert_0"]}}
+    assert_fails_cleanly(
+        config, tmp_path, ConfigError, f"tokenizer source '{small['expert_0']}' has no tokenizer files"
+    )
+
+
+def test_a_tokenizer_source_whose_vocabulary_differs(small, tmp_path):
+    other = copy_expert(small, tmp_path, "other-tokenizer")
+    (other / "tokenizer.json").write_text("{}")
+    config = json.loads((other / "config.json").read_text())
+    config["vocab_size"] += 1
+    (other / "config.json").write_text(json.dumps(config))
+    assert_fails_cleanly(
+        ties(small, small["expert_1"]) | {"tokenizer_source": str(other)},
+        tmp_path,
+        IncompatibleModelsError,
+        f"tokenizer source '{other}' has vocab_size 257",
+        "would not fit the merged embeddings",
+    )
+
+
+def test_padding_the_vocabulary_to_a_multiple_it_is_not(small, tmp_path):
+    config = ties(small, small["expert_1"]) | {"tokenizer": {"source": "base", "pad_to_multiple_of": 7}}
+    assert_fails_cleanly(
+        config, tmp_path, ConfigError, "tokenizer.pad_to_multiple_of: 7", "(256) is not a multiple"
+    )
+
+
 def test_tensor_shapes_differ(small, tmp_path):
     broken = copy_expert(small, tmp_path)
     edit_tensors(broken, lambda t: t.update({"model.norm.weight": torch.ones(65)}))
@@ -217,7 +246,22 @@ def test_folder_without_weights(small, tmp_path):
             "unknown key 'slices.0.sources.0.weight' (supported: model, layer_range, parameters)",
         ),
         ({"models": [], "slices": [{"sources": [{"model": "m"}]}]}, "sources.0.layer_range: required"),
-        ({"tokenizer_source": "union"}, "union"),
+        ({"tokenizer_source": "union"}, "tokenizer_source: 'union' is not supported"),
+        ({"tokenizer": {}}, "tokenizer.source: 'union' is not supported (it builds a new vocabulary"),
+        ({"tokenizer": {"source": "union"}}, "use 'base' or a model whose tokenizer all the models share"),
+        (
+            {"tokenizer": {"source": "base", "tokens": {"<|im_end|>": {"source": "base"}}}},
+            "tokenizer.tokens: ",
+        ),
+        (
+            {"tokenizer": {"source": "base"}, "tokenizer_source": "base"},
+            "tokenizer_source or the tokenizer block",
+        ),
+        ({"tokenizer": {"source": "base", "pad_to_multiple_of": 0}}, "must be a positive integer, got 0"),
+        (
+            {"tokenizer": {"source": "base", "padding": 8}},
+            "unknown key 'tokenizer.padding' (supported: source, tokens, pad_to_multiple_of)",
+        ),
         ({"dtype": "float8"}, "dtype"),
     ],
 )
