@@ -14,6 +14,7 @@ from mergeflow.methods.primitives import (
     KERNEL_DTYPES,
     Magnitudes,
     NonFiniteInput,
+    NonFiniteOutput,
     from_float32,
     kernel_array,
     to_float32,
@@ -80,24 +81,36 @@ class TensorMerge:
     def run(self) -> Iterator[np.ndarray]:
         """The merged tensor's chunks, in the target's storage dtype."""
         stats = self._statistics()
+        storage = self.target.dtype.storage
+        # A method that writes the output's storage itself spares a float32 pass per chunk.
+        writes_storage = self.method.writes_storage and storage in KERNEL_DTYPES
         for start, base, models in self._chunks():
-            chunk = Chunk(self.target.name, start, base, models, self.params, stats)
+            chunk = Chunk(
+                self.target.name, start, base, models, self.params, stats, storage if writes_storage else None
+            )
             try:
                 merged = self.method.merge(chunk)
             except NonFiniteInput:
                 self._name_non_finite_input(start, models.shape[1])
                 raise
+            except NonFiniteOutput:
+                self._refuse_non_finite_output(start, models.shape[1])
+            if writes_storage:
+                yield merged
+                continue
             # A new array, so the background writer may keep it while the next chunk reuses the
             # workspace (slerp returns a view of it). NaN/Inf inputs reach the output of methods
             # that do not sparsify: the conversion counts them.
             stored, non_finite = from_float32(merged, self.target.dtype)
             if non_finite:
-                self._name_non_finite_input(start, models.shape[1])
-                raise NonFiniteError(
-                    f"tensor '{self.target.name}': merged values overflow to Inf/NaN "
-                    "(check lambda and the weights)"
-                )
+                self._refuse_non_finite_output(start, models.shape[1])
             yield stored
+
+    def _refuse_non_finite_output(self, start: int, count: int) -> None:
+        self._name_non_finite_input(start, count)
+        raise NonFiniteError(
+            f"tensor '{self.target.name}': merged values overflow to Inf/NaN (check lambda and the weights)"
+        )
 
     def _statistics(self):
         method = self.method

@@ -269,6 +269,21 @@ def test_bfloat16_inputs_merge_exactly_as_their_float32_values(method, tmp_path)
         assert tensor.dtype == torch.float32 and torch.equal(tensor, merged[1][name]), name
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "average", "slerp"])
+def test_a_bfloat16_output_holds_the_float32_merge_rounded_as_torch_rounds(method, wide_zoo, tmp_path):
+    # Task-vector methods and average round inside their kernel; slerp's float32 result is
+    # narrowed after. Either way each value is the float32 merge's, rounded by torch's rules.
+    merged = {}
+    for out_dtype in ("float32", "bfloat16"):
+        config = parse_config(config_for(method, wide_zoo, n=2) | {"out_dtype": out_dtype})
+        merge(config, str(tmp_path / out_dtype), work_bytes=1 << 20)
+        merged[out_dtype] = load_folder(tmp_path / out_dtype)
+    for name, tensor in merged["bfloat16"].items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, merged["float32"][name].bfloat16()), (
+            name
+        )
+
+
 def test_dare_seed_changes_the_result(zoo, tmp_path):
     config = config_for("dare_ties", zoo)
     merge(parse_config(config), str(tmp_path / "s0"))

@@ -155,6 +155,32 @@ def test_narrowing_float32_gives_the_bits_torch_gives(name):
     assert np.isnan(P.to_float32(got)[~finite.numpy()]).all()
 
 
+def test_a_merge_written_as_bfloat16_gives_the_bits_torch_gives_its_float32_values():
+    # The merge kernel narrows each value as it stores it; torch narrows the float32 result.
+    values = every_float32()
+    finite = values[torch.isfinite(values)]
+    models = finite.view(1, -1).numpy()
+    arguments = dict(consensus=False, normalize=False, lam=1.0)
+    as_float32 = P.merge_task_vectors(
+        models, np.zeros(finite.numel(), np.float32), np.ones(1, np.float32), **arguments
+    )
+    as_bfloat16 = P.merge_task_vectors(
+        models, np.zeros(finite.numel(), np.float32), np.ones(1, np.float32), storage=np.uint16, **arguments
+    )
+    assert as_bfloat16.dtype == np.uint16
+    np.testing.assert_array_equal(as_bfloat16, numpy_view(torch.from_numpy(as_float32).to(torch.bfloat16)))
+
+
+@pytest.mark.parametrize("storage", [np.float32, np.uint16])
+def test_merged_values_that_overflow_are_refused_in_either_storage(storage):
+    models = np.full((2, 8), 3e38, np.float32)  # finite, but their sum is not
+    with pytest.raises(P.NonFiniteOutput, match="8 merged value"):
+        P.merge_task_vectors(
+            models, np.zeros(8, np.float32), np.ones(2, np.float32), consensus=False, normalize=False,
+            lam=1.0, storage=storage,
+        )  # fmt: skip
+
+
 def test_widening_bfloat16_is_exact():
     stored = every_float32().to(torch.bfloat16)
     widened = P.to_float32(numpy_view(stored))

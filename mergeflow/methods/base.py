@@ -32,7 +32,8 @@ class Chunk:
     that `reads_bfloat16`, and owned by the method (it may be modified in place);
     `base` is [numel] float32 or None, or for such a method bfloat16 as stored too. Shared
     parameters are floats/bools; per-model parameters are [N] float32 arrays. `stats` is
-    whatever the method's statistic returned.
+    whatever the method's statistic returned. For a method that `writes_storage`, `storage` is
+    the output's element type (float32, or np.uint16 for bfloat16 bit patterns) or None.
     """
 
     tensor_name: str
@@ -41,6 +42,7 @@ class Chunk:
     models: np.ndarray
     params: Mapping[str, Any]
     stats: Any = None
+    storage: type | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ class MergeMethod:
     # merge() takes bfloat16 models as they are stored: its kernels widen them as they read,
     # which saves a conversion pass over every chunk.
     reads_bfloat16: bool = False
+    # Given a chunk's `storage`, merge() returns a new array of it (bfloat16 rounded in its
+    # kernel, no float32 pass between) and raises NonFiniteOutput for NaN/Inf merged values;
+    # without one, float32 values.
+    writes_storage: bool = False
     notes: tuple[str, ...] = field(default=())
 
     def param(self, name: str) -> Param | None:

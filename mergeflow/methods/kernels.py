@@ -122,8 +122,9 @@ def merge_task_vectors(
     models, base, mode, low, high, scale, keys, density, start,
     weights, consensus, normalize, divisor, lam, out,
 ):  # fmt: skip
-    """out = base + λ·combine(wi · sparsify(models[i] − base)), in one pass over the models.
-    Returns the number of non-finite task-vector entries (a NaN or Inf in any input).
+    """out = base + λ·combine(wi · sparsify(models[i] − base)), in one pass over the models,
+    stored as `out` stores it (float32, or bfloat16 bit patterns: see `stored`). Returns how many
+    task-vector entries (a NaN or Inf in any input) and how many merged values are NaN or ±Inf.
 
     sparsify: mode NONE keeps every entry; BAND keeps low[i] <= |τ| <= high[i]; RANDOM keeps
     an entry when its uniform number (stream keys[i], element start + j) is below density[i].
@@ -140,13 +141,14 @@ def merge_task_vectors(
     """
     n_models, count = models.shape
     non_finite = 0
+    non_finite_out = 0
     for block in prange((count + BLOCK - 1) // BLOCK):
         lo = block * BLOCK
         size = min(count, lo + BLOCK) - lo
         block_base, block_out = base[lo : lo + size], out[lo : lo + size]
         rows = np.empty((n_models if consensus else 1, size), np.float32)
         total = np.zeros(size, np.float32)
-        bad = 0
+        bad = bad_out = 0
         for i in range(n_models):
             row = rows[i if consensus else 0]
             bad += _weighted_task_vector(
@@ -170,12 +172,17 @@ def merge_task_vectors(
                 merged = total[j]
                 if normalize and agreeing[j] != 0:
                     merged = merged / agreeing[j]
-                block_out[j] = widen(block_base[j]) + merged * lam
+                value = widen(block_base[j]) + merged * lam
+                bad_out += value - value != 0
+                block_out[j] = stored(value, block_out)
         else:
             for j in range(size):
-                block_out[j] = widen(block_base[j]) + (total[j] / divisor) * lam
+                value = widen(block_base[j]) + (total[j] / divisor) * lam
+                bad_out += value - value != 0
+                block_out[j] = stored(value, block_out)
         non_finite += bad
-    return non_finite
+        non_finite_out += bad_out
+    return non_finite, non_finite_out
 
 
 def widen(x):
@@ -198,18 +205,35 @@ def widen_(out, src):
         out[j] = widen(src[j])
 
 
+def stored(x, out):
+    """float32 `x` as an element of `out`: itself in a float32 array; in a uint16 array the
+    bit pattern of the bfloat16 nearest to it, ties to even, as torch rounds (NaN becomes
+    0x7FC0), so a merge kernel writes bfloat16 output without a float32 pass between."""
+    raise NotImplementedError("stored is only defined inside numba kernels")
+
+
+@overload(stored)
+def _stored(x, out):
+    if out.dtype == types.uint16:
+
+        def to_bfloat16(x, out):
+            bits = np.int64(np.float32(x).view(np.uint32))
+            rounded = (bits + ((bits >> 16) & 1) + 0x7FFF) >> 16
+            return np.uint16(0x7FC0) if x != x else np.uint16(rounded)
+
+        return to_bfloat16
+    return lambda x, out: np.float32(x)
+
+
 @njit(parallel=True, cache=True)
-def narrow_to_bfloat16_(out, src, src_bits):
-    """out = bfloat16 bit patterns of float32 `src` (`src_bits`: the same memory as uint32),
-    rounded to nearest, ties to even, as torch rounds (NaN becomes 0x7FC0). Returns how many
-    of `src` are NaN or ±Inf."""
+def narrow_to_bfloat16_(out, src):
+    """out = bfloat16 bit patterns of float32 `src` (see `stored`). Returns how many of `src`
+    are NaN or ±Inf."""
     bad = 0
     for j in prange(src.size):
         x = src[j]
         bad += x - x != 0  # true exactly for NaN and ±Inf
-        bits = np.int64(src_bits[j])
-        rounded = (bits + ((bits >> 16) & 1) + 0x7FFF) >> 16
-        out[j] = np.uint16(0x7FC0) if x != x else np.uint16(rounded)
+        out[j] = stored(x, out)
     return bad
 
 

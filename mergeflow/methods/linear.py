@@ -8,14 +8,20 @@ from mergeflow.methods import primitives as P
 from mergeflow.methods.base import Chunk, MergeMethod, Param
 
 
-def weighted_average(models: np.ndarray, weights: np.ndarray, normalize: bool) -> np.ndarray:
-    """Σi wi θi, divided by Σi wi when `normalize` (|Σ w| < 1e-8 divides as 1)."""
+def weighted_average(
+    models: np.ndarray, weights: np.ndarray, normalize: bool, storage: type = np.float32
+) -> np.ndarray:
+    """Σi wi θi, divided by Σi wi when `normalize` (|Σ w| < 1e-8 divides as 1), as `storage`
+    (see primitives.merge_task_vectors)."""
     zero = np.zeros(models.shape[1:], dtype=np.float32)
-    return P.merge_task_vectors(models, zero, weights, consensus=False, normalize=normalize, lam=1.0)
+    return P.merge_task_vectors(
+        models, zero, weights, consensus=False, normalize=normalize, lam=1.0, storage=storage
+    )
 
 
 def _merge(chunk: Chunk) -> np.ndarray:
-    return weighted_average(chunk.models, chunk.params["weight"], bool(chunk.params["normalize"]))
+    p = chunk.params
+    return weighted_average(chunk.models, p["weight"], bool(p["normalize"]), chunk.storage or np.float32)
 
 
 AVERAGE = MergeMethod(
@@ -29,6 +35,7 @@ AVERAGE = MergeMethod(
     ),
     needs_base=False,
     reads_bfloat16=True,
+    writes_storage=True,
     notes=(
         "`linear` is the same method under mergekit's name. A base model is not averaged "
         "unless it is also listed under `models`.",

@@ -22,6 +22,10 @@ class NonFiniteInput(ValueError):
     """A NaN or Inf reached a kernel; the engine finds and names the model and tensor."""
 
 
+class NonFiniteOutput(ValueError):
+    """Merged values overflowed to ±Inf or became NaN (finite inputs, too large λ or weights)."""
+
+
 def ordered_sum(stacked: np.ndarray) -> np.ndarray:
     """Sum over axis 0 in index order, so the result is the same for any chunking."""
     total = stacked[0].copy()
@@ -105,7 +109,7 @@ def from_float32(values: np.ndarray, dtype: DType) -> tuple[np.ndarray, int]:
     flat = np.ascontiguousarray(values, np.float32).reshape(-1)
     out = np.empty(flat.size, dtype=dtype.storage)
     if dtype.storage is np.uint16:
-        non_finite = K.narrow_to_bfloat16_(out, flat, flat.view(np.uint32))
+        non_finite = K.narrow_to_bfloat16_(out, flat)
     elif dtype.storage is np.float32:
         non_finite = K.copy_float32_(out, flat)
     else:
@@ -187,6 +191,7 @@ def merge_task_vectors(
     keys: list[int] | None = None,
     density: np.ndarray | None = None,
     start: int = 0,
+    storage: type = np.float32,
 ) -> np.ndarray:
     """θ0 + λ·merge of the weighted, sparsified task vectors τi = θi − θ0 of models [N, C]
     (float32 or bfloat16 bit patterns; the base too).
@@ -198,7 +203,10 @@ def merge_task_vectors(
     Merge: `consensus` is the TIES election (γ = + where Σ wi·τi >= 0) and disjoint merge;
     `normalize` divides by the agreeing models' summed weights (0 divides as 1). Otherwise the
     weighted sum; `normalize` divides by Σ wi (|Σ wi| < 1e-8 divides as 1).
-    Raises NonFiniteInput when an input holds NaN or Inf. The models are left unchanged.
+    The result is a new array of `storage`: float32, or np.uint16 for bfloat16 bit patterns
+    rounded as `from_float32` rounds, in the same pass (no float32 result to narrow after).
+    Raises NonFiniteInput when an input holds NaN or Inf, NonFiniteOutput when a merged value
+    does. The models are left unchanged.
     """
     n = models.shape[0]
     mode, no_limits = K.MODE_NONE, np.zeros(n, np.float32)
@@ -208,8 +216,8 @@ def merge_task_vectors(
         mode = K.MODE_RANDOM
     total = float(ordered_sum(np.asarray(weights, dtype=np.float32)))
     divisor = np.float32(total if normalize and abs(total) >= 1e-8 else 1.0)
-    out = np.empty(base.shape, np.float32)
-    non_finite = K.merge_task_vectors(
+    out = np.empty(base.shape, storage)
+    non_finite, non_finite_out = K.merge_task_vectors(
         kernel_array(models), base, mode,
         _f32(low, no_limits), _f32(high, no_limits), _f32(scale, np.ones(n, np.float32)),
         np.array(keys or [0] * n, dtype=np.uint64),
@@ -218,6 +226,8 @@ def merge_task_vectors(
     )  # fmt: skip
     if non_finite:
         raise NonFiniteInput(f"{non_finite} NaN/Inf value(s) in the task vectors")
+    if non_finite_out:
+        raise NonFiniteOutput(f"{non_finite_out} merged value(s) overflow to Inf/NaN")
     return out
 
 

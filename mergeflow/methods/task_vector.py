@@ -59,8 +59,8 @@ def _merge(sparsify: Sparsify, consensus: bool):
             low, high, scale = chunk.stats.T
             sparsified = dict(low=low, high=high, scale=scale if p["rescale"] else None)
         return P.merge_task_vectors(
-            chunk.models, chunk.base, p["weight"],
-            consensus=consensus, normalize=bool(p["normalize"]), lam=float(p["lambda"]), **sparsified,
+            chunk.models, chunk.base, p["weight"], consensus=consensus, normalize=bool(p["normalize"]),
+            lam=float(p["lambda"]), storage=chunk.storage or np.float32, **sparsified,
         )  # fmt: skip
 
     return merge
@@ -128,6 +128,7 @@ def task_vector_method(
         params=tuple(params),
         model_statistic=statistic,
         reads_bfloat16=True,
+        writes_storage=True,
     )
 
 

@@ -308,7 +308,9 @@ def test_non_finite_weights_are_named_for_methods_without_sparsification(small, 
     assert_fails_cleanly(config, tmp_path, NonFiniteError, "model.norm.weight", str(broken))
 
 
-def test_overflowing_merge_is_refused(small, tmp_path):
+@pytest.mark.parametrize("zoo", ["small", "small_bf16"])
+def test_overflowing_merge_is_refused(zoo, request, tmp_path):
+    small = request.getfixturevalue(zoo)
     config = ties(small, small["expert_1"]) | {
         "merge_method": "task_arithmetic",
         "parameters": {"lambda": 1e30, "weight": 1e30},
