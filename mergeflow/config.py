@@ -2,10 +2,11 @@
 
 Supported keys: merge_method, base_model, models[].model, models[].parameters, parameters,
 dtype, out_dtype, tokenizer_source or the tokenizer block (its source; pad_to_multiple_of when
-the vocabulary already is a multiple), and slices[].sources[] (model, layer_range, parameters)
-for one slice spanning whole models. A parameter value is a number or flag, a list of numbers
-(a gradient interpolated over layers) or a list of {filter, value} entries whose first entry
-with a filter contained in the tensor name (or no filter) applies - mergekit's rules.
+the vocabulary already is a multiple), chat_template ('auto' or a Jinja template), and
+slices[].sources[] (model, layer_range, parameters) for one slice spanning whole models.
+A parameter value is a number or flag, a list of numbers (a gradient interpolated over layers)
+or a list of {filter, value} entries whose first entry with a filter contained in the tensor
+name (or no filter) applies - mergekit's rules.
 Relative model paths are resolved from the working directory, as mergekit does.
 """
 
@@ -84,6 +85,7 @@ class MergeConfig(BaseModel):
     out_dtype: DTypeName | None = None
     tokenizer_source: str | None = None
     tokenizer: TokenizerSettings | None = None
+    chat_template: str | None = None
 
     @property
     def method(self) -> MergeMethod:
@@ -143,6 +145,11 @@ class MergeConfig(BaseModel):
                 f"besides the base, got {len(experts)}"
             )
         _check_tokenizer(self.tokenizer_source, self.tokenizer)
+        if self.chat_template not in (None, "auto") and "{" not in self.chat_template:
+            raise ConfigError(
+                f"chat_template: {self.chat_template!r} is neither 'auto' nor a Jinja template; mergeflow "
+                "has no named templates, so give the template itself"
+            )
         _check_parameters(method, self.parameters, "parameters", per_model_only=False)
         where = "slices[0].sources" if self.slices else "models"
         for i, entry in enumerate(self.entries()):
@@ -281,7 +288,6 @@ def _first(param: Param, scopes: list[dict], tensor_name: str, t: float) -> Any:
 
 _MERGEKIT_ONLY = {
     "modules": "per-module configs (modules) are not supported",
-    "chat_template": "chat_template is not supported; the base model's template is copied",
 }
 
 

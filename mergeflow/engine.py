@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from tqdm import tqdm
 
 import mergeflow
+from mergeflow.chat_template import chosen_chat_template, with_chat_template
 from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, num_layers, open_checkpoint
 from mergeflow.compatibility import check_compatible, check_tokenizer, check_whole_models
 from mergeflow.config import MergeConfig, resolve_parameters
@@ -83,6 +84,8 @@ def merge(
         check_compatible(reference, experts)
         tokenizer_source = load(config.tokenizer_reference()) if config.tokenizer_reference() else reference
         check_tokenizer(reference, tokenizer_source, config.tokenizer and config.tokenizer.pad_to_multiple_of)
+        models = [base] if base else []
+        chat_template = chosen_chat_template(config.chat_template, models + experts, tokenizer_source)
         out_dtype = config.output_dtype()
         plan = [
             PlannedTensor(e.name, out_dtype if out_dtype and e.dtype.is_float else e.dtype, e.shape)
@@ -109,7 +112,7 @@ def merge(
                 "models": [_input_record(c, sha) for c, sha in zip(experts, hashes, strict=True)],
             }
             files = writer.finish()
-            files += _write_side_files(stage, reference, tokenizer_source, out_dtype)
+            files += _write_side_files(stage, reference, tokenizer_source, out_dtype, chat_template)
             manifest = {
                 "format": "mergeflow-manifest/1",
                 "mergeflow_version": mergeflow.__version__,
@@ -235,8 +238,11 @@ def _copy(reader, entry, target, writer, chunk, bar) -> None:
         bar.update(data.nbytes)
 
 
-def _write_side_files(stage: StagedOutput, reference: Checkpoint, tokenizer: Checkpoint, out_dtype) -> list:
-    """config.json (dtype updated), generation config and tokenizer files."""
+def _write_side_files(
+    stage: StagedOutput, reference: Checkpoint, tokenizer: Checkpoint, out_dtype, chat_template: str | None
+) -> list:
+    """config.json (dtype updated), generation config and tokenizer files (carrying
+    `chat_template` when one is chosen)."""
     import json
 
     written = []
@@ -249,7 +255,10 @@ def _write_side_files(stage: StagedOutput, reference: Checkpoint, tokenizer: Che
         written.append(
             ("generation_config.json", reference.location.child("generation_config.json").read_bytes())
         )
-    for name in TOKENIZER_FILES:
-        if name in tokenizer.file_names:
-            written.append((name, tokenizer.location.child(name).read_bytes()))
+    tokenizer_files = [
+        (name, tokenizer.location.child(name).read_bytes())
+        for name in TOKENIZER_FILES
+        if name in tokenizer.file_names
+    ]
+    written += with_chat_template(tokenizer_files, chat_template) if chat_template else tokenizer_files
     return [write_small_file(stage.folder, name, data) for name, data in written]

@@ -114,6 +114,22 @@ def test_a_tokenizer_source_whose_vocabulary_differs(small, tmp_path):
     )
 
 
+def test_a_chat_template_for_a_tokenizer_source_without_tokenizer_config(small, tmp_path):
+    config = ties(small, small["expert_1"]) | {"chat_template": "{{ messages }}"}
+    assert_fails_cleanly(
+        config, tmp_path, ConfigError, f"'{small['base']}' has no tokenizer_config.json to carry it"
+    )
+
+
+def test_a_chat_template_for_a_tokenizer_config_that_is_not_json(small, tmp_path):
+    other = copy_expert(small, tmp_path, "bad-tokenizer-config")
+    (other / "tokenizer_config.json").write_text("{not json")
+    config = ties(small, small["expert_1"]) | {"chat_template": "{{ messages }}", "tokenizer_source": str(other)}
+    assert_fails_cleanly(
+        config, tmp_path, CheckpointError, str(other / "tokenizer_config.json"), "not valid JSON"
+    )
+
+
 def test_padding_the_vocabulary_to_a_multiple_it_is_not(small, tmp_path):
     config = ties(small, small["expert_1"]) | {"tokenizer": {"source": "base", "pad_to_multiple_of": 7}}
     assert_fails_cleanly(
@@ -263,6 +279,7 @@ def test_folder_without_weights(small, tmp_path):
             "unknown key 'tokenizer.padding' (supported: source, tokens, pad_to_multiple_of)",
         ),
         ({"dtype": "float8"}, "dtype"),
+        ({"chat_template": "chatml"}, "chat_template: 'chatml' is neither 'auto' nor a Jinja template"),
     ],
 )
 def test_config_errors_name_the_field(small, change, fragment):

@@ -1,0 +1,84 @@
+"""mergekit's `chat_template` key: the chat template the merged model's tokenizer carries.
+
+`auto` takes the template most of the merged models (base first, then the models as listed)
+carry, ties going to the first; a Jinja template is used as given. Without the key the
+tokenizer files are copied as they are. A model's template is what transformers loads: its
+`chat_template.jinja` file, else the `chat_template` of its tokenizer_config.json (the entry
+named "default" where that holds a list of named templates).
+
+The output gets the template in both places transformers reads (chat_template.jinja wins in
+transformers 5, older versions read only tokenizer_config.json); the tokenizer source's own
+chat_template.jinja and processor chat_template.json are not copied.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from mergeflow.checkpoint import Checkpoint
+from mergeflow.errors import CheckpointError, ConfigError
+
+JINJA = "chat_template.jinja"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+REPLACED = (JINJA, "chat_template.json")  # not copied from the tokenizer source when a template is set
+
+
+def chosen_chat_template(setting: str | None, models: list[Checkpoint], tokenizer: Checkpoint) -> str | None:
+    """The template to write, or None to copy the tokenizer files unchanged; checked before the
+    merge: the tokenizer source must have a tokenizer_config.json to carry it."""
+    if setting is None:
+        return None
+    if setting == "auto":
+        templates = [t for t in (model_chat_template(m) for m in models) if t]
+        if not templates:
+            return None
+        template = Counter(templates).most_common(1)[0][0]
+    else:
+        template = setting
+    if TOKENIZER_CONFIG not in tokenizer.file_names:
+        raise ConfigError(
+            f"chat_template: the tokenizer source '{tokenizer.ref}' has no {TOKENIZER_CONFIG} to carry it"
+        )
+    _tokenizer_config(tokenizer)  # readable: the output's copy gets the template
+    return template
+
+
+def model_chat_template(model: Checkpoint) -> str | None:
+    """The template transformers would load with this model's tokenizer, stripped; or None."""
+    if JINJA in model.file_names:
+        text = model.location.child(JINJA).read_bytes().decode("utf-8", errors="replace")
+        return text.strip() or None
+    if TOKENIZER_CONFIG not in model.file_names:
+        return None
+    template = _tokenizer_config(model).get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
+    return (template.strip() or None) if isinstance(template, str) else None
+
+
+def with_chat_template(files: list[tuple[str, bytes]], template: str) -> list[tuple[str, bytes]]:
+    """The tokenizer files to write, carrying `template`."""
+    written = []
+    for name, data in files:
+        if name in REPLACED:
+            continue
+        if name == TOKENIZER_CONFIG:
+            config = json.loads(data)
+            config["chat_template"] = template
+            data = json.dumps(config, indent=2, ensure_ascii=False).encode()
+        written.append((name, data))
+    return [*written, (JINJA, template.encode())]
+
+
+def _tokenizer_config(model: Checkpoint) -> dict:
+    location = model.location.child(TOKENIZER_CONFIG)
+    try:
+        config = json.loads(location.read_bytes())
+    except ValueError as exc:
+        raise CheckpointError(f"{location.uri}: not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{location.uri}: expected a JSON object")
+    return config
