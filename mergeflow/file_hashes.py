@@ -26,6 +26,9 @@ HASH_BLOCK = 8 << 20  # bytes per S3 range request while hashing
 # hash cache 1.045 against 1.065 s, medians of 8 side by side). Windows, not the whole file:
 # mapped pages count in the process's resident memory (whole files: peak RSS 500 MB, not 213).
 LOCAL_WINDOW = 16 << 20
+# Linux maps a window's pages in one call instead of one page fault per 64 KB as they are read:
+# hashing 1 GB of cached files took 0.61 instead of 0.625-0.635 CPU-s (3 rounds, alternating).
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 _CACHE_LOCK = threading.Lock()
 _IN_FLIGHT: dict[str, Future] = {}  # cache key -> the hash another thread is computing
 
@@ -75,7 +78,9 @@ def _sha256_of(path: str) -> str:
             size = os.fstat(f.fileno()).st_size
             for offset in range(0, size, LOCAL_WINDOW):
                 length = min(LOCAL_WINDOW, size - offset)
-                with mmap.mmap(f.fileno(), length, offset=offset, access=mmap.ACCESS_READ) as window:
+                with mmap.mmap(
+                    f.fileno(), length, flags=_MAP_FLAGS, prot=mmap.PROT_READ, offset=offset
+                ) as window:
                     digest.update(window)
     except (OSError, ValueError) as exc:  # unreadable, gone, or cut short (mmap: ValueError)
         raise _cannot_hash(path, exc) from exc
