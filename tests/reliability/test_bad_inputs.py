@@ -124,7 +124,8 @@ def test_a_chat_template_for_a_tokenizer_source_without_tokenizer_config(small, 
 def test_a_chat_template_for_a_tokenizer_config_that_is_not_json(small, tmp_path):
     other = copy_expert(small, tmp_path, "bad-tokenizer-config")
     (other / "tokenizer_config.json").write_text("{not json")
-    config = ties(small, small["expert_1"]) | {"chat_template": "{{ messages }}", "tokenizer_source": str(other)}
+    settings = {"chat_template": "{{ messages }}", "tokenizer_source": str(other)}
+    config = ties(small, small["expert_1"]) | settings
     assert_fails_cleanly(
         config, tmp_path, CheckpointError, str(other / "tokenizer_config.json"), "not valid JSON"
     )
