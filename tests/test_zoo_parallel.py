@@ -14,7 +14,8 @@ from conftest import MICRO
 
 from mergeflow.errors import ZooError
 from mergeflow.zoo import parallel
-from mergeflow.zoo.build import build_preset, remove_abandoned_stages
+from mergeflow.zoo.build import build_preset
+from mergeflow.zoo.model_cache import remove_abandoned_stages
 
 
 def _models(zoo: Path) -> dict[str, dict[str, bytes]]:

@@ -10,13 +10,9 @@ The preset's index goes to `MERGEFLOW_ZOO_DIR/presets/<preset>.json`.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -26,50 +22,15 @@ from mergeflow.errors import ZooError
 from mergeflow.eval import tasks as taskset
 from mergeflow.eval.harness import evaluate_loaded
 from mergeflow.zoo import RECORD, training, zoo_dir
+from mergeflow.zoo.model_cache import (
+    NotBuilt,
+    cached,
+    content_key,
+    fingerprint,
+    read_record,
+    remove_abandoned_stages,
+)
 from mergeflow.zoo.presets import PRESETS, LlamaSize, Preset
-
-# Bump when training or data code changes what a cached model would contain.
-ZOO_CODE_VERSION = 2
-
-
-def content_key(**parts) -> str:
-    blob = json.dumps({"zoo_code_version": ZOO_CODE_VERSION, **parts}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def fingerprint(rows) -> str:
-    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
-
-
-def read_record(folder: Path) -> dict:
-    return json.loads((folder / RECORD).read_text())
-
-
-class NotBuilt(Exception):
-    """A cache-only pass met a model that is not built yet."""
-
-
-def cached(name: str, key: str, build: Callable[[Path], dict] | None) -> tuple[Path, dict, bool]:
-    """The folder for (name, key), building it when absent (raising NotBuilt when `build` is
-    None). Returns (folder, record, built)."""
-    folder = zoo_dir() / "models" / f"{name}-{key[:12]}"
-    if (folder / RECORD).is_file():
-        return folder, read_record(folder), False
-    if build is None:
-        raise NotBuilt(folder.name)
-    stage = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    try:
-        record = {"name": name, "key": key, **build(stage)}
-        record["built_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-        (stage / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        # A folder without a record is an aborted build: replace it.
-        shutil.rmtree(folder, ignore_errors=True)
-        stage.rename(folder)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return folder, record, True
 
 
 def device() -> torch.device:
@@ -313,21 +274,6 @@ class Builder:
 
 def family_name(size: LlamaSize, stage: str) -> str:
     return f"tiny{size.name}-{stage}-trained-here"
-
-
-def remove_abandoned_stages() -> None:
-    """Remove the staging folders of builds whose process (on this machine) is gone: killed, or a
-    worker stopped when another failed. They never look complete, but they take disk."""
-    for stage in (zoo_dir() / "models").glob(".*.partial-*"):
-        pid = stage.name.rsplit("-", 1)[1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(stage, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, another user's
 
 
 def _families(builder: Builder) -> dict[str, dict]:

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from mergeflow.errors import ZooError
 from mergeflow.zoo import zoo_dir
-from mergeflow.zoo.build import Builder, family_name, remove_abandoned_stages
+from mergeflow.zoo.build import Builder, family_name
+from mergeflow.zoo.model_cache import remove_abandoned_stages
 from mergeflow.zoo.presets import LlamaSize, Preset
 
 # Rough work of one training step on a real ~135M base, in units of hidden_size^2 * layers.
