@@ -113,7 +113,8 @@ def doubled_total(x):
 RUN_KERNELS = (
     "import json, sys, numpy as np\n"
     "from mergeflow.methods.kernels import load_cached_kernels_without_compiler_setup\n"
-    "if sys.argv[1] == 'merge-command': load_cached_kernels_without_compiler_setup()\n"
+    "def compiling(): print('compiling', file=sys.stderr)\n"
+    "if sys.argv[1] == 'merge-command': load_cached_kernels_without_compiler_setup(on_compile=compiling)\n"
     "from tiny_kernel import doubled_total\n"
     "from mergeflow.methods.primitives import merge_task_vectors\n"
     "total = doubled_total(np.arange(10.0))\n"
@@ -131,17 +132,21 @@ def test_the_merge_command_loads_cached_kernels_without_numba_compiler_setup_and
     # the tiny kernel (a cache miss: the compiler sets itself up), the next ones load it cached.
     (tmp_path / "tiny_kernel.py").write_text(KERNEL_MODULE)
 
+    said_compiling = []
+
     def kernel_results(setup: str) -> list:
         env = {**os.environ, "PYTHONPATH": str(tmp_path)}
         command = [sys.executable, "-c", RUN_KERNELS, setup]
         run = subprocess.run(command, capture_output=True, text=True, env=env)
         assert run.returncode == 0, run.stderr
+        said_compiling.append("compiling" in run.stderr)
         return json.loads(run.stdout)
 
     *compiled, compiler_set_up = kernel_results("merge-command")
     assert compiler_set_up
     *cached, compiler_set_up = kernel_results("merge-command")
     assert not compiler_set_up  # for the cached tiny kernel and mergeflow's kernels alike
+    assert said_compiling == [True, False]  # the user is told why a first merge takes longer
     *stock, _ = kernel_results("numba-as-it-is")
     assert compiled == cached == stock
     assert compiled[0] == 90.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import logging
 import os
@@ -33,7 +34,7 @@ def merge_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 500MB, 2GB.")] = "2GB",
     work_memory: Annotated[str, typer.Option(help="Working memory for chunks of all models.")] = "16MB",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or notes.")] = False,
 ) -> None:
     """Merge the models in CONFIG into OUT, streaming tensor by tensor."""
     from mergeflow.file_hashes import start_hashing_inputs
@@ -41,7 +42,7 @@ def merge_command(
     start_hashing_inputs(config)  # while the engine loads
     from mergeflow.methods.kernels import load_cached_kernels_without_compiler_setup
 
-    load_cached_kernels_without_compiler_setup()
+    load_cached_kernels_without_compiler_setup(on_compile=None if quiet else _say_compiling_once)
     from mergeflow.config import load_config
     from mergeflow.engine import merge
 
@@ -58,6 +59,18 @@ def merge_command(
     typer.echo(
         f"merged {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) with "
         f"{result.manifest['method']} into {result.output} in {result.seconds:.1f}s"
+    )
+
+
+@functools.cache
+def _say_compiling_once() -> None:
+    # Otherwise the first merge after an install or upgrade just stalls for a few seconds.
+    # tqdm.write: above the progress bar, not through it.
+    from tqdm import tqdm
+
+    tqdm.write(
+        "compiling mergeflow's merge kernels (after an install or upgrade, once: 3-6 s per method)",
+        sys.stderr,
     )
 
 

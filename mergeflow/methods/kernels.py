@@ -10,6 +10,7 @@ which `widen` turns into float32 as it reads them.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import numba
 import numpy as np
@@ -51,9 +52,10 @@ def use_threads(count: int) -> None:
     numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
 
 
-def load_cached_kernels_without_compiler_setup() -> None:
+def load_cached_kernels_without_compiler_setup(on_compile: Callable[[], None] | None = None) -> None:
     """Make numba load cached kernels without first setting its compiler up; for a process
-    that runs no numba code but mergeflow's kernels (the `mergeflow merge` command).
+    that runs no numba code but mergeflow's kernels (the `mergeflow merge` command). A kernel
+    not in the cache calls `on_compile` before numba compiles it.
 
     Before it loads each cached function, numba refreshes its compiler: it imports every typing
     and lowering registry it has (its numpy support with scipy.linalg, cffi, typed containers,
@@ -67,8 +69,12 @@ def load_cached_kernels_without_compiler_setup() -> None:
 
     def load_overload(cache, signature, target_context):
         nrt.rtsys.initialize(target_context)
+        overload = None
         with cache._guard_against_spurious_io_errors():
-            return cache._load_overload(signature, target_context)
+            overload = cache._load_overload(signature, target_context)
+        if overload is None and on_compile is not None:
+            on_compile()
+        return overload
 
     if all(hasattr(Cache, name) for name in ("_load_overload", "_guard_against_spurious_io_errors")):
         Cache.load_overload = load_overload
