@@ -84,10 +84,9 @@ class TensorMerge:
         storage = self.target.dtype.storage
         # A method that writes the output's storage itself spares a float32 pass per chunk.
         writes_storage = self.method.writes_storage and storage in KERNEL_DTYPES
+        chunk_storage = storage if writes_storage else np.float32
         for start, base, models in self._chunks():
-            chunk = Chunk(
-                self.target.name, start, base, models, self.params, stats, storage if writes_storage else None
-            )
+            chunk = Chunk(self.target.name, start, base, models, self.params, stats, chunk_storage)
             try:
                 merged = self.method.merge(chunk)
             except NonFiniteInput:

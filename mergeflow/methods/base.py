@@ -32,8 +32,8 @@ class Chunk:
     that `reads_bfloat16`, and owned by the method (it may be modified in place);
     `base` is [numel] float32 or None, or for such a method bfloat16 as stored too. Shared
     parameters are floats/bools; per-model parameters are [N] float32 arrays. `stats` is
-    whatever the method's statistic returned. For a method that `writes_storage`, `storage` is
-    the output's element type (float32, or np.uint16 for bfloat16 bit patterns) or None.
+    whatever the method's statistic returned. `storage` is the element type a method that
+    `writes_storage` returns: np.uint16 (bfloat16 bit patterns) or float32.
     """
 
     tensor_name: str
@@ -42,7 +42,7 @@ class Chunk:
     models: np.ndarray
     params: Mapping[str, Any]
     stats: Any = None
-    storage: type | None = None
+    storage: type = np.float32
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ def weighted_average(
 
 def _merge(chunk: Chunk) -> np.ndarray:
     p = chunk.params
-    return weighted_average(chunk.models, p["weight"], bool(p["normalize"]), chunk.storage or np.float32)
+    return weighted_average(chunk.models, p["weight"], bool(p["normalize"]), chunk.storage)
 
 
 AVERAGE = MergeMethod(

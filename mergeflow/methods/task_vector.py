@@ -60,7 +60,7 @@ def _merge(sparsify: Sparsify, consensus: bool):
             sparsified = dict(low=low, high=high, scale=scale if p["rescale"] else None)
         return P.merge_task_vectors(
             chunk.models, chunk.base, p["weight"], consensus=consensus, normalize=bool(p["normalize"]),
-            lam=float(p["lambda"]), storage=chunk.storage or np.float32, **sparsified,
+            lam=float(p["lambda"]), storage=chunk.storage, **sparsified,
         )  # fmt: skip
 
     return merge
