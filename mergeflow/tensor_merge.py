@@ -92,8 +92,8 @@ class TensorMerge:
             except NonFiniteInput:
                 self._name_non_finite_input(start, models.shape[1])
                 raise
-            except NonFiniteOutput:
-                self._refuse_non_finite_output(start, models.shape[1])
+            except NonFiniteOutput as overflow:
+                raise self._overflow_error(start, models.shape[1]) from overflow
             if writes_storage:
                 yield merged
                 continue
@@ -102,12 +102,13 @@ class TensorMerge:
             # that do not sparsify: the conversion counts them.
             stored, non_finite = from_float32(merged, self.target.dtype)
             if non_finite:
-                self._refuse_non_finite_output(start, models.shape[1])
+                raise self._overflow_error(start, models.shape[1])
             yield stored
 
-    def _refuse_non_finite_output(self, start: int, count: int) -> None:
+    def _overflow_error(self, start: int, count: int) -> NonFiniteError:
+        """The error for NaN/Inf merged values: the input's, raised here, when one holds them."""
         self._name_non_finite_input(start, count)
-        raise NonFiniteError(
+        return NonFiniteError(
             f"tensor '{self.target.name}': merged values overflow to Inf/NaN (check lambda and the weights)"
         )
 
