@@ -51,14 +51,14 @@ def check_tokenizer(reference: Checkpoint, tokenizer: Checkpoint, pad_to_multipl
             raise ConfigError(
                 f"tokenizer source '{tokenizer.ref}' has no tokenizer files ({', '.join(TOKENIZER_FILES)})"
             )
-        mine, theirs = ((c.config or {}).get("vocab_size") for c in (reference, tokenizer))
+        mine, theirs = _vocab_size(reference), _vocab_size(tokenizer)
         if mine is not None and theirs is not None and mine != theirs:
             raise IncompatibleModelsError(
                 f"tokenizer source '{tokenizer.ref}' has vocab_size {theirs} but '{reference.ref}' has "
                 f"{mine}: its tokenizer would not fit the merged embeddings"
             )
     if pad_to_multiple_of is not None:
-        vocab_size = (reference.config or {}).get("vocab_size")
+        vocab_size = _vocab_size(reference)
         where = f"tokenizer.pad_to_multiple_of: {pad_to_multiple_of}"
         if not isinstance(vocab_size, int):
             raise ConfigError(
@@ -78,12 +78,16 @@ def _architecture(checkpoint: Checkpoint) -> str | None:
 
 
 def _check_vocab(reference: Checkpoint, other: Checkpoint) -> None:
-    mine, theirs = ((c.config or {}).get("vocab_size") for c in (reference, other))
+    mine, theirs = _vocab_size(reference), _vocab_size(other)
     if mine is not None and theirs is not None and mine != theirs:
         raise IncompatibleModelsError(
             f"vocab sizes differ: '{reference.ref}' has vocab_size {mine}, '{other.ref}' has "
             f"{theirs}; models with different tokenizers cannot be merged tensor by tensor"
         )
+
+
+def _vocab_size(checkpoint: Checkpoint):
+    return (checkpoint.config or {}).get("vocab_size")
 
 
 def check_whole_models(layer_ranges: dict[str, tuple[int, int]], checkpoints: list[Checkpoint]) -> None:
