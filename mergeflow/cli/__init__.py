@@ -45,17 +45,24 @@ def merge_command(
     load_cached_kernels_without_compiler_setup(on_compile=None if quiet else _say_compiling_once)
     from mergeflow.config import load_config
     from mergeflow.engine import merge
+    from mergeflow.errors import ConfigError
 
-    result = merge(
-        load_config(config),
-        out,
-        threads=threads,
-        allow_pickle=allow_pickle,
-        overwrite=overwrite,
-        max_shard_bytes=parse_size(shard_size),
-        work_bytes=parse_size(work_memory),
-        progress=not quiet,
-    )
+    merge_config = load_config(config)
+    try:
+        result = merge(
+            merge_config,
+            out,
+            threads=threads,
+            allow_pickle=allow_pickle,
+            overwrite=overwrite,
+            max_shard_bytes=parse_size(shard_size),
+            work_bytes=parse_size(work_memory),
+            progress=not quiet,
+        )
+    except ConfigError as exc:
+        # The checks that need the models (a slice's layer range, the tokenizer block) name the
+        # field; load_config's name the file too, so these do here as well.
+        raise ConfigError(f"{config}: {exc}") from None
     typer.echo(
         f"merged {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) with "
         f"{result.manifest['method']} into {result.output} in {result.seconds:.1f}s"

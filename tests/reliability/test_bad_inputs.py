@@ -309,6 +309,19 @@ def test_cli_prints_one_line_and_exits_2(small, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_names_the_config_file_in_refusals_that_need_the_models(small, tmp_path):
+    path = tmp_path / "padded.yaml"
+    config = ties(small, small["expert_1"]) | {"tokenizer": {"source": "base", "pad_to_multiple_of": 7}}
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["merge", str(path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: {path}: tokenizer.pad_to_multiple_of: 7: the vocab_size of '{small['base']}' (256) "
+        "is not a multiple of it, and mergeflow does not resize embeddings"
+    )
+    assert not (tmp_path / "o").exists()
+
+
 def test_unreadable_yaml(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("merge_method: [unclosed")
