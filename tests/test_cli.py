@@ -42,6 +42,19 @@ def test_every_command_has_help(command):
     assert "TODO" not in result.output
 
 
+def test_command_listings_give_each_command_one_summary_line():
+    """A group's listing shows each command's first paragraph as written: a line break there
+    breaks the table's row mid-sentence."""
+    root = typer.main.get_command(app)
+    for path in all_commands():
+        command = root
+        for name in path:
+            command = command.commands[name]
+        for sub in getattr(command, "commands", {}).values():
+            summary = (sub.help or "").strip().split("\n\n")[0]
+            assert "\n" not in summary, f"{' '.join((*path, sub.name))}: {summary!r}"
+
+
 def test_methods_lists_every_method_and_alias():
     output = CliRunner().invoke(app, ["methods"]).output
     for name in METHODS:

@@ -146,8 +146,10 @@ def zoo_build(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Build (or reuse from the cache) a zoo preset: bases, one expert per held-in task, a multitask
-    model; print each expert's validation accuracy against its base's."""
+    """Build (or reuse from the cache) a zoo preset and print its experts' accuracies.
+
+    A preset is bases, one expert per held-in task and a multitask model; each expert's
+    validation accuracy is printed against its base's."""
     from mergeflow.zoo import zoo_dir
     from mergeflow.zoo.build import build_preset
     from mergeflow.zoo.parallel import default_workers

@@ -23,8 +23,10 @@ def expert_publish(
         Path | None, typer.Option(help="The base's folder; needed the first time a base is used.")
     ] = None,
 ) -> None:
-    """Upload an expert (with a manifest) to <artifacts>/experts/BASE/TASK/ and emit the Prefect
-    event mergeflow.expert.landed, which starts the merge-on-landing deployment."""
+    """Upload an expert and announce it, which starts the merge-on-landing deployment.
+
+    The expert goes with a manifest to <artifacts>/experts/BASE/TASK/; the announcement is the
+    Prefect event mergeflow.expert.landed."""
     from mergeflow.events import EXPERT_LANDED, emit
     from mergeflow.experts import base_uri, publish_expert, read_announced, write_announced
     from mergeflow.settings import load_settings
@@ -96,8 +98,9 @@ def promote_command(
         float, typer.Option(help="Allowed fall of the held-out mean below the champion's.")
     ] = 0.0,
 ) -> None:
-    """Judge the challenger against the champion and promote it when the gates pass (the promote
-    flow adds human approval), or roll the champion back. MLflow from MLFLOW_TRACKING_URI."""
+    """Promote the challenger when it passes the gates against the champion, or roll back.
+
+    The promote flow adds human approval to the same gates. MLflow from MLFLOW_TRACKING_URI."""
     from mergeflow import promotion
 
     if rollback:
@@ -137,9 +140,10 @@ def _webhook_secret() -> str:
 def webhook_relay_command(
     port: Annotated[int, typer.Option(help="Port to listen on (127.0.0.1).")] = 5050,
 ) -> None:
-    """Serve until stopped: turn MLflow's signed model_version.created deliveries (POST /mlflow)
-    into the Prefect event mergeflow.merge.registered. Secret from MERGEFLOW_WEBHOOK_SECRET,
-    Prefect from PREFECT_API_URL."""
+    """Relay MLflow's model_version.created webhooks to Prefect until stopped.
+
+    Each signed delivery (POST /mlflow) becomes the Prefect event mergeflow.merge.registered.
+    Secret from MERGEFLOW_WEBHOOK_SECRET, Prefect from PREFECT_API_URL."""
     from mergeflow.settings import load_settings
     from mergeflow.webhooks import PATH, relay_server
 
@@ -160,8 +164,9 @@ def webhook_relay_command(
 def webhook_create_command(
     url: Annotated[str, typer.Argument(help="The relay's URL, e.g. http://127.0.0.1:5050/mlflow.")],
 ) -> None:
-    """Create (or update) the MLflow webhook that posts model_version.created to the relay,
-    signed with MERGEFLOW_WEBHOOK_SECRET. MLflow from MLFLOW_TRACKING_URI."""
+    """Create (or update) the MLflow webhook that posts new model versions to the relay.
+
+    Deliveries are signed with MERGEFLOW_WEBHOOK_SECRET. MLflow from MLFLOW_TRACKING_URI."""
     from mlflow import MlflowClient
 
     from mergeflow.settings import load_settings
