@@ -19,7 +19,7 @@ import pandas as pd
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect_dask import DaskTaskRunner
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from mergeflow.settings import load_settings
 from mergeflow.study import StudyGrid, enumerate_cells, largest_first, shared_scorings
@@ -31,7 +31,11 @@ QUICK = StudyGrid(expert_counts=[1, 2], methods=["average", "ties"], seeds=[0, 1
 
 
 class StudyRequest(BaseModel):
-    name: str = Field("tiny", description="Study name: results under <artifacts>/studies/<name>/")
+    name: str | None = Field(
+        None,
+        description="Study name: results under <artifacts>/studies/<name>/; default the preset's "
+        "name, with -quick added for the quick grid",
+    )
     preset: str = Field("tiny", description="Built zoo preset whose families are studied")
     grid: StudyGrid = Field(default_factory=StudyGrid)
     quick: bool = Field(False, description="Use the small grid (2 methods, 1-2 experts, 2 seeds)")
@@ -42,6 +46,13 @@ class StudyRequest(BaseModel):
         None, description="Where the report goes; default ~/.mergeflow/studies/<name>"
     )
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default from mergeflow settings")
+
+    @model_validator(mode="after")
+    def _name_after_the_preset(self) -> StudyRequest:
+        # Studies of different presets must not share a results folder by default.
+        if self.name is None:
+            self.name = f"{self.preset}-quick" if self.quick else self.preset
+        return self
 
 
 @flow(name="study", log_prints=True)

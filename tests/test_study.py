@@ -199,6 +199,12 @@ def cell_run_states(count: int) -> dict[str, list[str]]:
     return states
 
 
+def test_a_study_is_named_after_its_preset_unless_named():
+    assert StudyRequest(preset="demo", quick=True).name == "demo-quick"
+    assert StudyRequest(preset="smol").name == "smol"
+    assert StudyRequest(name="mine", preset="demo", quick=True).name == "mine"
+
+
 def test_the_study_runs_on_dask_and_resumes_with_only_the_missing_cells(
     prefect_api, micro_zoo, tmp_path, monkeypatch
 ):
