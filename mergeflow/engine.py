@@ -29,7 +29,7 @@ from mergeflow.config import MergeConfig, resolve_parameters
 from mergeflow.hashing import model_sha256, models_sha256
 from mergeflow.methods import MergeMethod
 from mergeflow.methods.kernels import default_threads, use_threads
-from mergeflow.output import ShardedWriter, StagedOutput, write_small_file
+from mergeflow.output import DEFAULT_SHARD_BYTES, ShardedWriter, StagedOutput, write_small_file
 from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
 from mergeflow.task_vectors import check_task_vectors_match_base, task_vector_info
 from mergeflow.tensor_merge import TensorMerge, Workspace, chunk_elements
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 # fewer fresh pages: side by side, TIES with 2 experts took 1.43-1.56 s against 1.52-1.70 s with
 # 64 MB, dare_ties with 8 experts 2.09-2.17 s against 2.12-2.27 s; peak RSS ~55 MB lower.
 DEFAULT_WORK_BYTES = 16 << 20
-DEFAULT_SHARD_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)

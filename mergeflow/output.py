@@ -44,6 +44,11 @@ def write_small_file(folder: Path, name: str, data: bytes) -> WrittenFile:
     return WrittenFile(name, hashlib.sha256(data).hexdigest(), len(data))
 
 
+# 2 GB in decimal units, as `mergeflow merge --shard-size 2GB` and Hugging Face's max_shard_size
+# count them: one default for the CLI, the Python API and the pipeline's stored task vectors.
+DEFAULT_SHARD_BYTES = 2_000_000_000
+
+
 class ShardedWriter:
     """Lays tensors out in order into shards of at most `max_shard_bytes` (a tensor larger
     than that gets a shard of its own) and writes them sequentially.

@@ -25,7 +25,7 @@ from mergeflow.compatibility import check_compatible
 from mergeflow.errors import CheckpointError, IncompatibleModelsError
 from mergeflow.hashing import model_sha256
 from mergeflow.methods.primitives import to_float32
-from mergeflow.output import ShardedWriter, StagedOutput, WrittenFile
+from mergeflow.output import DEFAULT_SHARD_BYTES, ShardedWriter, StagedOutput, WrittenFile
 from mergeflow.safetensors_io import FLOAT32, PlannedTensor, TensorFileReader
 from mergeflow.storage import locate
 
@@ -84,7 +84,7 @@ def write_task_vector(base: Checkpoint, expert: Checkpoint, out: str, base_sha: 
     ]
     stage = StagedOutput(out, overwrite=True)
     reader = TensorFileReader()
-    writer = ShardedWriter(stage.folder, plan, max_shard_bytes=2 << 30)
+    writer = ShardedWriter(stage.folder, plan, max_shard_bytes=DEFAULT_SHARD_BYTES)
     try:
         for target in plan:
             theirs, ours = expert.tensors[target.name], base.tensors[target.name]
