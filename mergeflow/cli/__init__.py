@@ -134,7 +134,11 @@ def zoo_generate(
 @friendly_errors
 def zoo_build(
     preset: Annotated[
-        str, typer.Option(help="tiny (small models trained here) or smol (SmolLM2-135M).")
+        str,
+        typer.Option(
+            help="tiny (small models trained here), demo (tiny's 2M PT base with 2 experts, what "
+            "./dev demo builds) or smol (SmolLM2-135M)."
+        ),
     ] = "tiny",
     workers: Annotated[
         int | None,
@@ -148,8 +152,7 @@ def zoo_build(
 ) -> None:
     """Build (or reuse from the cache) a zoo preset and print its experts' accuracies.
 
-    A preset is bases, one expert per held-in task and a multitask model; each expert's
-    validation accuracy is printed against its base's."""
+    A preset is bases, one expert per held-in task and a multitask model per base."""
     from mergeflow.zoo import zoo_dir
     from mergeflow.zoo.build import build_preset
     from mergeflow.zoo.parallel import default_workers

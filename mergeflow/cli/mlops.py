@@ -25,8 +25,9 @@ def expert_publish(
 ) -> None:
     """Upload an expert and announce it, which starts the merge-on-landing deployment.
 
-    The expert goes with a manifest to <artifacts>/experts/BASE/TASK/; the announcement is the
-    Prefect event mergeflow.expert.landed."""
+    It goes with a manifest to <artifacts>/experts/BASE/TASK/.
+
+    The announcement is the Prefect event mergeflow.expert.landed."""
     from mergeflow.events import EXPERT_LANDED, emit
     from mergeflow.experts import base_uri, publish_expert, read_announced, write_announced
     from mergeflow.settings import load_settings
@@ -143,6 +144,7 @@ def webhook_relay_command(
     """Relay MLflow's model_version.created webhooks to Prefect until stopped.
 
     Each signed delivery (POST /mlflow) becomes the Prefect event mergeflow.merge.registered.
+
     Secret from MERGEFLOW_WEBHOOK_SECRET, Prefect from PREFECT_API_URL."""
     from mergeflow.settings import load_settings
     from mergeflow.webhooks import PATH, relay_server
