@@ -43,7 +43,8 @@ from mergeflow.zoo.generated import BENCH_166M, GeneratedZooSpec, build_generate
 BENCH = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 METHODS = ("ties", "dare_ties", "task_arithmetic", "linear")
-RANDOM_MASKS = {"dare_ties"}  # the tools draw different DARE masks: outputs are not comparable
+# The tools draw different random masks: outputs are not comparable.
+RANDOM_MASKS = {"dare_ties", "dare_linear", "della", "della_linear"}
 SAMPLE_SECONDS = 0.05
 # mergekit's DARE seed. Not the zoo's seed (0): torch's global generator seeded alike replays the
 # stream that generated the zoo, and the bf16 bernoulli masks then correlate with the weights.
@@ -61,8 +62,8 @@ METRIC_NOTE = (
     "task vectors and keeps exactly k entries, breaking the many ties at the k-th |τ| arbitrarily, "
     "while mergeflow trims exact float32 task vectors and keeps all ties: the kept sets differ near "
     "the threshold and a changed elected sign there gives differences up to ~|τ| (several % of "
-    "entries in bf16; with --dtype float32 only entries tied at the threshold differ). dare_ties "
-    "draws different random masks in each tool (only δstd is meaningful there)."
+    "entries in bf16; with --dtype float32 only entries tied at the threshold differ). DARE and "
+    "DELLA draw different random masks in each tool (only δstd is meaningful there)."
 )
 
 
@@ -88,9 +89,14 @@ def merge_config(method: str, n: int, zoo: Path, dtype: str) -> dict[str, Any]:
         models = [{"model": e, "parameters": {"weight": 1.0}} for e in experts]
         return {"merge_method": "linear", "models": models, "parameters": {"normalize": True}, "dtype": dtype}
     per_model = {"weight": 1.0} if method == "task_arithmetic" else {"weight": 1.0, "density": 0.2}
+    if method.startswith("della"):
+        per_model["epsilon"] = 0.15
     shared: dict[str, Any] = {
         "ties": {"normalize": True, "rescale": False, "lambda": 1.0},
         "dare_ties": {"normalize": False, "rescale": True, "lambda": 1.0},
+        "dare_linear": {"normalize": False, "rescale": True, "lambda": 1.0},
+        "della": {"normalize": True, "rescale": True, "lambda": 1.0},
+        "della_linear": {"normalize": False, "rescale": True, "lambda": 1.0},
         "task_arithmetic": {"normalize": False, "lambda": 1.0 / n},
     }[method]
     return {

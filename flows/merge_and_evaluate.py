@@ -46,8 +46,9 @@ class MergeRequest(BaseModel):
     )
     experts: dict[str, str] = Field(description="Held-in task name → that task's expert (path or s3:// URI)")
     method: Literal[
-        "average", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"
-    ] = "ties"
+        "average", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+        "della", "della_linear",
+    ] = "ties"  # fmt: skip
     parameters: dict[str, float] = Field(
         default_factory=dict, description="Global method parameters, e.g. lambda, density, seed"
     )

@@ -32,7 +32,7 @@ def demo_configs(zoo: dict[str, str]) -> dict[str, dict]:
     for name in METHODS:
         models = [{"model": path} for path in experts]
         parameters: dict = {}
-        if name in ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"):
+        if METHODS[name].param("density") is not None:
             models = [{"model": path, "parameters": {"density": 0.5}} for path in experts]
         if name == "task_arithmetic":
             parameters = {"lambda": 1.0 / len(experts)}

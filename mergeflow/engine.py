@@ -26,13 +26,14 @@ from mergeflow.chat_template import chosen_chat_template, with_chat_template
 from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, num_layers, open_checkpoint
 from mergeflow.compatibility import check_compatible, check_tokenizer, check_whole_models
 from mergeflow.config import MergeConfig, resolve_parameters
+from mergeflow.errors import ConfigError
 from mergeflow.hashing import model_sha256, models_sha256
 from mergeflow.methods import MergeMethod
 from mergeflow.methods.kernels import default_threads, use_threads
 from mergeflow.output import DEFAULT_SHARD_BYTES, ShardedWriter, StagedOutput, write_small_file
 from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
 from mergeflow.task_vectors import check_task_vectors_match_base, task_vector_info
-from mergeflow.tensor_merge import TensorMerge, Workspace, chunk_elements
+from mergeflow.tensor_merge import TensorMerge, Workspace, chunk_elements, row_length
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def merge(
             PlannedTensor(e.name, out_dtype if out_dtype and e.dtype.is_float else e.dtype, e.shape)
             for e in reference.tensors.values()
         ]
+        _check_parameters_together(config, method, reference)
         # Task vector inputs are checked against the base's hash before any work. The other
         # input hashes are only needed for the manifest: they are computed during the merge,
         # on the CPU time its single-threaded steps leave idle.
@@ -178,6 +180,23 @@ def _release_large_blocks_to_the_os() -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
+def _check_parameters_together(config: MergeConfig, method: MergeMethod, reference: Checkpoint) -> None:
+    """The method's check of each tensor's parameter values together (filters and gradients
+    give every tensor its own), before any work."""
+    if method.parameter_check is None:
+        return
+    layers = num_layers(reference)
+    for entry in reference.tensors.values():
+        if not entry.dtype.is_float:
+            continue
+        problem = method.parameter_check(resolve_parameters(config, entry.name, layers))
+        if problem is not None:
+            i, text = problem
+            where = "slices[0].sources" if config.slices else "models"
+            model = config.experts()[i].model
+            raise ConfigError(f"{where}[{i}] ('{model}'), tensor '{entry.name}': {text}")
+
+
 def _merge_all(
     config: MergeConfig,
     method: MergeMethod,
@@ -193,9 +212,10 @@ def _merge_all(
     n = len(experts)
     inputs = ([base] if base else []) + experts
     itemsize = max(e.dtype.itemsize for c in inputs for e in c.tensors.values())
-    workspace = Workspace(
-        chunk_elements(work_bytes, n), n, itemsize, max(t.numel for t in reference.tensors.values())
-    )
+    chunk = chunk_elements(work_bytes, n)
+    if method.whole_rows:
+        chunk = max(chunk, *(row_length(t.shape) for t in reference.tensors.values()))
+    workspace = Workspace(chunk, n, itemsize, max(t.numel for t in reference.tensors.values()))
     chunk = workspace.chunk
     # Task vector inputs hold τ; the engine adds the base back so every method sees models.
     deltas = [task_vector_info(c) is not None for c in experts]

@@ -68,6 +68,11 @@ def chunk_elements(work_bytes: int, n_models: int) -> int:
     return max(1024, work_bytes // (4 * (n_models + 4)))
 
 
+def row_length(shape: tuple[int, ...] | list[int]) -> int:
+    """Elements in one row of a tensor: its last dimension; a 1-D tensor is one row."""
+    return shape[-1] if len(shape) >= 2 else math.prod(shape)
+
+
 class TensorMerge:
     """Statistics then chunked merge for one tensor."""
 
@@ -75,8 +80,11 @@ class TensorMerge:
         self.target, self.method, self.params = target, method, params
         self.base_entry, self.entries, self.deltas = base_entry, entries, deltas
         self.reader, self.io, self.workspace = reader, io, workspace
-        self.chunk = workspace.chunk
         self.numel = math.prod(target.shape)
+        self.chunk, self.row_length = workspace.chunk, 0
+        if method.whole_rows:  # whole rows per chunk; the workspace holds at least the longest
+            self.row_length = max(1, row_length(target.shape))
+            self.chunk -= self.chunk % self.row_length
 
     def run(self) -> Iterator[np.ndarray]:
         """The merged tensor's chunks, in the target's storage dtype."""
@@ -86,7 +94,9 @@ class TensorMerge:
         writes_storage = self.method.writes_storage and storage in KERNEL_DTYPES
         chunk_storage = storage if writes_storage else np.float32
         for start, base, models in self._chunks():
-            chunk = Chunk(self.target.name, start, base, models, self.params, stats, chunk_storage)
+            chunk = Chunk(
+                self.target.name, start, base, models, self.params, stats, chunk_storage, self.row_length
+            )
             try:
                 merged = self.method.merge(chunk)
             except NonFiniteInput:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import torch
 import yaml
 from conftest import load_folder
+from reference_merge import reference_merge
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -25,96 +25,10 @@ from mergeflow.config import parse_config
 from mergeflow.engine import merge
 from mergeflow.errors import CheckpointError
 from mergeflow.methods import METHODS
-from mergeflow.methods.primitives import dare_key, dare_uniforms
 from mergeflow.output import ShardedWriter
 from mergeflow.safetensors_io import FLOAT32, PlannedTensor, TensorFileReader, read_header
 from mergeflow.storage import locate
 from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo
-
-# --- an independent reference: whole tensors, plain torch, mergekit's formulas ---------------
-
-
-def reference_merge(method: str, base: dict, experts: list[dict], density=0.5, lam=1.0, t=0.5, seed=0):
-    out = {}
-    for name, b in base.items():
-        b = b.float()
-        models = torch.stack([e[name].float() for e in experts])
-        taus = models - b
-        if method == "average":
-            out[name] = models.mean(0)
-        elif method == "task_arithmetic":
-            out[name] = b + lam * taus.sum(0)
-        elif method == "ties":
-            out[name] = b + lam * consensus_mean([trim_topk(tau, density) for tau in taus])
-        elif method == "dare_ties":
-            dropped = [dare(tau, density, seed, name, i) for i, tau in enumerate(taus)]
-            out[name] = b + lam * consensus_sum(dropped)
-        elif method == "dare_linear":
-            out[name] = b + lam * sum(dare(tau, density, seed, name, i) for i, tau in enumerate(taus))
-        elif method == "breadcrumbs":
-            out[name] = b + lam * sum(band(tau, density, 0.01) for tau in taus)
-        elif method == "breadcrumbs_ties":
-            out[name] = b + lam * consensus_sum([band(tau, density, 0.01) for tau in taus])
-        elif method == "model_stock":
-            flat = taus.reshape(len(taus), -1).double()
-            cosines = [
-                torch.nn.functional.cosine_similarity(flat[i], flat[j], dim=0)
-                for i in range(len(flat))
-                for j in range(i + 1, len(flat))
-            ]
-            c = float(torch.stack(cosines).mean())
-            ratio = len(flat) * c / (1 + (len(flat) - 1) * c)
-            out[name] = ratio * models.mean(0) + (1 - ratio) * b
-        elif method == "slerp":
-            v0, v1 = b.reshape(-1).double(), models[0].reshape(-1).double()
-            cos = float(v0 @ v1 / (v0.norm() * v1.norm()))
-            if abs(cos) > 0.9995:  # nearly parallel: linear interpolation, as mergekit
-                a, c1 = 1 - t, t
-            else:
-                omega = math.acos(cos)
-                a, c1 = math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
-            out[name] = (a * v0 + c1 * v1).float().reshape(b.shape)
-    return out
-
-
-def trim_topk(tau, density):
-    flat = tau.reshape(-1)
-    k = max(1, int(density * flat.numel()))
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[torch.argsort(flat.abs(), descending=True)[:k]] = True
-    return torch.where(keep, flat, 0.0).reshape(tau.shape)
-
-
-def band(tau, density, gamma):
-    flat = tau.reshape(-1)
-    n = flat.numel()
-    keep_n, top_n = int(density * n), int(gamma * n)
-    bottom = max(0, n - keep_n - top_n)
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[torch.argsort(flat.abs())[bottom : bottom + keep_n]] = True
-    return torch.where(keep, flat, 0.0).reshape(tau.shape)
-
-
-def dare(tau, density, seed, name, index):
-    u = torch.from_numpy(dare_uniforms(dare_key(seed, name, index), 0, tau.numel())).reshape(tau.shape)
-    return torch.where(u < density, tau / density, 0.0)
-
-
-def consensus_terms(taus):
-    stacked = torch.stack(taus)
-    sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
-    agree = torch.sign(stacked) == sign
-    return (stacked * agree).sum(0), agree.sum(0)
-
-
-def consensus_mean(taus):
-    total, count = consensus_terms(taus)
-    return total / count.clamp(min=1)
-
-
-def consensus_sum(taus):
-    return consensus_terms(taus)[0]
-
 
 # --- helpers ----------------------------------------------------------------------------------
 
@@ -123,7 +37,7 @@ def config_for(method: str, zoo: dict[str, str], n: int = 4) -> dict:
     experts = [zoo[f"expert_{i}"] for i in range(n)]
     models = [{"model": e} for e in experts]
     parameters: dict = {}
-    if method in ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"):
+    if METHODS[method].param("density") is not None:
         parameters["density"] = 0.5
     if method == "slerp":
         models, parameters = models[:1], {"t": 0.5}
@@ -213,11 +127,13 @@ def wide_zoo(tmp_path_factory):
 
 # slerp returns a view of the engine's reused chunk buffer, which the next chunk overwrites
 # while the background writer may still be writing the last one.
-@pytest.mark.parametrize("method", ["dare_ties", "ties", "model_stock", "breadcrumbs_ties", "slerp"])
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "model_stock", "breadcrumbs_ties", "slerp", "della"])
 def test_bit_identical_across_threads_and_chunk_sizes(method, wide_zoo, tmp_path):
     config = parse_config(config_for(method, wide_zoo))
     runs = []
-    for threads, work_bytes in ((1, 2 << 20), (2, 8 << 20), (2, 1 << 30)):
+    # The smallest chunks (1024 elements) hold less than one of the 1536-element rows of
+    # down_proj, which DELLA ranks whole; 2 MB gives 65536, not a multiple of 1536.
+    for threads, work_bytes in ((1, 2 << 20), (2, 8 << 20), (2, 1 << 30), (2, 1)):
         out = tmp_path / f"{threads}-{work_bytes}"
         merge(config, str(out), threads=threads, work_bytes=work_bytes)
         runs.append(load_folder(out))
@@ -246,7 +162,9 @@ print(torch.get_num_threads(), numba.get_num_threads())
     assert out.stdout.split() == ["1", "1"]
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "task_arithmetic", "average"])
+@pytest.mark.parametrize(
+    "method", ["ties", "breadcrumbs_ties", "dare_ties", "della", "task_arithmetic", "average"]
+)
 def test_bfloat16_inputs_merge_exactly_as_their_float32_values(method, tmp_path):
     # bfloat16 tensors reach the kernels as raw bit patterns; float32 copies of the same values
     # take the plain path. Both must give bit-identical merges, in several chunks per tensor.
@@ -269,7 +187,7 @@ def test_bfloat16_inputs_merge_exactly_as_their_float32_values(method, tmp_path)
         assert tensor.dtype == torch.float32 and torch.equal(tensor, merged[1][name]), name
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "average", "slerp"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della_linear", "average", "slerp"])
 def test_a_bfloat16_output_holds_the_float32_merge_rounded_as_torch_rounds(method, wide_zoo, tmp_path):
     # Task-vector methods and average round inside their kernel; slerp's float32 result is
     # narrowed after. Either way each value is the float32 merge's, rounded by torch's rules.

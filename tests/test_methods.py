@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from peft.utils import merge_utils as peft
+from reference_merge import della as reference_della
 
 from mergeflow.methods import METHODS, Chunk
 from mergeflow.methods import primitives as P
@@ -36,7 +37,8 @@ def run_method(name: str, base, models, stats=None, tensor_name="w", start=0, **
     if method.gram_rows is not None and stats is None:
         rows = method.gram_rows(base, models.copy()).astype(np.float64)
         stats = method.gram_statistic(rows @ rows.T, resolved)
-    return torch.from_numpy(method.merge(Chunk(tensor_name, start, base, models, resolved, stats)))
+    chunk = Chunk(tensor_name, start, base, models, resolved, stats, row_length=models.shape[1])
+    return torch.from_numpy(method.merge(chunk))
 
 
 def merge_chunk(name: str, base, models, params):
@@ -190,7 +192,7 @@ def test_all_zero_task_vectors_give_the_base(name):
     base = torch.randn(64, generator=torch.Generator().manual_seed(3))
     n = 1 if name == "slerp" else 3
     params = {"t": 0.3} if name == "slerp" else {}
-    if name in ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"):
+    if METHODS[name].param("density") is not None:
         params["density"] = 0.5
     got = run_method(name, base, base.repeat(n, 1), **params)
     torch.testing.assert_close(got, base)
@@ -246,3 +248,66 @@ def test_rescale_restores_the_l1_norm_of_trimmed_task_vectors():
     got = run_method("ties", base, base + deltas, density=0.2, rescale=True) - base
     assert got.abs().sum().item() == pytest.approx(deltas.abs().sum().item(), rel=1e-4)
     assert int((got != 0).sum()) == 200
+
+
+# --- DELLA ----------------------------------------------------------------------------------
+
+
+def della_chances(taus, row_length, density, epsilon):
+    n = len(taus)
+    models = np.asarray(taus, np.float32).reshape(n, -1)
+    full = [np.float32(density)] * n, [np.float32(epsilon)] * n
+    return P.della_chances(models, np.zeros(models.shape[1], np.float32), row_length, *full)
+
+
+def test_della_chances_rise_with_magnitude_rank_within_each_row():
+    # |τ| ranks in the first row: 0.1 → 0, 0.2 → 1, 0.3 → 2, 0.4 → 3; chances 0.2 + 0.6·r/3.
+    chances = della_chances([[0.1, -0.4, 0.3, 0.2, 5.0, -6.0, 7.0, 0.0]], 4, density=0.5, epsilon=0.3)
+    expected = [[0.2, 0.8, 0.6, 0.4, 0.4, 0.6, 0.8, 0.2]]
+    np.testing.assert_allclose(chances, expected, rtol=1e-6)
+
+
+def test_della_chances_rank_equal_magnitudes_by_position_and_single_elements_at_density():
+    np.testing.assert_allclose(della_chances([[1.0, -1.0, 1.0]], 3, 0.5, 0.25), [[0.25, 0.5, 0.75]])
+    np.testing.assert_allclose(della_chances([[3.0, -2.0]], 1, 0.5, 0.25), [[0.5, 0.5]])
+    np.testing.assert_array_equal(della_chances([[3.0, -2.0, 1.0]], 3, 1.0, 0.25), [[1.0, 1.0, 1.0]])
+
+
+def test_della_keeps_about_density_of_each_rank_band():
+    g = torch.Generator().manual_seed(4)
+    base, tau = torch.zeros(100_000), torch.randn(1, 100_000, generator=g)
+    merged = run_method("della_linear", base, tau, density=0.4, epsilon=0.2, rescale=False)
+    kept = merged != 0
+    order = torch.argsort(tau[0].abs())
+    smallest, largest = kept[order[:10_000]].float().mean(), kept[order[-10_000:]].float().mean()
+    assert abs(float(kept.float().mean()) - 0.4) < 0.01
+    assert abs(float(smallest) - 0.22) < 0.02 and abs(float(largest) - 0.58) < 0.02
+    torch.testing.assert_close(merged[kept], tau[0][kept])  # not rescaled
+
+
+def test_della_rescaling_divides_each_kept_entry_by_its_chance():
+    base, tau = torch.zeros(6), torch.tensor([[0.1, -0.5, 0.3, 0.2, -0.4, 0.6]])
+    chances = torch.from_numpy(della_chances(tau.numpy(), 6, 0.5, 0.4))[0]
+    merged = run_method("della_linear", base, tau, density=0.5, epsilon=0.4, seed=3)
+    kept = merged != 0
+    assert 0 < int(kept.sum()) < 6
+    torch.testing.assert_close(merged[kept], (tau[0] * (1.0 / chances))[kept])
+
+
+def test_della_with_zero_epsilon_is_dare():
+    base, deltas = random_task_vectors()
+    della = run_method("della_linear", base, base + deltas, density=0.3, epsilon=0.0, seed=5)
+    dare = run_method("dare_linear", base, base + deltas, density=0.3, seed=5)
+    assert torch.equal(della, dare)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_della_consensus_matches_peft_on_the_reference_pruning(normalize):
+    """The reference's DELLA pruning (plain torch) fed to PEFT's sign election and disjoint
+    merge, against our whole della method."""
+    base, deltas = random_task_vectors()
+    pruned = torch.stack([reference_della(tau, 0.5, 0.15, 2, "w", i) for i, tau in enumerate(deltas)])
+    mask = peft.calculate_majority_sign_mask(pruned, method="total")
+    expected = peft.disjoint_merge(pruned, mask) if normalize else (pruned * mask).sum(0)
+    got = run_method("della", base, base + deltas, density=0.5, seed=2, normalize=normalize) - base
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -33,7 +33,8 @@ class Chunk:
     `base` is [numel] float32 or None, or for such a method bfloat16 as stored too. Shared
     parameters are floats/bools; per-model parameters are [N] float32 arrays. `stats` is
     whatever the method's statistic returned. `storage` is the element type a method that
-    `writes_storage` returns: np.uint16 (bfloat16 bit patterns) or float32.
+    `writes_storage` returns: np.uint16 (bfloat16 bit patterns) or float32. For a method that
+    needs `whole_rows`, the chunk holds whole rows of `row_length` elements.
     """
 
     tensor_name: str
@@ -43,6 +44,7 @@ class Chunk:
     params: Mapping[str, Any]
     stats: Any = None
     storage: type = np.float32
+    row_length: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,12 @@ class MergeMethod:
     # kernel, no float32 pass between) and raises NonFiniteOutput for NaN/Inf merged values;
     # without one, float32 values.
     writes_storage: bool = False
+    # Each chunk holds whole rows (the last dimension; a 1-D tensor is one row): DELLA ranks
+    # |τ| within rows.
+    whole_rows: bool = False
+    # Given one tensor's resolved parameters, (model index, what is wrong) for values that are
+    # valid one by one but not together; the engine checks every tensor before merging.
+    parameter_check: Callable[[Mapping[str, Any]], tuple[int, str] | None] | None = None
     notes: tuple[str, ...] = field(default=())
 
     def param(self, name: str) -> Param | None:

@@ -23,7 +23,7 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _TWO_POW_24 = 16777216.0
 
-MODE_NONE, MODE_BAND, MODE_RANDOM = 0, 1, 2
+MODE_NONE, MODE_BAND, MODE_RANDOM, MODE_RANKED, MODE_RANKED_RESCALED = 0, 1, 2, 3, 4
 
 
 def default_threads() -> int:
@@ -96,10 +96,10 @@ def uniform24(key, index):
 
 
 @njit(cache=True, inline="always")
-def _weighted_task_vector(model, base, mode, low, high, scale, weight, key, density, first, row):
-    """row[j] = wi · sparsify(τi) for one block of model i (`model`, `base`: that block, `first`:
-    its first element's index in the tensor); returns how many τ entries are NaN or ±Inf. One
-    loop per mode, so each compiles to a tight loop."""
+def _weighted_task_vector(model, base, mode, low, high, scale, weight, key, density, first, row, chance):
+    """row[j] = wi · sparsify(τi) for one block of model i (`model`, `base`, `chance`: that
+    block, `first`: its first element's index in the tensor); returns how many τ entries are NaN
+    or ±Inf. One loop per mode, so each compiles to a tight loop."""
     bad = 0
     count = row.size
     if mode == MODE_BAND:
@@ -115,6 +115,18 @@ def _weighted_task_vector(model, base, mode, low, high, scale, weight, key, dens
             bad += tau - tau != 0
             kept = uniform24(key, first + j) < density
             row[j] = (tau * scale) * weight if kept else np.float32(0.0)
+    elif mode == MODE_RANKED:
+        for j in range(count):
+            tau = widen(model[j]) - widen(base[j])
+            bad += tau - tau != 0
+            kept = uniform24(key, first + j) < chance[j]
+            row[j] = (tau * scale) * weight if kept else np.float32(0.0)
+    elif mode == MODE_RANKED_RESCALED:
+        for j in range(count):
+            tau = widen(model[j]) - widen(base[j])
+            bad += tau - tau != 0
+            kept = uniform24(key, first + j) < chance[j]
+            row[j] = (tau * (scale / chance[j])) * weight if kept else np.float32(0.0)
     else:
         for j in range(count):
             tau = widen(model[j]) - widen(base[j])
@@ -125,7 +137,7 @@ def _weighted_task_vector(model, base, mode, low, high, scale, weight, key, dens
 
 @njit(parallel=True, cache=True)
 def merge_task_vectors(
-    models, base, mode, low, high, scale, keys, density, start,
+    models, base, mode, low, high, scale, keys, density, chances, start,
     weights, consensus, normalize, divisor, lam, out,
 ):  # fmt: skip
     """out = base + λ·combine(wi · sparsify(models[i] − base)), in one pass over the models,
@@ -133,7 +145,9 @@ def merge_task_vectors(
     task-vector entries (a NaN or Inf in any input) and how many merged values are NaN or ±Inf.
 
     sparsify: mode NONE keeps every entry; BAND keeps low[i] <= |τ| <= high[i]; RANDOM keeps
-    an entry when its uniform number (stream keys[i], element start + j) is below density[i].
+    an entry when its uniform number (stream keys[i], element start + j) is below density[i];
+    RANKED and RANKED_RESCALED when it is below the entry's own chances[i, j] ([N, count]; an
+    [N, 0] array in the other modes), RANKED_RESCALED dividing the kept entry by that chance.
     Kept entries are multiplied by scale[i], then by the weight wi.
     combine: with `consensus`, the TIES sign election and disjoint merge: the elected sign is +
     where Σi wi·τi >= 0, an entry agrees when it is non-zero with that sign, and the sum of the
@@ -159,7 +173,7 @@ def merge_task_vectors(
             row = rows[i if consensus else 0]
             bad += _weighted_task_vector(
                 models[i, lo : lo + size], block_base, mode, low[i], high[i], scale[i], weights[i], keys[i],
-                density[i], start + lo, row,
+                density[i], start + lo, row, chances[i, lo : lo + size],
             )  # fmt: skip
             for j in range(size):
                 total[j] += row[j]
@@ -189,6 +203,30 @@ def merge_task_vectors(
         non_finite += bad
         non_finite_out += bad_out
     return non_finite, non_finite_out
+
+
+@njit(parallel=True, cache=True)
+def ranked_chances_(out, models, base, row_length, lowest, spread):
+    """DELLA's keep chances: out[i, e] = lowest[i] + spread[i] · r / (n − 1), r being element
+    e's rank, from 0, by ascending |τi| within its row of n = row_length elements (equal
+    magnitudes ranked by position: a stable sort), computed in float64 and stored as float32.
+    A row of one element gets lowest[i] + spread[i] / 2. Rows are ranked in parallel."""
+    n_models, count = models.shape
+    n_rows = count // row_length
+    for task in prange(n_models * n_rows):
+        i = task // n_rows
+        first = (task - i * n_rows) * row_length
+        row_model, row_base = models[i, first : first + row_length], base[first : first + row_length]
+        row_out = out[i, first : first + row_length]
+        if row_length == 1:
+            row_out[0] = np.float32(lowest[i] + spread[i] / 2)
+            continue
+        magnitudes = np.empty(row_length, np.float32)
+        for j in range(row_length):
+            magnitudes[j] = abs(widen(row_model[j]) - widen(row_base[j]))
+        order = np.argsort(magnitudes, kind="mergesort")
+        for rank in range(row_length):
+            row_out[order[rank]] = np.float32(lowest[i] + spread[i] * (rank / (row_length - 1)))
 
 
 def widen(x):

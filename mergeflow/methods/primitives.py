@@ -177,6 +177,30 @@ def _uniforms(key, start, out):
         out[j] = K.uniform24(key, start + j)
 
 
+def della_chances(
+    models: np.ndarray, base: np.ndarray, row_length: int, density: np.ndarray, epsilon: np.ndarray
+) -> np.ndarray:
+    """DELLA's (MagPrune's) keep probability of every entry of models [N, C] (whole rows of
+    `row_length` elements; float32 or bfloat16 bit patterns, the base too), as [N, C] float32.
+
+    Within each row, the entries of τi = θi − θ0 are ranked by ascending |τi| (equal
+    magnitudes by position), and rank r of n gets density − ε + 2ε·r/(n − 1): the smallest
+    magnitude density − ε, the largest density + ε (mergekit's `della_magprune`, which ranks
+    along dim 1 of a tensor and treats a 1-D tensor as one row; a row of one element, where
+    mergekit fails, gets density). density >= 1 keeps every entry: chance 1.
+    """
+    if row_length < 1 or models.shape[1] % row_length:
+        raise ValueError(f"{models.shape[1]} elements are not whole rows of {row_length}")
+    density = np.asarray(density, np.float64)
+    epsilon = np.asarray(epsilon, np.float64)
+    pruned = density < 1
+    lowest = np.where(pruned, density - epsilon, 1.0)
+    spread = np.where(pruned, 2 * epsilon, 0.0)
+    out = np.empty(models.shape, np.float32)
+    K.ranked_chances_(out, kernel_array(models), base, row_length, lowest, spread)
+    return out
+
+
 def merge_task_vectors(
     models: np.ndarray,
     base: np.ndarray,
@@ -190,6 +214,8 @@ def merge_task_vectors(
     scale: np.ndarray | None = None,
     keys: list[int] | None = None,
     density: np.ndarray | None = None,
+    chances: np.ndarray | None = None,
+    rescale_by_chance: bool = False,
     start: int = 0,
     storage: type = np.float32,
 ) -> np.ndarray:
@@ -198,8 +224,10 @@ def merge_task_vectors(
 
     Sparsify: with `low`/`high`, keep low[i] <= |τi| <= high[i] (magnitude trim, Breadcrumbs
     band); with `keys`/`density`, DARE: keep each entry with probability density[i], using
-    element start + j of stream keys[i]; otherwise keep all. Kept entries are multiplied by
-    scale[i] (default 1), then by the weight wi (weights apply before any election).
+    element start + j of stream keys[i]; with `keys`/`chances` ([N, C] float32), DELLA: keep
+    entry j of model i with probability chances[i, j] from the same streams, divided by it when
+    `rescale_by_chance`; otherwise keep all. Kept entries are multiplied by scale[i] (default
+    1), then by the weight wi (weights apply before any election).
     Merge: `consensus` is the TIES election (γ = + where Σ wi·τi >= 0) and disjoint merge;
     `normalize` divides by the agreeing models' summed weights (0 divides as 1). Otherwise the
     weighted sum; `normalize` divides by Σ wi (|Σ wi| < 1e-8 divides as 1).
@@ -212,6 +240,8 @@ def merge_task_vectors(
     mode, no_limits = K.MODE_NONE, np.zeros(n, np.float32)
     if low is not None:
         mode = K.MODE_BAND
+    elif chances is not None:
+        mode = K.MODE_RANKED_RESCALED if rescale_by_chance else K.MODE_RANKED
     elif keys is not None:
         mode = K.MODE_RANDOM
     total = float(ordered_sum(np.asarray(weights, dtype=np.float32)))
@@ -222,6 +252,7 @@ def merge_task_vectors(
         _f32(low, no_limits), _f32(high, no_limits), _f32(scale, np.ones(n, np.float32)),
         np.array(keys or [0] * n, dtype=np.uint64),
         np.asarray(density if density is not None else no_limits, dtype=np.float64),
+        np.ascontiguousarray(chances, np.float32) if chances is not None else np.empty((n, 0), np.float32),
         start, _f32(weights, no_limits), consensus, normalize, divisor, np.float32(lam), out,
     )  # fmt: skip
     if non_finite:

@@ -1,10 +1,11 @@
-"""Task-vector merges: task arithmetic, TIES, DARE and Model Breadcrumbs are one procedure
-with different sparsification and consensus steps (as in mergekit).
+"""Task-vector merges: task arithmetic, TIES, DARE, Model Breadcrumbs and DELLA are one
+procedure with different sparsification and consensus steps (as in mergekit).
 
 For each tensor, with base θ0, models θi, task vectors τi = θi − θ0 and weights wi:
   1. sparsify each τi: `magnitude` (TIES trim: keep the top `density` by |τi|), `random`
      (DARE: keep each entry with probability `density`), `outliers` (Breadcrumbs: drop the
-     top `gamma` and the smallest, keep `density`), or none;
+     top `gamma` and the smallest, keep `density`), `ranked` (DELLA: keep each entry with a
+     probability from density − ε to density + ε by its |τi| rank in its row), or none;
   2. weight: τi ← wi · τi (weights apply before sign election, as in mergekit);
   3. combine: with consensus, elect γ = sign(Σi τi) (>= 0 counts as +) and sum only the
      entries whose sign equals γ; otherwise sum all;
@@ -15,14 +16,14 @@ For each tensor, with base θ0, models θi, task vectors τi = θi − θ0 and w
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from mergeflow.methods import primitives as P
 from mergeflow.methods.base import Chunk, MergeMethod, Param
 
-Sparsify = Literal["magnitude", "random", "outliers"] | None
+Sparsify = Literal["magnitude", "random", "outliers", "ranked"] | None
 
 
 def _model_statistic(sparsify: Sparsify):
@@ -55,6 +56,12 @@ def _merge(sparsify: Sparsify, consensus: bool):
             keys = [P.dare_key(int(p["seed"]), chunk.tensor_name, i) for i in range(len(density))]
             scale = 1 / density if p["rescale"] else None
             sparsified = dict(keys=keys, density=density, scale=scale, start=chunk.start)
+        elif sparsify == "ranked":
+            density = p["density"]
+            keys = [P.dare_key(int(p["seed"]), chunk.tensor_name, i) for i in range(len(density))]
+            chances = P.della_chances(chunk.models, chunk.base, chunk.row_length, density, p["epsilon"])
+            rescale = bool(p["rescale"])
+            sparsified = dict(keys=keys, chances=chances, rescale_by_chance=rescale, start=chunk.start)
         elif sparsify is not None:
             low, high, scale = chunk.stats.T
             sparsified = dict(low=low, high=high, scale=scale if p["rescale"] else None)
@@ -87,11 +94,19 @@ GAMMA = Param(
     check=lambda x: 0 <= x < 1,
     check_message="must be in [0, 1)",
 )
+EPSILON = Param(
+    "epsilon",
+    0.15,
+    "keep chances run from density − ε (smallest |τ| in a row) to density + ε (largest)",
+    per_model=True,
+    check=lambda x: 0 <= x < 1,
+    check_message="must be in [0, 1)",
+)
 LAMBDA = Param("lambda", 1.0, "scale λ of the merged task vector")
 SEED = Param(
     "seed",
     0,
-    "seed of the DARE drop masks",
+    "seed of the random drop masks",
     kind=int,
     check=lambda x: x >= 0 and float(x).is_integer(),
     check_message="must be a non-negative integer",
@@ -117,7 +132,9 @@ def task_vector_method(
         params += [DENSITY, _flag("rescale", rescale, _RESCALE[sparsify]), INT8_MASK]
     if sparsify == "outliers":
         params.append(GAMMA)
-    if sparsify == "random":
+    if sparsify == "ranked":
+        params.append(EPSILON)
+    if sparsify in ("random", "ranked"):
         params.append(SEED)
     statistic = _model_statistic(sparsify) if sparsify in ("magnitude", "outliers") else None
     return MergeMethod(
@@ -129,11 +146,27 @@ def task_vector_method(
         model_statistic=statistic,
         reads_bfloat16=True,
         writes_storage=True,
+        whole_rows=sparsify == "ranked",
+        parameter_check=_chances_within_0_1 if sparsify == "ranked" else None,
     )
+
+
+def _chances_within_0_1(params: Mapping[str, Any]) -> tuple[int, str] | None:
+    """DELLA's keep chances density ± ε must lie in (0, 1) where a model is pruned (mergekit
+    refuses the same); density >= 1 keeps every entry whatever ε."""
+    for i, (density, epsilon) in enumerate(zip(params["density"], params["epsilon"], strict=True)):
+        density, epsilon = float(density), float(epsilon)
+        if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+            return i, (
+                f"density {density:g} ± epsilon {epsilon:g} leaves (0, 1): DELLA keeps "
+                "entries with chances from density − epsilon to density + epsilon"
+            )
+    return None
 
 
 _RESCALE = {
     "magnitude": "rescale kept entries to the task vector's L1 norm",
     "outliers": "rescale kept entries to the task vector's L1 norm",
     "random": "multiply kept entries by 1/density",
+    "ranked": "divide kept entries by their keep chance",
 }

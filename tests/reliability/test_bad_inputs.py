@@ -138,6 +138,25 @@ def test_padding_the_vocabulary_to_a_multiple_it_is_not(small, tmp_path):
     )
 
 
+def test_della_chances_outside_0_1_are_refused_before_any_work(small, tmp_path):
+    config = ties(small, small["expert_1"]) | {"merge_method": "della"}
+    config["models"][1]["parameters"] = {"density": 0.9, "epsilon": 0.15}
+    assert_fails_cleanly(
+        config,
+        tmp_path,
+        ConfigError,
+        f"models[1] ('{small['expert_1']}'), tensor 'model.embed_tokens.weight': density 0.9 ± epsilon 0.15",
+        "leaves (0, 1)",
+    )
+
+
+def test_della_chances_are_checked_for_each_tensor_of_a_gradient(small, tmp_path):
+    # density rises from 0.5 (layer 0 and tensors outside layers) to 0.9 (the last layer).
+    config = ties(small, small["expert_1"]) | {"merge_method": "della", "parameters": {"density": [0.5, 0.9]}}
+    message = assert_fails_cleanly(config, tmp_path, ConfigError, "models[0] (", "density 0.9 ± epsilon 0.15")
+    assert "tensor 'model.layers.1." in message
+
+
 def test_tensor_shapes_differ(small, tmp_path):
     broken = copy_expert(small, tmp_path)
     edit_tensors(broken, lambda t: t.update({"model.norm.weight": torch.ones(65)}))
@@ -168,9 +187,9 @@ def test_non_finite_weights_are_named(zoo, tmp_path, bad_value, request):
         tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = bad_value
 
     edit_tensors(broken, poison)
-    for method in ("ties", "task_arithmetic"):
+    for method in ("ties", "task_arithmetic", "della"):
         config = ties(small, broken) | {"merge_method": method}
-        if method != "ties":
+        if method == "task_arithmetic":
             config["parameters"] = {}
         assert_fails_cleanly(
             config, tmp_path, NonFiniteError, "model.layers.1.mlp.down_proj.weight", str(broken), "NaN/Inf"
@@ -279,6 +298,8 @@ def test_folder_without_weights(small, tmp_path):
             {"tokenizer": {"source": "base", "padding": 8}},
             "unknown key 'tokenizer.padding' (supported: source, tokens, pad_to_multiple_of)",
         ),
+        ({"merge_method": "della", "parameters": {"epsilon": 1.0}}, "parameters.epsilon: must be in [0, 1)"),
+        ({"parameters": {"epsilon": 0.1}}, "parameters.epsilon: unknown parameter for method 'ties'"),
         ({"dtype": "float8"}, "dtype"),
         ({"chat_template": "chatml"}, "chat_template: 'chatml' is neither 'auto' nor a Jinja template"),
     ],

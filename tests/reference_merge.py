@@ -1,0 +1,116 @@
+"""An independent reference merge for the engine's tests: whole tensors, plain torch,
+mergekit's formulas with mergeflow's documented conventions (DARE and DELLA draw from
+mergeflow's random streams, so the masks are the same)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from mergeflow.methods.primitives import dare_key, dare_uniforms
+
+
+def reference_merge(
+    method: str, base: dict, experts: list[dict], density=0.5, lam=1.0, t=0.5, seed=0, epsilon=0.15
+):
+    out = {}
+    for name, b in base.items():
+        b = b.float()
+        models = torch.stack([e[name].float() for e in experts])
+        taus = models - b
+        if method == "average":
+            out[name] = models.mean(0)
+        elif method == "task_arithmetic":
+            out[name] = b + lam * taus.sum(0)
+        elif method == "ties":
+            out[name] = b + lam * consensus_mean([trim_topk(tau, density) for tau in taus])
+        elif method == "dare_ties":
+            dropped = [dare(tau, density, seed, name, i) for i, tau in enumerate(taus)]
+            out[name] = b + lam * consensus_sum(dropped)
+        elif method == "dare_linear":
+            out[name] = b + lam * sum(dare(tau, density, seed, name, i) for i, tau in enumerate(taus))
+        elif method == "della":
+            pruned = [della(tau, density, epsilon, seed, name, i) for i, tau in enumerate(taus)]
+            out[name] = b + lam * consensus_mean(pruned)
+        elif method == "della_linear":
+            out[name] = b + lam * sum(
+                della(tau, density, epsilon, seed, name, i) for i, tau in enumerate(taus)
+            )
+        elif method == "breadcrumbs":
+            out[name] = b + lam * sum(band(tau, density, 0.01) for tau in taus)
+        elif method == "breadcrumbs_ties":
+            out[name] = b + lam * consensus_sum([band(tau, density, 0.01) for tau in taus])
+        elif method == "model_stock":
+            flat = taus.reshape(len(taus), -1).double()
+            cosines = [
+                torch.nn.functional.cosine_similarity(flat[i], flat[j], dim=0)
+                for i in range(len(flat))
+                for j in range(i + 1, len(flat))
+            ]
+            c = float(torch.stack(cosines).mean())
+            ratio = len(flat) * c / (1 + (len(flat) - 1) * c)
+            out[name] = ratio * models.mean(0) + (1 - ratio) * b
+        elif method == "slerp":
+            v0, v1 = b.reshape(-1).double(), models[0].reshape(-1).double()
+            cos = float(v0 @ v1 / (v0.norm() * v1.norm()))
+            if abs(cos) > 0.9995:  # nearly parallel: linear interpolation, as mergekit
+                a, c1 = 1 - t, t
+            else:
+                omega = math.acos(cos)
+                a, c1 = math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+            out[name] = (a * v0 + c1 * v1).float().reshape(b.shape)
+    return out
+
+
+def trim_topk(tau, density):
+    flat = tau.reshape(-1)
+    k = max(1, int(density * flat.numel()))
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.argsort(flat.abs(), descending=True)[:k]] = True
+    return torch.where(keep, flat, 0.0).reshape(tau.shape)
+
+
+def band(tau, density, gamma):
+    flat = tau.reshape(-1)
+    n = flat.numel()
+    keep_n, top_n = int(density * n), int(gamma * n)
+    bottom = max(0, n - keep_n - top_n)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.argsort(flat.abs())[bottom : bottom + keep_n]] = True
+    return torch.where(keep, flat, 0.0).reshape(tau.shape)
+
+
+def dare(tau, density, seed, name, index):
+    u = torch.from_numpy(dare_uniforms(dare_key(seed, name, index), 0, tau.numel())).reshape(tau.shape)
+    return torch.where(u < density, tau / density, 0.0)
+
+
+def della(tau, density, epsilon, seed, name, index):
+    """DELLA's MagPrune: rank |τ| within each row (the last dimension; a 1-D tensor is one row;
+    equal magnitudes by position), keep rank r of n with chance density − ε + 2ε·r/(n − 1) and
+    divide kept entries by their chance. Parameters as the engine holds them: float32."""
+    density, epsilon = float(np.float32(density)), float(np.float32(epsilon))
+    rows = tau.reshape(-1, tau.shape[-1]) if tau.dim() >= 2 else tau.reshape(1, -1)
+    n = rows.shape[1]
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).double()
+    chance = ((density - epsilon) + (2 * epsilon) * (ranks / (n - 1))).float()
+    u = torch.from_numpy(dare_uniforms(dare_key(seed, name, index), 0, tau.numel())).reshape(rows.shape)
+    return torch.where(u < chance.double(), rows * (1.0 / chance), 0.0).reshape(tau.shape)
+
+
+def consensus_terms(taus):
+    stacked = torch.stack(taus)
+    sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+    agree = torch.sign(stacked) == sign
+    return (stacked * agree).sum(0), agree.sum(0)
+
+
+def consensus_mean(taus):
+    total, count = consensus_terms(taus)
+    return total / count.clamp(min=1)
+
+
+def consensus_sum(taus):
+    return consensus_terms(taus)[0]
