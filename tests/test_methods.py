@@ -273,6 +273,25 @@ def test_della_chances_rank_equal_magnitudes_by_position_and_single_elements_at_
     np.testing.assert_array_equal(della_chances([[3.0, -2.0, 1.0]], 3, 1.0, 0.25), [[1.0, 1.0, 1.0]])
 
 
+@pytest.mark.parametrize("row_length", [2, 3, 17, 1024])
+def test_della_chances_match_a_stable_sort_on_rows_with_many_ties(row_length):
+    g = np.random.default_rng(row_length)
+    models = g.normal(size=(3, 20 * row_length)).astype(np.float32)
+    models[1] = np.round(models[1] * 4) / 4  # few distinct magnitudes
+    models[2, ::3] = 0.0
+    base = g.normal(size=20 * row_length).astype(np.float32)
+    density, epsilon = np.float32([0.5, 0.3, 0.4]), np.float32([0.2, 0.1, 0.15])
+    expected = np.empty_like(models)
+    for i, model in enumerate(models):
+        for first in range(0, model.size, row_length):
+            magnitudes = np.abs(model[first : first + row_length] - base[first : first + row_length])
+            lowest, spread = float(density[i]) - float(epsilon[i]), 2 * float(epsilon[i])
+            for rank, j in enumerate(np.argsort(magnitudes, kind="stable")):
+                expected[i, first + j] = np.float32(lowest + spread * (rank / (row_length - 1)))
+    got = P.della_chances(models, base, row_length, density, epsilon)
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_della_keeps_about_density_of_each_rank_band():
     g = torch.Generator().manual_seed(4)
     base, tau = torch.zeros(100_000), torch.randn(1, 100_000, generator=g)
