@@ -86,21 +86,23 @@ DENSITY = Param(
     check=_in_unit_interval,
     check_message="must be in (0, 1]",
 )
-GAMMA = Param(
-    "gamma",
-    0.01,
-    "fraction of largest-magnitude entries dropped",
-    per_model=True,
-    check=lambda x: 0 <= x < 1,
-    check_message="must be in [0, 1)",
-)
-EPSILON = Param(
-    "epsilon",
-    0.15,
-    "keep chances run from density − ε (smallest |τ| in a row) to density + ε (largest)",
-    per_model=True,
-    check=lambda x: 0 <= x < 1,
-    check_message="must be in [0, 1)",
+
+
+def _per_model_fraction(name: str, default: float, description: str) -> Param:
+    """A per-model parameter in [0, 1)."""
+    return Param(
+        name,
+        default,
+        description,
+        per_model=True,
+        check=lambda x: 0 <= x < 1,
+        check_message="must be in [0, 1)",
+    )
+
+
+GAMMA = _per_model_fraction("gamma", 0.01, "fraction of largest-magnitude entries dropped")
+EPSILON = _per_model_fraction(
+    "epsilon", 0.15, "keep chances run from density − ε (smallest |τ| in a row) to density + ε (largest)"
 )
 LAMBDA = Param("lambda", 1.0, "scale λ of the merged task vector")
 SEED = Param(
