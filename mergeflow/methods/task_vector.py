@@ -51,17 +51,15 @@ def _merge(sparsify: Sparsify, consensus: bool):
     def merge(chunk: Chunk) -> np.ndarray:
         p = chunk.params
         sparsified: dict = {}
+        if sparsify in ("random", "ranked"):  # DELLA draws from DARE's streams
+            density = p["density"]
+            keys = [P.dare_key(int(p["seed"]), chunk.tensor_name, i) for i in range(len(density))]
+            sparsified = dict(keys=keys, start=chunk.start)
         if sparsify == "random":
-            density = p["density"]
-            keys = [P.dare_key(int(p["seed"]), chunk.tensor_name, i) for i in range(len(density))]
-            scale = 1 / density if p["rescale"] else None
-            sparsified = dict(keys=keys, density=density, scale=scale, start=chunk.start)
+            sparsified |= dict(density=density, scale=1 / density if p["rescale"] else None)
         elif sparsify == "ranked":
-            density = p["density"]
-            keys = [P.dare_key(int(p["seed"]), chunk.tensor_name, i) for i in range(len(density))]
             chances = P.della_chances(chunk.models, chunk.base, chunk.row_length, density, p["epsilon"])
-            rescale = bool(p["rescale"])
-            sparsified = dict(keys=keys, chances=chances, rescale_by_chance=rescale, start=chunk.start)
+            sparsified |= dict(chances=chances, rescale_by_chance=bool(p["rescale"]))
         elif sparsify is not None:
             low, high, scale = chunk.stats.T
             sparsified = dict(low=low, high=high, scale=scale if p["rescale"] else None)
