@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from mergeflow.methods import kernels as K
+from mergeflow.methods.ranking import ranked_chances_
 from mergeflow.safetensors_io import DType
 
 
@@ -197,7 +198,7 @@ def della_chances(
     lowest = np.where(pruned, density - epsilon, 1.0)
     spread = np.where(pruned, 2 * epsilon, 0.0)
     out = np.empty(models.shape, np.float32)
-    K.ranked_chances_(out, kernel_array(models), base, row_length, lowest, spread)
+    ranked_chances_(out, kernel_array(models), base, row_length, lowest, spread)
     return out
 
 
