@@ -115,18 +115,14 @@ def _weighted_task_vector(model, base, mode, low, high, scale, weight, key, dens
             bad += tau - tau != 0
             kept = uniform24(key, first + j) < density
             row[j] = (tau * scale) * weight if kept else np.float32(0.0)
-    elif mode == MODE_RANKED:
+    elif mode in (MODE_RANKED, MODE_RANKED_RESCALED):
+        rescaled = mode == MODE_RANKED_RESCALED  # loop-invariant: LLVM compiles a loop for each
         for j in range(count):
             tau = widen(model[j]) - widen(base[j])
             bad += tau - tau != 0
             kept = uniform24(key, first + j) < chance[j]
-            row[j] = (tau * scale) * weight if kept else np.float32(0.0)
-    elif mode == MODE_RANKED_RESCALED:
-        for j in range(count):
-            tau = widen(model[j]) - widen(base[j])
-            bad += tau - tau != 0
-            kept = uniform24(key, first + j) < chance[j]
-            row[j] = (tau * (scale / chance[j])) * weight if kept else np.float32(0.0)
+            factor = scale / chance[j] if rescaled else scale
+            row[j] = (tau * factor) * weight if kept else np.float32(0.0)
     else:
         for j in range(count):
             tau = widen(model[j]) - widen(base[j])
