@@ -100,9 +100,23 @@ class MergeConfig(BaseModel):
     def experts(self) -> list[ModelEntry]:
         """The models merged into the base: the entries minus those that repeat the base
         (mergekit configs often list the base among the models with no parameters)."""
-        if not self.method.needs_base:
-            return self.entries()
-        return [m for m in self.entries() if m.model != self.base_model]
+        entries = self.entries()
+        return [entries[k] for k in self._expert_positions()]
+
+    def entries_field(self) -> str:
+        """Where the config lists its models: `models`, or the sources of its one slice."""
+        return "slices[0].sources" if self.slices else "models"
+
+    def expert_field(self, i: int) -> str:
+        """The config field of the i-th expert, e.g. models[2] when the base is listed first."""
+        return f"{self.entries_field()}[{self._expert_positions()[i]}]"
+
+    def _expert_positions(self) -> list[int]:
+        return [
+            k
+            for k, entry in enumerate(self.entries())
+            if not self.method.needs_base or entry.model != self.base_model
+        ]
 
     def layer_ranges(self) -> dict[str, tuple[int, int]]:
         """The layer range a slice gives each model (none without slices)."""
@@ -151,7 +165,7 @@ class MergeConfig(BaseModel):
                 "has no named templates, so give the template itself"
             )
         _check_parameters(method, self.parameters, "parameters", per_model_only=False)
-        where = "slices[0].sources" if self.slices else "models"
+        where = self.entries_field()
         for i, entry in enumerate(self.entries()):
             _check_parameters(method, entry.parameters, f"{where}[{i}].parameters", per_model_only=True)
         for param in method.params:

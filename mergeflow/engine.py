@@ -192,9 +192,8 @@ def _check_parameters_together(config: MergeConfig, method: MergeMethod, referen
         problem = method.parameter_check(resolve_parameters(config, entry.name, layers))
         if problem is not None:
             i, text = problem
-            where = "slices[0].sources" if config.slices else "models"
             model = config.experts()[i].model
-            raise ConfigError(f"{where}[{i}] ('{model}'), tensor '{entry.name}': {text}")
+            raise ConfigError(f"{config.expert_field(i)} ('{model}'), tensor '{entry.name}': {text}")
 
 
 def _merge_all(

@@ -150,6 +150,14 @@ def test_della_chances_outside_0_1_are_refused_before_any_work(small, tmp_path):
     )
 
 
+def test_della_refusals_name_the_expert_as_the_config_lists_it(small, tmp_path):
+    # mergekit configs often list the base first under models; it is not an expert.
+    config = ties(small, small["expert_1"]) | {"merge_method": "della"}
+    config["models"] = [{"model": small["base"]}, *config["models"]]
+    config["models"][2]["parameters"] = {"density": 0.9, "epsilon": 0.15}
+    assert_fails_cleanly(config, tmp_path, ConfigError, f"models[2] ('{small['expert_1']}')")
+
+
 def test_della_chances_are_checked_for_each_tensor_of_a_gradient(small, tmp_path):
     # density rises from 0.5 (layer 0 and tensors outside layers) to 0.9 (the last layer).
     config = ties(small, small["expert_1"]) | {"merge_method": "della", "parameters": {"density": [0.5, 0.9]}}
