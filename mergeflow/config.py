@@ -209,7 +209,12 @@ def _check_parameters(method: MergeMethod, settings: dict, where: str, per_model
     allowed = [p.name for p in method.params if p.per_model or not per_model_only]
     for name, setting in settings.items():
         param = method.param(name)
-        if param is None or name not in allowed:
+        if param is not None and name not in allowed:
+            raise ConfigError(
+                f"{where}.{name}: method '{method.name}' takes one {name} for all models; "
+                "set it under the top-level parameters"
+            )
+        if param is None:
             raise ConfigError(
                 f"{where}.{name}: unknown parameter for method '{method.name}' "
                 f"(supported here: {', '.join(allowed) or 'none'})"

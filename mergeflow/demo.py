@@ -36,6 +36,8 @@ def demo_configs(zoo: dict[str, str]) -> dict[str, dict]:
             models = [{"model": path, "parameters": {"density": 0.5}} for path in experts]
         if name == "task_arithmetic":
             parameters = {"lambda": 1.0 / len(experts)}
+        if name == "sce":
+            parameters = {"select_topk": 0.5}
         if name == "slerp":
             models, parameters = models[:1], {"t": 0.5}
         configs[name] = {

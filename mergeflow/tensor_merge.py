@@ -37,9 +37,9 @@ class Workspace:
         self._whole: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def whole_tensor(self, numel: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Two float32 buffers (base, model) and raw bytes for a whole tensor, for per-model
-        statistics. Allocated once at the size of the largest tensor, so their pages fault in
-        only once."""
+        """Two float32 buffers (base, model) and raw bytes for a whole tensor, for statistics
+        (the model buffer is also a chunk statistic's scratch). Allocated once at the size of
+        the largest tensor, so their pages fault in only once."""
         if self._whole is None:
             self._whole = (
                 np.empty(self._largest, dtype=np.float32),
@@ -74,13 +74,14 @@ def row_length(shape: tuple[int, ...] | list[int]) -> int:
 
 
 class TensorMerge:
-    """Statistics then chunked merge for one tensor."""
+    """Statistics then chunked merge for one tensor (a `TensorChunks` to the method's
+    chunk statistic)."""
 
     def __init__(self, target, method, base_entry, entries, deltas, params, reader, io, workspace) -> None:
         self.target, self.method, self.params = target, method, params
         self.base_entry, self.entries, self.deltas = base_entry, entries, deltas
         self.reader, self.io, self.workspace = reader, io, workspace
-        self.numel = math.prod(target.shape)
+        self.numel, self.n_models = math.prod(target.shape), len(entries)
         self.chunk, self.row_length = workspace.chunk, 0
         if method.whole_rows:  # whole rows per chunk; the workspace holds at least the longest
             self.row_length = max(1, row_length(target.shape))
@@ -93,7 +94,7 @@ class TensorMerge:
         # A method that writes the output's storage itself spares a float32 pass per chunk.
         writes_storage = self.method.writes_storage and storage in KERNEL_DTYPES
         chunk_storage = storage if writes_storage else np.float32
-        for start, base, models in self._chunks():
+        for start, base, models in self.chunks():
             chunk = Chunk(
                 self.target.name, start, base, models, self.params, stats, chunk_storage, self.row_length
             )
@@ -135,13 +136,12 @@ class TensorMerge:
                 magnitudes = Magnitudes(model, None if self.deltas[i] else base)
                 stats.append(method.model_statistic(magnitudes, self._params_of_model(i)))
             return np.stack(stats)
-        if method.gram_rows is not None:
-            gram = None
-            for _, base, models in self._chunks():
-                rows = method.gram_rows(base, models).astype(np.float64)
-                gram = rows @ rows.T if gram is None else gram + rows @ rows.T
-            return method.gram_statistic(gram, self.params)
+        if method.chunk_statistic is not None:
+            return method.chunk_statistic(self, self.params)
         return None
+
+    def scratch(self) -> np.ndarray:
+        return self.workspace.whole_tensor(self.numel)[1]
 
     def _read_whole(self, entry, buffer: np.ndarray, raw: np.ndarray):
         """One whole tensor as the kernels read it. bfloat16 (as bit patterns) and float32 in
@@ -157,7 +157,7 @@ class TensorMerge:
     def _params_of_model(self, i: int) -> dict:
         return {k: float(v[i]) if isinstance(v, np.ndarray) else v for k, v in self.params.items()}
 
-    def _chunks(self) -> Iterator[tuple[int, np.ndarray | None, np.ndarray]]:
+    def chunks(self) -> Iterator[tuple[int, np.ndarray | None, np.ndarray]]:
         """(start, base, models [N, count]), prefetching the next chunk: float32, or for a
         method that reads bfloat16 and bfloat16 models, the models and a float32 or bfloat16
         base as stored."""

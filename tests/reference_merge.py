@@ -13,7 +13,15 @@ from mergeflow.methods.primitives import dare_key, dare_uniforms
 
 
 def reference_merge(
-    method: str, base: dict, experts: list[dict], density=0.5, lam=1.0, t=0.5, seed=0, epsilon=0.15
+    method: str,
+    base: dict,
+    experts: list[dict],
+    density=0.5,
+    lam=1.0,
+    t=0.5,
+    seed=0,
+    epsilon=0.15,
+    select_topk=0.5,
 ):
     out = {}
     for name, b in base.items():
@@ -42,6 +50,8 @@ def reference_merge(
             out[name] = b + lam * sum(band(tau, density, 0.01) for tau in taus)
         elif method == "breadcrumbs_ties":
             out[name] = b + lam * consensus_sum([band(tau, density, 0.01) for tau in taus])
+        elif method == "sce":
+            out[name] = b + sce(taus, select_topk)
         elif method == "model_stock":
             flat = taus.reshape(len(taus), -1).double()
             cosines = [
@@ -98,6 +108,24 @@ def della(tau, density, epsilon, seed, name, index):
     chance = ((density - epsilon) + (2 * epsilon) * (ranks / (n - 1))).float()
     u = torch.from_numpy(dare_uniforms(dare_key(seed, name, index), 0, tau.numel())).reshape(rows.shape)
     return torch.where(u < chance.double(), rows * (1.0 / chance), 0.0).reshape(tau.shape)
+
+
+def sce(taus, select_topk):
+    """SCE as mergekit writes it: torch.topk of the variances across models (no ties in the
+    zoo's random values), energy weights with the 1e-6 guard, erase, weighted mean; in float64."""
+    taus = taus.double()
+    if select_topk < 1:
+        variances = taus.var(0, unbiased=False).reshape(-1)
+        k = int(torch.count_nonzero(variances) * select_topk)
+        mask = torch.zeros_like(variances)
+        mask[torch.topk(variances, k).indices] = 1
+        taus = taus * mask.reshape(taus.shape[1:])
+    energy = taus.square().reshape(len(taus), -1).mean(1)
+    weights = energy / energy.sum() if energy.sum() >= 1e-6 else torch.full_like(energy, 1 / len(taus))
+    weights = weights.reshape(-1, *[1] * (taus.dim() - 1))
+    sign = torch.where(taus.sum(0) >= 0, 1.0, -1.0)
+    erased = weights * (torch.sign(taus) == sign)
+    return ((taus * erased).sum(0) / erased.sum(0).clamp(min=1e-6)).float()
 
 
 def consensus_terms(taus):

@@ -39,6 +39,8 @@ def config_for(method: str, zoo: dict[str, str], n: int = 4) -> dict:
     parameters: dict = {}
     if METHODS[method].param("density") is not None:
         parameters["density"] = 0.5
+    if method == "sce":
+        parameters["select_topk"] = 0.5
     if method == "slerp":
         models, parameters = models[:1], {"t": 0.5}
     if method != "average":  # averaging (mergekit's linear) averages every listed model
@@ -127,7 +129,9 @@ def wide_zoo(tmp_path_factory):
 
 # slerp returns a view of the engine's reused chunk buffer, which the next chunk overwrites
 # while the background writer may still be writing the last one.
-@pytest.mark.parametrize("method", ["dare_ties", "ties", "model_stock", "breadcrumbs_ties", "slerp", "della"])
+@pytest.mark.parametrize(
+    "method", ["dare_ties", "ties", "model_stock", "breadcrumbs_ties", "slerp", "della", "sce"]
+)
 def test_bit_identical_across_threads_and_chunk_sizes(method, wide_zoo, tmp_path):
     config = parse_config(config_for(method, wide_zoo))
     runs = []
@@ -163,7 +167,7 @@ print(torch.get_num_threads(), numba.get_num_threads())
 
 
 @pytest.mark.parametrize(
-    "method", ["ties", "breadcrumbs_ties", "dare_ties", "della", "task_arithmetic", "average"]
+    "method", ["ties", "breadcrumbs_ties", "dare_ties", "della", "sce", "task_arithmetic", "average"]
 )
 def test_bfloat16_inputs_merge_exactly_as_their_float32_values(method, tmp_path):
     # bfloat16 tensors reach the kernels as raw bit patterns; float32 copies of the same values
@@ -187,7 +191,7 @@ def test_bfloat16_inputs_merge_exactly_as_their_float32_values(method, tmp_path)
         assert tensor.dtype == torch.float32 and torch.equal(tensor, merged[1][name]), name
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "della_linear", "average", "slerp"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della_linear", "sce", "average", "slerp"])
 def test_a_bfloat16_output_holds_the_float32_merge_rounded_as_torch_rounds(method, wide_zoo, tmp_path):
     # Task-vector methods and average round inside their kernel; slerp's float32 result is
     # narrowed after. Either way each value is the float32 merge's, rounded by torch's rules.

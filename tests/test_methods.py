@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from method_runner import random_task_vectors, run_method
 from peft.utils import merge_utils as peft
 from reference_merge import della as reference_della
 
@@ -17,28 +18,6 @@ from mergeflow.methods import METHODS, Chunk
 from mergeflow.methods import primitives as P
 from mergeflow.methods.model_stock import interpolation_ratio
 from mergeflow.methods.slerp import slerp_coefficients
-
-
-def run_method(name: str, base, models, stats=None, tensor_name="w", start=0, **params):
-    """Apply a registered method to whole tensors, with defaults for unset parameters."""
-    method = METHODS[name]
-    base, models = base.numpy().copy(), models.numpy().copy()
-    resolved = {}
-    for p in method.params:
-        value = params.get(p.name, p.default)
-        resolved[p.name] = np.full(models.shape[0], float(value), np.float32) if p.per_model else value
-    if method.model_statistic is not None and stats is None:
-
-        def per_model(i):
-            return {k: float(v[i]) if isinstance(v, np.ndarray) else v for k, v in resolved.items()}
-
-        magnitudes = [P.Magnitudes.of(model, base) for model in models]
-        stats = np.stack([method.model_statistic(m, per_model(i)) for i, m in enumerate(magnitudes)])
-    if method.gram_rows is not None and stats is None:
-        rows = method.gram_rows(base, models.copy()).astype(np.float64)
-        stats = method.gram_statistic(rows @ rows.T, resolved)
-    chunk = Chunk(tensor_name, start, base, models, resolved, stats, row_length=models.shape[1])
-    return torch.from_numpy(method.merge(chunk))
 
 
 def merge_chunk(name: str, base, models, params):
@@ -60,11 +39,6 @@ def dare_dropped(deltas, density, seed):
         ))
         for i, delta in enumerate(deltas)
     ])  # fmt: skip
-
-
-def random_task_vectors(n=4, size=4096, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(size, generator=g), torch.randn(n, size, generator=g)
 
 
 # --- against PEFT (unit weights; continuous values, so no magnitude ties) -------------------

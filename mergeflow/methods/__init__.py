@@ -6,6 +6,7 @@ from mergeflow.errors import ConfigError
 from mergeflow.methods.base import Chunk, MergeMethod, Param
 from mergeflow.methods.linear import AVERAGE
 from mergeflow.methods.model_stock import MODEL_STOCK
+from mergeflow.methods.sce import SCE
 from mergeflow.methods.slerp import SLERP
 from mergeflow.methods.task_vector import task_vector_method
 
@@ -85,6 +86,7 @@ METHODS: dict[str, MergeMethod] = {
             normalize=False,
             rescale=True,
         ),
+        SCE,
         MODEL_STOCK,
         SLERP,
     )

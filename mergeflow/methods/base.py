@@ -4,9 +4,9 @@ pure function that merges one chunk of one tensor."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -47,6 +47,25 @@ class Chunk:
     row_length: int = 0
 
 
+class TensorChunks(Protocol):
+    """One tensor as a method's `chunk_statistic` sees it: passes over its chunks, every model
+    at once. Chunks are as `Chunk` describes them (whole rows for a method that needs them)."""
+
+    numel: int
+    n_models: int
+    row_length: int
+
+    def chunks(self) -> Iterator[tuple[int, np.ndarray | None, np.ndarray]]:
+        """(start, base, models [N, count]) for each chunk in order; each pass reads anew, and
+        a chunk's arrays are reused once the next is asked for."""
+        ...
+
+    def scratch(self) -> np.ndarray:
+        """A float32 buffer of `numel` elements, valid until the tensor is merged (a statistic
+        the merge reads per chunk, such as SCE's variances)."""
+        ...
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A registry entry. Exactly one of the statistic hooks may be set.
@@ -54,8 +73,8 @@ class MergeMethod:
     - `model_statistic(magnitudes, params_i)`: from |τi| over one model's whole tensor (e.g. the
       TIES magnitude threshold), given as a `primitives.Magnitudes` that selects from |τi| in a
       couple of scans; computed one model at a time so memory does not grow with N.
-    - `gram_rows(base, models)` + `gram_statistic(gram, params)`: from inner products of rows
-      accumulated over chunks in float64 (model_stock's cosines, slerp's angle).
+    - `chunk_statistic(tensor, params)`: from passes over a `TensorChunks`, every model at once
+      (model_stock's cosines and slerp's angle from a Gram matrix, SCE's variances and weights).
     """
 
     name: str
@@ -67,8 +86,7 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     model_statistic: Callable[[Any, Mapping[str, float]], np.ndarray] | None = None
-    gram_rows: Callable[[np.ndarray | None, np.ndarray], np.ndarray] | None = None
-    gram_statistic: Callable[[np.ndarray, Mapping[str, Any]], Any] | None = None
+    chunk_statistic: Callable[[TensorChunks, Mapping[str, Any]], Any] | None = None
     # merge() takes bfloat16 models as they are stored: its kernels widen them as they read,
     # which saves a conversion pass over every chunk.
     reads_bfloat16: bool = False
@@ -77,7 +95,7 @@ class MergeMethod:
     # without one, float32 values.
     writes_storage: bool = False
     # Each chunk holds whole rows (the last dimension; a 1-D tensor is one row): DELLA ranks
-    # |τ| within rows.
+    # |τ| within rows; SCE sums squares by row, so its sums do not depend on the chunking.
     whole_rows: bool = False
     # Given one tensor's resolved parameters, (model index, what is wrong) for values that are
     # valid one by one but not together; the engine checks every tensor before merging.

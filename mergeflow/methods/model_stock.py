@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from mergeflow.methods import primitives as P
-from mergeflow.methods.base import Chunk, MergeMethod, Param
+from mergeflow.methods.base import Chunk, MergeMethod, Param, TensorChunks
 
 
 def interpolation_ratio(gram: np.ndarray) -> float:
@@ -29,8 +29,8 @@ def _gram_rows(base: np.ndarray | None, models: np.ndarray) -> np.ndarray:
     return models - base
 
 
-def _statistic(gram: np.ndarray, params: Mapping[str, Any]) -> float:
-    return interpolation_ratio(gram)
+def _statistic(tensor: TensorChunks, params: Mapping[str, Any]) -> float:
+    return interpolation_ratio(P.gram(tensor, _gram_rows))
 
 
 def _merge(chunk: Chunk) -> np.ndarray:
@@ -58,7 +58,6 @@ MODEL_STOCK = MergeMethod(
         ),
     ),
     min_models=2,
-    gram_rows=_gram_rows,
-    gram_statistic=_statistic,
+    chunk_statistic=_statistic,
     notes=("cos is the mean over model pairs of the cosine between whole-tensor task vectors.",),
 )

@@ -35,6 +35,16 @@ def ordered_sum(stacked: np.ndarray) -> np.ndarray:
     return total
 
 
+def gram(tensor, rows) -> np.ndarray:
+    """Inner products of `rows(base, models)` ([R, count] per chunk) over a whole tensor,
+    accumulated chunk by chunk in float64 (a `TensorChunks`)."""
+    total = None
+    for _, base, models in tensor.chunks():
+        r = rows(base, models).astype(np.float64)
+        total = r @ r.T if total is None else total + r @ r.T
+    return total
+
+
 class Magnitudes:
     """|τ| over one model's whole tensor, computed wherever it is scanned instead of stored:
     |model − base|, or |model| when the model already is a task vector (base None).

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from mergeflow.methods.base import Chunk, MergeMethod, Param
+from mergeflow.methods import primitives as P
+from mergeflow.methods.base import Chunk, MergeMethod, Param, TensorChunks
 
 DOT_THRESHOLD = 0.9995
 
@@ -30,8 +31,8 @@ def _gram_rows(base: np.ndarray | None, models: np.ndarray) -> np.ndarray:
     return np.stack([base, models[0]])
 
 
-def _statistic(gram: np.ndarray, params: Mapping[str, Any]) -> tuple[float, float]:
-    return slerp_coefficients(gram, float(params["t"]))
+def _statistic(tensor: TensorChunks, params: Mapping[str, Any]) -> tuple[float, float]:
+    return slerp_coefficients(P.gram(tensor, _gram_rows), float(params["t"]))
 
 
 def _merge(chunk: Chunk) -> np.ndarray:
@@ -58,6 +59,5 @@ SLERP = MergeMethod(
     ),
     min_models=1,
     max_models=1,
-    gram_rows=_gram_rows,
-    gram_statistic=_statistic,
+    chunk_statistic=_statistic,
 )

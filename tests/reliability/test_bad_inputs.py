@@ -195,10 +195,10 @@ def test_non_finite_weights_are_named(zoo, tmp_path, bad_value, request):
         tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = bad_value
 
     edit_tensors(broken, poison)
-    for method in ("ties", "task_arithmetic", "della"):
+    for method in ("ties", "task_arithmetic", "della", "sce"):
         config = ties(small, broken) | {"merge_method": method}
-        if method == "task_arithmetic":
-            config["parameters"] = {}
+        if method in ("task_arithmetic", "sce"):
+            config["parameters"] = {"select_topk": 0.5} if method == "sce" else {}
         assert_fails_cleanly(
             config, tmp_path, NonFiniteError, "model.layers.1.mlp.down_proj.weight", str(broken), "NaN/Inf"
         )
@@ -308,6 +308,23 @@ def test_folder_without_weights(small, tmp_path):
         ),
         ({"merge_method": "della", "parameters": {"epsilon": 1.0}}, "parameters.epsilon: must be in [0, 1)"),
         ({"parameters": {"epsilon": 0.1}}, "parameters.epsilon: unknown parameter for method 'ties'"),
+        (
+            {"merge_method": "sce", "parameters": {"select_topk": 0}},
+            "parameters.select_topk: must be in (0, 1]",
+        ),
+        (
+            {"merge_method": "sce", "parameters": {"density": 0.5}},
+            "parameters.density: unknown parameter for method 'sce' (supported here: select_topk, int8_mask)",
+        ),
+        (
+            {
+                "merge_method": "sce",
+                "models": [{"model": "m", "parameters": {"select_topk": 0.5}}],
+                "parameters": {},
+            },
+            "models[0].parameters.select_topk: method 'sce' takes one select_topk for all models; "
+            "set it under the top-level parameters",
+        ),
         ({"dtype": "float8"}, "dtype"),
         ({"chat_template": "chatml"}, "chat_template: 'chatml' is neither 'auto' nor a Jinja template"),
     ],

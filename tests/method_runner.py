@@ -1,0 +1,50 @@
+"""Running one registered method on whole tensors given as torch tensors, as the method tests
+do: defaults for unset parameters, statistics computed as the engine computes them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mergeflow.methods import METHODS, Chunk
+from mergeflow.methods import primitives as P
+
+
+def run_method(name: str, base, models, stats=None, tensor_name="w", start=0, **params):
+    """Apply a registered method to whole tensors, with defaults for unset parameters."""
+    method = METHODS[name]
+    base, models = base.numpy().copy(), models.numpy().copy()
+    resolved = {}
+    for p in method.params:
+        value = params.get(p.name, p.default)
+        resolved[p.name] = np.full(models.shape[0], float(value), np.float32) if p.per_model else value
+    if method.model_statistic is not None and stats is None:
+
+        def per_model(i):
+            return {k: float(v[i]) if isinstance(v, np.ndarray) else v for k, v in resolved.items()}
+
+        magnitudes = [P.Magnitudes.of(model, base) for model in models]
+        stats = np.stack([method.model_statistic(m, per_model(i)) for i, m in enumerate(magnitudes)])
+    if method.chunk_statistic is not None and stats is None:
+        stats = method.chunk_statistic(WholeTensor(base, models), resolved)
+    chunk = Chunk(tensor_name, start, base, models, resolved, stats, row_length=models.shape[1])
+    return torch.from_numpy(method.merge(chunk))
+
+
+class WholeTensor:
+    """A whole tensor as one chunk of rows of its last dimension (a `TensorChunks`)."""
+
+    def __init__(self, base: np.ndarray, models: np.ndarray) -> None:
+        self.base, self.models = base, models
+        self.numel, self.n_models, self.row_length = base.size, models.shape[0], models.shape[-1]
+
+    def chunks(self):
+        yield 0, self.base, self.models.copy()
+
+    def scratch(self) -> np.ndarray:
+        return np.empty(self.numel, np.float32)
+
+
+def random_task_vectors(n=4, size=4096, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(size, generator=g), torch.randn(n, size, generator=g)
