@@ -62,7 +62,8 @@ METRIC_NOTE = (
     "task vectors and keeps exactly k entries, breaking the many ties at the k-th |τ| arbitrarily, "
     "while mergeflow trims exact float32 task vectors and keeps all ties: the kept sets differ near "
     "the threshold and a changed elected sign there gives differences up to ~|τ| (several % of "
-    "entries in bf16; with --dtype float32 only entries tied at the threshold differ). DARE and "
+    "entries in bf16; with --dtype float32 only entries tied at the threshold differ). SCE's "
+    "selection by variance across the experts differs the same way at its threshold. DARE and "
     "DELLA draw different random masks in each tool (only δstd is meaningful there)."
 )
 
@@ -88,6 +89,15 @@ def merge_config(method: str, n: int, zoo: Path, dtype: str) -> dict[str, Any]:
     if method == "linear":  # plain average of the experts; the base is not among the models
         models = [{"model": e, "parameters": {"weight": 1.0}} for e in experts]
         return {"merge_method": "linear", "models": models, "parameters": {"normalize": True}, "dtype": dtype}
+    if method == "sce":  # no weights or λ; half of the entries kept, by variance across the experts
+        models = [{"model": e} for e in experts]
+        return {
+            "merge_method": "sce",
+            "base_model": str(zoo / "base"),
+            "models": models,
+            "parameters": {"select_topk": 0.5},
+            "dtype": dtype,
+        }
     per_model = {"weight": 1.0} if method == "task_arithmetic" else {"weight": 1.0, "density": 0.2}
     if method.startswith("della"):
         per_model["epsilon"] = 0.15
