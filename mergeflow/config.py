@@ -165,6 +165,13 @@ class MergeConfig(BaseModel):
                 "has no named templates, so give the template itself"
             )
         _check_parameters(method, self.parameters, "parameters", per_model_only=False)
+        base_unlisted = self.base_model and all(e.model != self.base_model for e in self.entries())
+        if method.name == "average" and "weight" in self.parameters and base_unlisted:
+            raise ConfigError(
+                "parameters.weight: with a global weight, mergekit averages base_model too; "
+                "mergeflow averages the models listed: list the base under models to average "
+                "it, or give each model its weight"
+            )
         where = self.entries_field()
         for i, entry in enumerate(self.entries()):
             _check_parameters(method, entry.parameters, f"{where}[{i}].parameters", per_model_only=True)

@@ -107,6 +107,21 @@ def test_linear_is_an_alias_of_average():
     assert config.method.name == "average" and len(config.experts()) == 2
 
 
+def test_linear_averages_a_base_model_exactly_when_it_is_listed():
+    from mergeflow.config import parse_config
+
+    two = [{"model": "a", "parameters": {"weight": 1}}, {"model": "b", "parameters": {"weight": 1}}]
+    # base_model alone is where task-vector inputs are added (mergekit would refuse: no weight)
+    config = parse_config({"merge_method": "linear", "base_model": "base", "models": two})
+    assert [e.model for e in config.experts()] == ["a", "b"]
+    # listed with a global weight, it is averaged, as mergekit averages it
+    listed = [{"model": "base"}, {"model": "a"}, {"model": "b"}]
+    config = parse_config(
+        {"merge_method": "linear", "base_model": "base", "models": listed, "parameters": {"weight": 1}}
+    )
+    assert [e.model for e in config.experts()] == ["base", "a", "b"]
+
+
 MERGEKIT_SLERP = """\
 slices:
   - sources:

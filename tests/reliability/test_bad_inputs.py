@@ -325,6 +325,10 @@ def test_folder_without_weights(small, tmp_path):
             "models[0].parameters.select_topk: method 'sce' takes one select_topk for all models; "
             "set it under the top-level parameters",
         ),
+        (
+            {"merge_method": "linear", "parameters": {"weight": 1.0}},
+            "parameters.weight: with a global weight, mergekit averages base_model too",
+        ),
         ({"dtype": "float8"}, "dtype"),
         ({"chat_template": "chatml"}, "chat_template: 'chatml' is neither 'auto' nor a Jinja template"),
     ],
