@@ -89,6 +89,11 @@ def merge_config(method: str, n: int, zoo: Path, dtype: str) -> dict[str, Any]:
     if method == "linear":  # plain average of the experts; the base is not among the models
         models = [{"model": e, "parameters": {"weight": 1.0}} for e in experts]
         return {"merge_method": "linear", "models": models, "parameters": {"normalize": True}, "dtype": dtype}
+    if method in ("multislerp", "karcher"):  # the base is multislerp's origin and one of karcher's points
+        models = [{"model": e, "parameters": {"weight": 1.0}} for e in experts]
+        if method == "karcher":
+            models = [{"model": e} for e in experts]
+        return {"merge_method": method, "base_model": str(zoo / "base"), "models": models, "dtype": dtype}
     if method == "sce":  # no weights or λ; half of the entries kept, by variance across the experts
         models = [{"model": e} for e in experts]
         return {

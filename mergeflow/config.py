@@ -115,7 +115,7 @@ class MergeConfig(BaseModel):
         return [
             k
             for k, entry in enumerate(self.entries())
-            if not self.method.needs_base or entry.model != self.base_model
+            if not (self.method.needs_base or self.method.optional_base) or entry.model != self.base_model
         ]
 
     def layer_ranges(self) -> dict[str, tuple[int, int]]:

@@ -81,7 +81,7 @@ class TensorMerge:
         self.target, self.method, self.params = target, method, params
         self.base_entry, self.entries, self.deltas = base_entry, entries, deltas
         self.reader, self.io, self.workspace = reader, io, workspace
-        self.numel, self.n_models = math.prod(target.shape), len(entries)
+        self.name, self.numel, self.n_models = target.name, math.prod(target.shape), len(entries)
         self.chunk, self.row_length = workspace.chunk, 0
         if method.whole_rows:  # whole rows per chunk; the workspace holds at least the longest
             self.row_length = max(1, row_length(target.shape))
@@ -125,6 +125,8 @@ class TensorMerge:
 
     def _statistics(self):
         method = self.method
+        if self.numel == 0:  # no chunk to merge
+            return None
         if method.model_statistic is not None:
             # Whole tensors, one model at a time: memory does not grow with the number of models.
             # |τ| is never stored; the statistic's scans compute it from the model and the base.

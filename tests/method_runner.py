@@ -11,13 +11,15 @@ from mergeflow.methods import primitives as P
 
 
 def run_method(name: str, base, models, stats=None, tensor_name="w", start=0, **params):
-    """Apply a registered method to whole tensors, with defaults for unset parameters."""
+    """Apply a registered method to whole tensors (base None: none), with defaults for unset
+    parameters; a per-model parameter takes one value or one per model."""
     method = METHODS[name]
-    base, models = base.numpy().copy(), models.numpy().copy()
+    base, models = None if base is None else base.numpy().copy(), models.numpy().copy()
     resolved = {}
     for p in method.params:
         value = params.get(p.name, p.default)
-        resolved[p.name] = np.full(models.shape[0], float(value), np.float32) if p.per_model else value
+        per_model = np.broadcast_to(np.asarray(value, np.float32), models.shape[:1]).copy()
+        resolved[p.name] = per_model if p.per_model else value
     if method.model_statistic is not None and stats is None:
 
         def per_model(i):
@@ -35,8 +37,8 @@ class WholeTensor:
     """A whole tensor as one chunk of rows of its last dimension (a `TensorChunks`)."""
 
     def __init__(self, base: np.ndarray, models: np.ndarray) -> None:
-        self.base, self.models = base, models
-        self.numel, self.n_models, self.row_length = base.size, models.shape[0], models.shape[-1]
+        self.name, self.base, self.models = "w", base, models
+        self.numel, self.n_models, self.row_length = models[0].size, models.shape[0], models.shape[-1]
 
     def chunks(self):
         yield 0, self.base, self.models.copy()

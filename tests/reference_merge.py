@@ -52,6 +52,10 @@ def reference_merge(
             out[name] = b + lam * consensus_sum([band(tau, density, 0.01) for tau in taus])
         elif method == "sce":
             out[name] = b + sce(taus, select_topk)
+        elif method == "multislerp":
+            out[name] = multislerp(b, models, torch.ones(len(models))).float()
+        elif method == "karcher":
+            out[name] = karcher(torch.cat([b[None], models])).float()
         elif method == "model_stock":
             flat = taus.reshape(len(taus), -1).double()
             cosines = [
@@ -126,6 +130,47 @@ def sce(taus, select_topk):
     sign = torch.where(taus.sum(0) >= 0, 1.0, -1.0)
     erased = weights * (torch.sign(taus) == sign)
     return ((taus * erased).sum(0) / erased.sum(0).clamp(min=1e-6)).float()
+
+
+def multislerp(base, models, weights, eps=1e-8):
+    """mergekit's multislerp step by step (tangent space at the weighted mean and back), in
+    float64; base None merges the models themselves."""
+    tensors = models.double() - (0 if base is None else base.double())
+    flat = tensors.reshape(len(tensors), -1)
+    w = weights.double() / weights.double().sum()
+    norms = flat.norm(dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mean = mean / mean.norm()
+    tangent = units - (units * mean).sum(-1, keepdim=True) * mean
+    step = (tangent * w[:, None]).sum(0)
+    length = step.norm() + eps
+    result = (mean * torch.cos(length) + step * (torch.sin(length) / length)) * (norms[:, 0] * w).sum()
+    return result.reshape(models.shape[1:]) + (0 if base is None else base.double())
+
+
+def karcher(points, max_iter=10, tol=1e-5):
+    """mergekit's Karcher mean iteration on the flattened points (equal weights), in float64."""
+    flat = points.double().reshape(len(points), -1)
+    norms = flat.norm(dim=1)
+    units = flat / norms[:, None]
+    alpha = 1 / len(points)
+    mean = units.mean(0)
+    mean = mean / mean.norm()
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for unit in units:
+            dot = torch.clamp(mean @ unit, -1.0, 1.0)
+            angle = torch.arccos(dot)
+            if angle < tol:
+                continue
+            tangent += alpha * (angle / torch.sin(angle)) * (unit - dot * mean)
+        step = tangent.norm()
+        if step < tol:
+            break
+        mean = torch.cos(step) * mean + torch.sin(step) * tangent / step
+        mean = mean / mean.norm()
+    return (norms.mean() * mean).reshape(points.shape[1:])
 
 
 def consensus_terms(taus):

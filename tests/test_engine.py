@@ -130,7 +130,18 @@ def wide_zoo(tmp_path_factory):
 # slerp returns a view of the engine's reused chunk buffer, which the next chunk overwrites
 # while the background writer may still be writing the last one.
 @pytest.mark.parametrize(
-    "method", ["dare_ties", "ties", "model_stock", "breadcrumbs_ties", "slerp", "della", "sce"]
+    "method",
+    [
+        "dare_ties",
+        "ties",
+        "model_stock",
+        "breadcrumbs_ties",
+        "slerp",
+        "della",
+        "sce",
+        "multislerp",
+        "karcher",
+    ],
 )
 def test_bit_identical_across_threads_and_chunk_sizes(method, wide_zoo, tmp_path):
     config = parse_config(config_for(method, wide_zoo))

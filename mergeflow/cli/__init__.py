@@ -86,6 +86,7 @@ def methods_command() -> None:
     """List the merge methods with their parameters and defaults."""
     from mergeflow.methods import ALIASES, METHODS
 
+    width = max(len(p.name) for method in METHODS.values() for p in method.params)
     for method in METHODS.values():
         aliases = [a for a, target in ALIASES.items() if target == method.name]
         alias_text = f" (alias: {', '.join(aliases)})" if aliases else ""
@@ -95,7 +96,7 @@ def methods_command() -> None:
         for p in method.params:
             default = "required" if p.default is None else f"default {p.default}"
             scope = "per model" if p.per_model else "global"
-            typer.echo(f"    {p.name:<12} {scope:<9} {default:<14} {p.description}")
+            typer.echo(f"    {p.name:<{width}} {scope:<9} {default:<14} {p.description}")
 
 
 @zoo_app.command("generate")

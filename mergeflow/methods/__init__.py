@@ -8,6 +8,7 @@ from mergeflow.methods.linear import AVERAGE
 from mergeflow.methods.model_stock import MODEL_STOCK
 from mergeflow.methods.sce import SCE
 from mergeflow.methods.slerp import SLERP
+from mergeflow.methods.spherical import KARCHER, MULTISLERP
 from mergeflow.methods.task_vector import task_vector_method
 
 METHODS: dict[str, MergeMethod] = {
@@ -89,6 +90,8 @@ METHODS: dict[str, MergeMethod] = {
         SCE,
         MODEL_STOCK,
         SLERP,
+        MULTISLERP,
+        KARCHER,
     )
 }
 ALIASES = {"linear": "average"}  # mergekit's name for weighted averaging

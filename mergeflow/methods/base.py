@@ -51,6 +51,7 @@ class TensorChunks(Protocol):
     """One tensor as a method's `chunk_statistic` sees it: passes over its chunks, every model
     at once. Chunks are as `Chunk` describes them (whole rows for a method that needs them)."""
 
+    name: str
     numel: int
     n_models: int
     row_length: int
@@ -83,6 +84,10 @@ class MergeMethod:
     merge: Callable[[Chunk], np.ndarray]
     params: tuple[Param, ...] = ()
     needs_base: bool = True
+    # Without `needs_base`: a base_model, when given, still takes part as the base (the origin
+    # of task vectors, or for karcher one more point), so models that repeat it are not merged
+    # again as models (mergekit's optional base). Otherwise (average) only the models listed are.
+    optional_base: bool = False
     min_models: int = 1
     max_models: int | None = None
     model_statistic: Callable[[Any, Mapping[str, float]], np.ndarray] | None = None
