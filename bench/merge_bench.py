@@ -89,7 +89,7 @@ def merge_config(method: str, n: int, zoo: Path, dtype: str) -> dict[str, Any]:
     if method == "linear":  # plain average of the experts; the base is not among the models
         models = [{"model": e, "parameters": {"weight": 1.0}} for e in experts]
         return {"merge_method": "linear", "models": models, "parameters": {"normalize": True}, "dtype": dtype}
-    if method in ("multislerp", "karcher"):  # the base is multislerp's origin and one of karcher's points
+    if method in ("nuslerp", "multislerp", "karcher"):  # base: an origin; one of karcher's points
         models = [{"model": e, "parameters": {"weight": 1.0}} for e in experts]
         if method == "karcher":
             models = [{"model": e} for e in experts]

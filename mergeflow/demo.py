@@ -40,6 +40,8 @@ def demo_configs(zoo: dict[str, str]) -> dict[str, dict]:
             parameters = {"select_topk": 0.5}
         if name == "slerp":
             models, parameters = models[:1], {"t": 0.5}
+        if name == "nuslerp":
+            models = models[:2]
         configs[name] = {
             "merge_method": name,
             "base_model": zoo["base"],

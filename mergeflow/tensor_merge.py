@@ -81,7 +81,8 @@ class TensorMerge:
         self.target, self.method, self.params = target, method, params
         self.base_entry, self.entries, self.deltas = base_entry, entries, deltas
         self.reader, self.io, self.workspace = reader, io, workspace
-        self.name, self.numel, self.n_models = target.name, math.prod(target.shape), len(entries)
+        self.name, self.shape, self.n_models = target.name, tuple(target.shape), len(entries)
+        self.numel = math.prod(self.shape)
         self.chunk, self.row_length = workspace.chunk, 0
         if method.whole_rows:  # whole rows per chunk; the workspace holds at least the longest
             self.row_length = max(1, row_length(target.shape))

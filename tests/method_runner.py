@@ -11,10 +11,13 @@ from mergeflow.methods import primitives as P
 
 
 def run_method(name: str, base, models, stats=None, tensor_name="w", start=0, **params):
-    """Apply a registered method to whole tensors (base None: none), with defaults for unset
-    parameters; a per-model parameter takes one value or one per model."""
+    """Apply a registered method to whole tensors (base None: none) of any shape (models
+    [N, *shape]; rows are the last dimension), with defaults for unset parameters; a per-model
+    parameter takes one value or one per model."""
     method = METHODS[name]
-    base, models = None if base is None else base.numpy().copy(), models.numpy().copy()
+    shape = tuple(models.shape[1:])
+    models = models.reshape(len(models), -1).numpy().copy()
+    base = None if base is None else base.reshape(-1).numpy().copy()
     resolved = {}
     for p in method.params:
         value = params.get(p.name, p.default)
@@ -28,17 +31,17 @@ def run_method(name: str, base, models, stats=None, tensor_name="w", start=0, **
         magnitudes = [P.Magnitudes.of(model, base) for model in models]
         stats = np.stack([method.model_statistic(m, per_model(i)) for i, m in enumerate(magnitudes)])
     if method.chunk_statistic is not None and stats is None:
-        stats = method.chunk_statistic(WholeTensor(base, models), resolved)
-    chunk = Chunk(tensor_name, start, base, models, resolved, stats, row_length=models.shape[1])
-    return torch.from_numpy(method.merge(chunk))
+        stats = method.chunk_statistic(WholeTensor(base, models, shape), resolved)
+    chunk = Chunk(tensor_name, start, base, models, resolved, stats, row_length=shape[-1])
+    return torch.from_numpy(method.merge(chunk)).reshape(shape)
 
 
 class WholeTensor:
-    """A whole tensor as one chunk of rows of its last dimension (a `TensorChunks`)."""
+    """A whole tensor as one chunk (a `TensorChunks`)."""
 
-    def __init__(self, base: np.ndarray, models: np.ndarray) -> None:
-        self.name, self.base, self.models = "w", base, models
-        self.numel, self.n_models, self.row_length = models[0].size, models.shape[0], models.shape[-1]
+    def __init__(self, base: np.ndarray | None, models: np.ndarray, shape: tuple[int, ...]) -> None:
+        self.name, self.base, self.models, self.shape = "w", base, models, shape
+        self.numel, self.n_models, self.row_length = models[0].size, models.shape[0], shape[-1]
 
     def chunks(self):
         yield 0, self.base, self.models.copy()

@@ -52,6 +52,8 @@ def reference_merge(
             out[name] = b + lam * consensus_sum([band(tau, density, 0.01) for tau in taus])
         elif method == "sce":
             out[name] = b + sce(taus, select_topk)
+        elif method == "nuslerp":
+            out[name] = nuslerp(b, models, torch.ones(2), row_wise=True, flatten=False).float()
         elif method == "multislerp":
             out[name] = multislerp(b, models, torch.ones(len(models))).float()
         elif method == "karcher":
@@ -147,6 +149,29 @@ def multislerp(base, models, weights, eps=1e-8):
     length = step.norm() + eps
     result = (mean * torch.cos(length) + step * (torch.sin(length) / length)) * (norms[:, 0] * w).sum()
     return result.reshape(models.shape[1:]) + (0 if base is None else base.double())
+
+
+def nuslerp(base, models, weights, row_wise=False, flatten=True):
+    """mergekit's nuslerp in float64: vectors over the whole tensor, its rows, or with
+    `row_wise` along its first dimension (transposed to the last)."""
+    total = float(weights.sum())
+    t = 0.5 if abs(total) < 1e-6 else float(weights[1]) / total
+    v0, v1 = (m.double() - (0 if base is None else base.double()) for m in models)
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-16
+    angle = torch.acos(torch.where(colinear, 0, cos))
+    result = (torch.sin((1 - t) * angle) * v0 + torch.sin(t * angle) * v1) / torch.sin(angle)
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    return result.reshape(shape) + (0 if base is None else base.double())
 
 
 def karcher(points, max_iter=10, tol=1e-5):

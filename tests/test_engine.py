@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from conftest import load_folder
+from reference_merge import nuslerp as reference_nuslerp
 from reference_merge import reference_merge
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -43,6 +44,8 @@ def config_for(method: str, zoo: dict[str, str], n: int = 4) -> dict:
         parameters["select_topk"] = 0.5
     if method == "slerp":
         models, parameters = models[:1], {"t": 0.5}
+    if method == "nuslerp":  # one angle per vector along dim 0: sums across chunks
+        models, parameters = models[:2], {"nuslerp_flatten": False, "nuslerp_row_wise": True}
     if method != "average":  # averaging (mergekit's linear) averages every listed model
         # mergekit configs often repeat the base under models; it must not count as an expert
         models = [{"model": zoo["base"]}, *models]
@@ -72,7 +75,7 @@ def test_cli_merge_of_a_sharded_zoo_matches_the_reference(method, zoo, tmp_path)
     result = cli_merge(tmp_path, config_for(method, zoo), out)
     assert result.exit_code == 0, result.output
     merged = load_folder(out)
-    n = 1 if method == "slerp" else 4
+    n = {"slerp": 1, "nuslerp": 2}.get(method, 4)
     expected = reference_merge(
         method, load_folder(zoo["base"]), [load_folder(zoo[f"expert_{i}"]) for i in range(n)]
     )
@@ -139,6 +142,7 @@ def wide_zoo(tmp_path_factory):
         "slerp",
         "della",
         "sce",
+        "nuslerp",
         "multislerp",
         "karcher",
     ],
@@ -156,6 +160,19 @@ def test_bit_identical_across_threads_and_chunk_sizes(method, wide_zoo, tmp_path
     for other in runs[1:]:
         for name, tensor in runs[0].items():
             assert torch.equal(tensor, other[name]), f"{method}: {name} differs"
+
+
+@pytest.mark.parametrize(("flatten", "row_wise"), [(True, False), (False, False), (False, True)])
+def test_nuslerp_through_small_chunks_matches_the_reference(flatten, row_wise, wide_zoo, tmp_path):
+    config = config_for("nuslerp", wide_zoo)
+    config["parameters"] = {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}
+    merge(parse_config(config), str(tmp_path / "out"), work_bytes=1 << 16)
+    merged = load_folder(tmp_path / "out")
+    base, experts = load_folder(wide_zoo["base"]), [load_folder(wide_zoo[f"expert_{i}"]) for i in range(2)]
+    for name, tensor in merged.items():
+        models = torch.stack([e[name].float() for e in experts])
+        expected = reference_nuslerp(base[name].float(), models, torch.ones(2), row_wise, flatten)
+        torch.testing.assert_close(tensor, expected.float(), rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_merge_keeps_the_thread_count_of_torch(wide_zoo, tmp_path):

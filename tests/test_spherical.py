@@ -1,5 +1,6 @@
-"""multislerp and karcher on small tensors: hand-computed cases on the circle, mergekit's
-edge cases, and the whole methods against step-by-step re-statements of mergekit's code."""
+"""nuslerp, multislerp and karcher on small tensors: hand-computed cases on the circle,
+mergekit's edge cases, and the whole methods against step-by-step re-statements of mergekit's
+code."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from method_runner import random_task_vectors, run_method
 from reference_merge import karcher as reference_karcher
 from reference_merge import multislerp as reference_multislerp
+from reference_merge import nuslerp as reference_nuslerp
 
 from mergeflow.errors import ConfigError
 from mergeflow.methods.spherical import karcher_coefficients
@@ -85,4 +87,35 @@ def test_karcher_matches_the_reference_re_statement_of_mergekit(max_iter):
     points = deltas + 0.5  # in one half-space, so the mean is well defined
     got = run_method("karcher", points[0], points[1:], max_iter=max_iter)
     expected = reference_karcher(points, max_iter=max_iter)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("weights", "t"), [((1.0, 1.0), 0.5), ((1.0, 3.0), 0.75), ((1.0, -1.0), 0.5)])
+def test_nuslerp_takes_t_from_the_weights(weights, t):
+    base = torch.tensor([2.0, 1.0])
+    got = run_method("nuslerp", base, torch.stack([base + E1, base + E2]), weight=torch.tensor(weights))
+    # a quarter circle: sin((1 − t)·π/2)·e1 + sin(t·π/2)·e2 (weights summing to ~0 give t = 1/2)
+    expected = base + math.sin((1 - t) * math.pi / 2) * E1 + math.sin(t * math.pi / 2) * E2
+    torch.testing.assert_close(got, expected)
+
+
+def test_nuslerp_of_parallel_task_vectors_is_linear():
+    got = run_method("nuslerp", torch.zeros(2), torch.stack([E1, 3 * E1]), weight=torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(got, 0.25 * E1 + 0.75 * 3 * E1)
+
+
+@pytest.mark.parametrize(
+    ("shape", "row_wise", "flatten"),
+    [((8, 16), False, True), ((8, 16), False, False), ((8, 16), True, False), ((4, 3, 5), True, False),
+     ((4, 3, 5), False, False), ((12,), True, False)],
+)  # fmt: skip
+@pytest.mark.parametrize("with_base", [True, False])
+def test_nuslerp_matches_the_reference_re_statement_of_mergekit(shape, row_wise, flatten, with_base):
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(shape, generator=g)
+    models = base + torch.randn((2, *shape), generator=g)
+    weights = torch.tensor([0.3, 0.9])
+    params = dict(weight=weights, nuslerp_row_wise=row_wise, nuslerp_flatten=flatten)
+    got = run_method("nuslerp", base if with_base else None, models, **params)
+    expected = reference_nuslerp(base if with_base else None, models, weights, row_wise, flatten)
     torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)

@@ -6,6 +6,7 @@ from mergeflow.errors import ConfigError
 from mergeflow.methods.base import Chunk, MergeMethod, Param
 from mergeflow.methods.linear import AVERAGE
 from mergeflow.methods.model_stock import MODEL_STOCK
+from mergeflow.methods.nuslerp import NUSLERP
 from mergeflow.methods.sce import SCE
 from mergeflow.methods.slerp import SLERP
 from mergeflow.methods.spherical import KARCHER, MULTISLERP
@@ -90,6 +91,7 @@ METHODS: dict[str, MergeMethod] = {
         SCE,
         MODEL_STOCK,
         SLERP,
+        NUSLERP,
         MULTISLERP,
         KARCHER,
     )

@@ -52,6 +52,7 @@ class TensorChunks(Protocol):
     at once. Chunks are as `Chunk` describes them (whole rows for a method that needs them)."""
 
     name: str
+    shape: tuple[int, ...]
     numel: int
     n_models: int
     row_length: int

@@ -123,7 +123,7 @@ def _positive(x: float) -> bool:
     return x > 0
 
 
-WEIGHT = Param("weight", 1.0, "weight of this model (mergekit requires it)", per_model=True)
+WEIGHT = Param("weight", 1.0, "weight of this model", per_model=True)
 
 MULTISLERP = MergeMethod(
     name="multislerp",

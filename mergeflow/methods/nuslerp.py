@@ -1,0 +1,144 @@
+"""mergekit's NuSLERP: spherical interpolation between two models (their task vectors when a
+base is given), with the interpolation factor from their weights, over the whole tensor or
+per row or column.
+
+t = w1 / (w0 + w1) (0.5 when |w0 + w1| < 1e-6). For each vector pair (v0, v1), the two
+task vectors (or models) over the whole tensor (`nuslerp_flatten`, the default), each row
+(the last dimension), or with `nuslerp_row_wise` each vector along the first dimension:
+cos Ω = ⟨v0, v1⟩ / (max(‖v0‖, 1e-7)·max(‖v1‖, 1e-7)), and
+v = (sin((1−t)Ω)·v0 + sin(tΩ)·v1) / sin Ω, or (1−t)·v0 + t·v1 where 1 − cos²Ω <= 1e-16;
+θ = θ0 + v (v alone without a base). Inner products are float64, summed in element order per
+row or column, so the result does not depend on the chunking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numba import njit, prange
+
+from mergeflow.methods import primitives as P
+from mergeflow.methods.base import Chunk, MergeMethod, Param, TensorChunks
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """v = a·v0 + b·v1: scalars for the whole tensor, or [stride] arrays for the vectors along
+    the first dimension (element e belongs to vector e mod stride)."""
+
+    a: Any
+    b: Any
+    stride: int = 0
+
+
+def interpolation_factor(weights: np.ndarray) -> float:
+    total = float(weights[0]) + float(weights[1])
+    return 0.5 if abs(total) < 1e-6 else float(weights[1]) / total
+
+
+def nuslerp_coefficients(squares0, squares1, products, t: float):
+    """(a, b) from ‖v0‖², ‖v1‖² and ⟨v0, v1⟩ (numbers or arrays, float64), as mergekit
+    computes them."""
+    n0 = np.maximum(np.sqrt(np.maximum(squares0, 0)), 1e-7)
+    n1 = np.maximum(np.sqrt(np.maximum(squares1, 0)), 1e-7)
+    cos = np.clip(products / (n0 * n1), -1.0, 1.0)
+    colinear = (1 - cos * cos) <= 1e-16
+    angle = np.arccos(np.where(colinear, 0.0, cos))
+    sin = np.where(colinear, 1.0, np.sin(angle))
+    a = np.where(colinear, 1 - t, np.sin((1 - t) * angle) / sin)
+    b = np.where(colinear, t, np.sin(t * angle) / sin)
+    return a, b
+
+
+def _vectors(base: np.ndarray | None, models: np.ndarray) -> np.ndarray:
+    return models if base is None else models - base
+
+
+def _statistic(tensor: TensorChunks, params: Mapping[str, Any]) -> Coefficients | None:
+    t = interpolation_factor(params["weight"])
+    whole = params["nuslerp_flatten"] or len(tensor.shape) < 2
+    if whole:
+        gram = P.gram(tensor, _vectors)
+        a, b = nuslerp_coefficients(gram[0, 0], gram[1, 1], gram[0, 1], t)
+        return Coefficients(float(a), float(b))
+    if not params["nuslerp_row_wise"]:
+        return None  # per row: each chunk holds whole rows, merged as they come
+    stride = tensor.numel // tensor.shape[0]
+    sums = np.zeros((3, stride), np.float64)
+    for start, base, models in tensor.chunks():
+        vectors = _vectors(base, models)
+        column_products_(sums, vectors[0], vectors[1], start, stride)
+    a, b = nuslerp_coefficients(sums[0], sums[1], sums[2], t)
+    return Coefficients(a.astype(np.float32), b.astype(np.float32), stride)
+
+
+def _merge(chunk: Chunk) -> np.ndarray:
+    base, models = chunk.base, chunk.models
+    if base is not None:
+        models -= base
+    v0, v1 = models[0], models[1]
+    coefficients: Coefficients | None = chunk.stats
+    if coefficients is None:  # per row
+        rows = v0.size // chunk.row_length
+        sums = np.empty((3, rows), np.float64)
+        row_products_(sums, v0, v1, chunk.row_length)
+        a, b = nuslerp_coefficients(sums[0], sums[1], sums[2], interpolation_factor(chunk.params["weight"]))
+        a = np.repeat(a.astype(np.float32), chunk.row_length)
+        b = np.repeat(b.astype(np.float32), chunk.row_length)
+    elif coefficients.stride:
+        columns = (chunk.start + np.arange(v0.size)) % coefficients.stride
+        a, b = coefficients.a[columns], coefficients.b[columns]
+    else:
+        a, b = np.float32(coefficients.a), np.float32(coefficients.b)
+    merged = v0 * a
+    merged += v1 * b
+    if base is not None:
+        merged += base
+    return merged
+
+
+NUSLERP = MergeMethod(
+    name="nuslerp",
+    summary="Spherical interpolation of two models' task vectors, t from their weights.",
+    formula="θ = θ0 + sin((1−t)Ω)/sin Ω·τ0 + sin(tΩ)/sin Ω·τ1,  t = w1/(w0+w1)  (τi = θi without a base)",
+    merge=_merge,
+    params=(
+        Param("weight", 1.0, "weight of this model: t = w1 / (w0 + w1)", per_model=True),
+        Param("nuslerp_flatten", True, "one angle for the whole tensor", kind=bool),
+        Param("nuslerp_row_wise", False, "without flatten: one angle per vector along dim 0", kind=bool),
+    ),
+    needs_base=False,
+    optional_base=True,
+    min_models=2,
+    max_models=2,
+    chunk_statistic=_statistic,
+    whole_rows=True,
+)
+
+
+@njit(parallel=True, cache=True)
+def row_products_(sums, v0, v1, row_length):
+    """sums[:, r] = ‖v0‖², ‖v1‖², ⟨v0, v1⟩ over row r, in float64 and element order."""
+    for r in prange(v0.size // row_length):
+        s0 = s1 = s01 = 0.0
+        for j in range(r * row_length, (r + 1) * row_length):
+            x, y = np.float64(v0[j]), np.float64(v1[j])
+            s0 += x * x
+            s1 += y * y
+            s01 += x * y
+        sums[0, r], sums[1, r], sums[2, r] = s0, s1, s01
+
+
+@njit(cache=True)
+def column_products_(sums, v0, v1, start, stride):
+    """sums[:, c] += the squares and products of the chunk's elements of vector c (element e of
+    the tensor belongs to vector e mod stride), one element at a time in order."""
+    for j in range(v0.size):
+        c = (start + j) % stride
+        x, y = np.float64(v0[j]), np.float64(v1[j])
+        sums[0, c] += x * x
+        sums[1, c] += y * y
+        sums[2, c] += x * y
