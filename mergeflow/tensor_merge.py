@@ -82,7 +82,7 @@ class TensorMerge:
         self.base_entry, self.entries, self.deltas = base_entry, entries, deltas
         self.reader, self.io, self.workspace = reader, io, workspace
         self.name, self.shape, self.n_models = target.name, tuple(target.shape), len(entries)
-        self.numel = math.prod(self.shape)
+        self.numel, self.has_base = math.prod(self.shape), base_entry is not None
         self.chunk, self.row_length = workspace.chunk, 0
         if method.whole_rows:  # whole rows per chunk; the workspace holds at least the longest
             self.row_length = max(1, row_length(target.shape))

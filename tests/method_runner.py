@@ -42,6 +42,7 @@ class WholeTensor:
     def __init__(self, base: np.ndarray | None, models: np.ndarray, shape: tuple[int, ...]) -> None:
         self.name, self.base, self.models, self.shape = "w", base, models, shape
         self.numel, self.n_models, self.row_length = models[0].size, models.shape[0], shape[-1]
+        self.has_base = base is not None
 
     def chunks(self):
         yield 0, self.base, self.models.copy()

@@ -55,6 +55,7 @@ class TensorChunks(Protocol):
     shape: tuple[int, ...]
     numel: int
     n_models: int
+    has_base: bool
     row_length: int
 
     def chunks(self) -> Iterator[tuple[int, np.ndarray | None, np.ndarray]]:

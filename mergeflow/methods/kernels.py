@@ -331,3 +331,48 @@ def bin_from_the_top(counts, k):
             return b, above
         above += counts[b]
     return 0, above
+
+
+GRAM_LANES = 8  # partial sums per inner product, each over every 8th element of the row
+
+
+@njit(parallel=True, cache=True)
+def gram_rows_(out, models, base, from_base, base_first, row_length):
+    """out[r] = the Gram matrix of row r's vectors (float64): the models, minus the base when
+    `from_base`, preceded by the base itself when `base_first`. Each inner product sums in
+    GRAM_LANES fixed lanes, then the lanes in order: the same for any chunking (rows are never
+    split) or thread count, and the lanes vectorise."""
+    n_models, count = models.shape
+    first = 1 if base_first else 0
+    n = n_models + first
+    for r in prange(count // row_length):
+        lo = r * row_length
+        vectors = np.empty((n, row_length), np.float64)
+        for i in range(n):
+            for j in range(row_length):
+                if base_first and i == 0:
+                    vectors[i, j] = widen(base[lo + j])
+                elif from_base:
+                    vectors[i, j] = widen(models[i - first, lo + j]) - widen(base[lo + j])
+                else:
+                    vectors[i, j] = widen(models[i - first, lo + j])
+        whole = row_length - row_length % GRAM_LANES
+        for i in range(n):
+            for k in range(i + 1):
+                lanes = np.zeros(GRAM_LANES, np.float64)
+                for j in range(0, whole, GRAM_LANES):
+                    for lane in range(GRAM_LANES):
+                        lanes[lane] += vectors[i, j + lane] * vectors[k, j + lane]
+                for j in range(whole, row_length):
+                    lanes[j - whole] += vectors[i, j] * vectors[k, j]
+                total = 0.0
+                for lane in range(GRAM_LANES):
+                    total += lanes[lane]
+                out[r, i, k] = out[r, k, i] = total
+
+
+@njit(cache=True)
+def add_rows_in_order_(total, rows):
+    """total += rows[0], rows[1], ... one at a time, in order."""
+    for r in range(rows.shape[0]):
+        total += rows[r]

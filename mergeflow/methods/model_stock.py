@@ -25,12 +25,8 @@ def interpolation_ratio(gram: np.ndarray) -> float:
     return 0.0 if abs(denominator) < 1e-6 else n * c / denominator
 
 
-def _gram_rows(base: np.ndarray | None, models: np.ndarray) -> np.ndarray:
-    return models - base
-
-
 def _statistic(tensor: TensorChunks, params: Mapping[str, Any]) -> float:
-    return interpolation_ratio(P.gram(tensor, _gram_rows))
+    return interpolation_ratio(P.gram(tensor, from_base=True))
 
 
 def _merge(chunk: Chunk) -> np.ndarray:
@@ -59,5 +55,6 @@ MODEL_STOCK = MergeMethod(
     ),
     min_models=2,
     chunk_statistic=_statistic,
+    whole_rows=True,
     notes=("cos is the mean over model pairs of the cosine between whole-tensor task vectors.",),
 )

@@ -22,6 +22,7 @@ from numba import njit, prange
 
 from mergeflow.methods import primitives as P
 from mergeflow.methods.base import Chunk, MergeMethod, Param, TensorChunks
+from mergeflow.methods.linear import weighted_average
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,18 @@ def nuslerp_coefficients(squares0, squares1, products, t: float):
 
 
 def _vectors(base: np.ndarray | None, models: np.ndarray) -> np.ndarray:
-    return models if base is None else models - base
+    """The two task vectors (the models without a base) in float32, from models as stored."""
+    vectors = P.to_float32(models)
+    if base is not None:
+        vectors -= P.to_float32(base)
+    return vectors
 
 
 def _statistic(tensor: TensorChunks, params: Mapping[str, Any]) -> Coefficients | None:
     t = interpolation_factor(params["weight"])
     whole = params["nuslerp_flatten"] or len(tensor.shape) < 2
     if whole:
-        gram = P.gram(tensor, _vectors)
+        gram = P.gram(tensor, from_base=tensor.has_base)
         a, b = nuslerp_coefficients(gram[0, 0], gram[1, 1], gram[0, 1], t)
         return Coefficients(float(a), float(b))
     if not params["nuslerp_row_wise"]:
@@ -76,11 +81,14 @@ def _statistic(tensor: TensorChunks, params: Mapping[str, Any]) -> Coefficients 
 
 
 def _merge(chunk: Chunk) -> np.ndarray:
-    base, models = chunk.base, chunk.models
-    if base is not None:
-        models -= base
-    v0, v1 = models[0], models[1]
     coefficients: Coefficients | None = chunk.stats
+    base = chunk.base
+    if coefficients is not None and not coefficients.stride:  # one (a, b) for the tensor
+        a = np.array([coefficients.a, coefficients.b], np.float32)
+        if base is None:
+            return weighted_average(chunk.models, a, normalize=False)
+        return P.merge_task_vectors(chunk.models, base, a, consensus=False, normalize=False, lam=1.0)
+    v0, v1 = _vectors(base, chunk.models)
     if coefficients is None:  # per row
         rows = v0.size // chunk.row_length
         sums = np.empty((3, rows), np.float64)
@@ -88,15 +96,13 @@ def _merge(chunk: Chunk) -> np.ndarray:
         a, b = nuslerp_coefficients(sums[0], sums[1], sums[2], interpolation_factor(chunk.params["weight"]))
         a = np.repeat(a.astype(np.float32), chunk.row_length)
         b = np.repeat(b.astype(np.float32), chunk.row_length)
-    elif coefficients.stride:
+    else:
         columns = (chunk.start + np.arange(v0.size)) % coefficients.stride
         a, b = coefficients.a[columns], coefficients.b[columns]
-    else:
-        a, b = np.float32(coefficients.a), np.float32(coefficients.b)
     merged = v0 * a
     merged += v1 * b
     if base is not None:
-        merged += base
+        merged += P.to_float32(base)
     return merged
 
 
@@ -115,6 +121,7 @@ NUSLERP = MergeMethod(
     min_models=2,
     max_models=2,
     chunk_statistic=_statistic,
+    reads_bfloat16=True,
     whole_rows=True,
 )
 

@@ -35,13 +35,18 @@ def ordered_sum(stacked: np.ndarray) -> np.ndarray:
     return total
 
 
-def gram(tensor, rows) -> np.ndarray:
-    """Inner products of `rows(base, models)` ([R, count] per chunk) over a whole tensor,
-    accumulated chunk by chunk in float64 (a `TensorChunks`)."""
-    total = None
+def gram(tensor, *, from_base: bool, base_first: bool = False) -> np.ndarray:
+    """The Gram matrix (float64) over a whole tensor of its vectors: the models, minus the base
+    when `from_base`, preceded by the base itself when `base_first`. `tensor` is a
+    `TensorChunks` whose chunks hold whole rows: each row's inner products are summed on
+    their own, then the rows in order, so the result does not depend on the chunking."""
+    n = tensor.n_models + int(base_first)
+    total = np.zeros((n, n))
     for _, base, models in tensor.chunks():
-        r = rows(base, models).astype(np.float64)
-        total = r @ r.T if total is None else total + r @ r.T
+        rows = np.empty((models.shape[1] // tensor.row_length, n, n))
+        base = np.zeros(0, np.float32) if base is None else base
+        K.gram_rows_(rows, kernel_array(models), base, from_base, base_first, tensor.row_length)
+        K.add_rows_in_order_(total, rows)
     return total
 
 

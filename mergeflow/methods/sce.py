@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
+from mergeflow.methods import kernels as K
 from mergeflow.methods import primitives as P
 from mergeflow.methods.base import Chunk, MergeMethod, Param, TensorChunks
 from mergeflow.methods.kernels import BLOCK, stored, widen
@@ -56,7 +57,7 @@ def _statistic(tensor: TensorChunks, params: Mapping[str, Any]) -> Selection:
         sums = np.empty((tensor.n_models, count // tensor.row_length), np.float64)
         kept = variances[start : start + count] if variances.size else variances
         kept_square_sums_(sums, models, base, kept, threshold, tensor.row_length)
-        add_in_order_(totals, sums)
+        K.add_rows_in_order_(totals, sums.T)
     means = totals / max(tensor.numel, 1)
     total = sum(means.tolist())
     weights = means / total if abs(total) >= WEIGHT_GUARD else np.full(tensor.n_models, 1 / tensor.n_models)
@@ -155,14 +156,6 @@ def kept_square_sums_(sums, models, base, variances, threshold, row_length):
                 if not select or not row_variances[j] < threshold:
                     total += tau * tau
             sums[i, r] = total
-
-
-@njit(cache=True)
-def add_in_order_(totals, sums):
-    """totals[i] += sums[i, 0], sums[i, 1], ... one at a time, in order."""
-    for i in range(sums.shape[0]):
-        for r in range(sums.shape[1]):
-            totals[i] += sums[i, r]
 
 
 @njit(parallel=True, cache=True)

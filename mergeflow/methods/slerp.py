@@ -27,12 +27,8 @@ def slerp_coefficients(gram: np.ndarray, t: float, eps: float = 1e-8) -> tuple[f
     return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
 
 
-def _gram_rows(base: np.ndarray | None, models: np.ndarray) -> np.ndarray:
-    return np.stack([base, models[0]])
-
-
 def _statistic(tensor: TensorChunks, params: Mapping[str, Any]) -> tuple[float, float]:
-    return slerp_coefficients(P.gram(tensor, _gram_rows), float(params["t"]))
+    return slerp_coefficients(P.gram(tensor, from_base=False, base_first=True), float(params["t"]))
 
 
 def _merge(chunk: Chunk) -> np.ndarray:
@@ -60,4 +56,5 @@ SLERP = MergeMethod(
     min_models=1,
     max_models=1,
     chunk_statistic=_statistic,
+    whole_rows=True,
 )

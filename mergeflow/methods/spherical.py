@@ -16,6 +16,7 @@ import numpy as np
 from mergeflow.errors import ConfigError
 from mergeflow.methods import primitives as P
 from mergeflow.methods.base import Chunk, MergeMethod, Param, TensorChunks
+from mergeflow.methods.linear import weighted_average
 
 
 def multislerp_coefficients(gram: np.ndarray, weights: np.ndarray, normalize: bool, eps: float) -> np.ndarray:
@@ -87,7 +88,7 @@ def karcher_coefficients(gram: np.ndarray, max_iter: int, tol: float) -> np.ndar
 
 
 def _multislerp_statistic(tensor: TensorChunks, params: Mapping[str, Any]) -> np.ndarray:
-    gram = P.gram(tensor, lambda base, models: models if base is None else models - base)
+    gram = P.gram(tensor, from_base=tensor.has_base)
     weights = np.asarray(params["weight"], np.float64)
     try:
         return multislerp_coefficients(gram, weights, bool(params["normalize_weights"]), float(params["eps"]))
@@ -96,27 +97,27 @@ def _multislerp_statistic(tensor: TensorChunks, params: Mapping[str, Any]) -> np
 
 
 def _multislerp_merge(chunk: Chunk) -> np.ndarray:
-    a, models, base = chunk.stats, chunk.models, chunk.base
-    if base is not None:
-        models -= base
-    merged = P.ordered_sum(models * a.astype(np.float32)[:, None])
-    if base is not None:
-        merged += base
-    return merged
-
-
-def _points(base: np.ndarray | None, models: np.ndarray) -> np.ndarray:
-    """Karcher's points: the base first when there is one (mergekit's entries), then the models."""
-    return models if base is None else np.concatenate([base[None], models])
+    a = chunk.stats.astype(np.float32)
+    if chunk.base is None:
+        return weighted_average(chunk.models, a, normalize=False, storage=chunk.storage)
+    return P.merge_task_vectors(
+        chunk.models, chunk.base, a, consensus=False, normalize=False, lam=1.0, storage=chunk.storage
+    )
 
 
 def _karcher_statistic(tensor: TensorChunks, params: Mapping[str, Any]) -> np.ndarray:
-    return karcher_coefficients(P.gram(tensor, _points), int(params["max_iter"]), float(params["tol"]))
+    gram = P.gram(tensor, from_base=False, base_first=tensor.has_base)
+    return karcher_coefficients(gram, int(params["max_iter"]), float(params["tol"]))
 
 
 def _karcher_merge(chunk: Chunk) -> np.ndarray:
-    points = _points(chunk.base, chunk.models)
-    return P.ordered_sum(points * chunk.stats.astype(np.float32)[:, None])
+    """Σk ak·θk over the points: the base first when there is one (mergekit's entries)."""
+    a = chunk.stats.astype(np.float32)
+    if chunk.base is None:
+        return weighted_average(chunk.models, a, normalize=False)
+    merged = weighted_average(chunk.models, a[1:], normalize=False)
+    merged += a[0] * P.to_float32(chunk.base)
+    return merged
 
 
 def _positive(x: float) -> bool:
@@ -140,6 +141,9 @@ MULTISLERP = MergeMethod(
     needs_base=False,
     optional_base=True,
     chunk_statistic=_multislerp_statistic,
+    reads_bfloat16=True,
+    writes_storage=True,
+    whole_rows=True,
 )
 
 KARCHER = MergeMethod(
@@ -163,4 +167,6 @@ KARCHER = MergeMethod(
     needs_base=False,
     optional_base=True,
     chunk_statistic=_karcher_statistic,
+    reads_bfloat16=True,
+    whole_rows=True,
 )
