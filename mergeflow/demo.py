@@ -42,6 +42,8 @@ def demo_configs(zoo: dict[str, str]) -> dict[str, dict]:
             models, parameters = models[:1], {"t": 0.5}
         if name == "nuslerp":
             models = models[:2]
+        if name == "nearswap":
+            models, parameters = models[:1], {"t": 0.01}
         configs[name] = {
             "merge_method": name,
             "base_model": zoo["base"],

@@ -52,6 +52,10 @@ def reference_merge(
             out[name] = b + lam * consensus_sum([band(tau, density, 0.01) for tau in taus])
         elif method == "sce":
             out[name] = b + sce(taus, select_topk)
+        elif method == "nearswap":
+            a, other = b, models[0]
+            weight = (0.005 / (a - other).abs().clamp(min=1e-6)).clamp(0, 1)
+            out[name] = weight * other + (1 - weight) * a
         elif method == "nuslerp":
             out[name] = nuslerp(b, models, torch.ones(2), row_wise=True, flatten=False).float()
         elif method == "multislerp":

@@ -164,8 +164,8 @@ def test_breadcrumbs_method_on_a_known_case():
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_all_zero_task_vectors_give_the_base(name):
     base = torch.randn(64, generator=torch.Generator().manual_seed(3))
-    n = 1 if name == "slerp" else 3
-    params = {"t": 0.3} if name == "slerp" else {}
+    n = min(3, METHODS[name].max_models or 3)
+    params = {"t": 0.3} if METHODS[name].param("t") is not None else {}
     if METHODS[name].param("density") is not None:
         params["density"] = 0.5
     got = run_method(name, base, base.repeat(n, 1), **params)
@@ -304,3 +304,11 @@ def test_della_consensus_matches_peft_on_the_reference_pruning(normalize):
     expected = peft.disjoint_merge(pruned, mask) if normalize else (pruned * mask).sum(0)
     got = run_method("della", base, base + deltas, density=0.5, seed=2, normalize=normalize) - base
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_nearswap_takes_close_values_whole_and_moves_less_towards_far_ones():
+    base = torch.zeros(4)
+    other = torch.tensor([[0.5, 2.0, 1e-7, -4.0]])
+    # w = t / |θ1 − θ0| capped at 1: 1, 0.5, 1 (the distance floors at 1e-6), 0.25
+    got = run_method("nearswap", base, other, t=1.0)
+    torch.testing.assert_close(got, torch.tensor([0.5, 1.0, 1e-7, -1.0]))

@@ -6,6 +6,7 @@ from mergeflow.errors import ConfigError
 from mergeflow.methods.base import Chunk, MergeMethod, Param
 from mergeflow.methods.linear import AVERAGE
 from mergeflow.methods.model_stock import MODEL_STOCK
+from mergeflow.methods.nearswap import NEARSWAP
 from mergeflow.methods.nuslerp import NUSLERP
 from mergeflow.methods.sce import SCE
 from mergeflow.methods.slerp import SLERP
@@ -94,17 +95,26 @@ METHODS: dict[str, MergeMethod] = {
         NUSLERP,
         MULTISLERP,
         KARCHER,
+        NEARSWAP,
     )
 }
 ALIASES = {"linear": "average"}  # mergekit's name for weighted averaging
 PAPER_METHODS = ("average", "task_arithmetic", "ties", "dare_ties")
 
 
+# mergekit methods left out, and why
+NOT_SUPPORTED = {
+    "passthrough": "it stacks layers of several models into a new model; mergeflow merges whole models",
+    "arcee_fusion": "its threshold comes from a random sample of each tensor, so merges are not reproducible",
+}
+
+
 def get_method(name: str) -> MergeMethod:
     name = ALIASES.get(name, name)
     if name not in METHODS:
         supported = ", ".join([*METHODS, *ALIASES])
-        raise ConfigError(f"merge_method: unknown method '{name}' (supported: {supported})")
+        why = f"mergekit's '{name}' is not supported: {NOT_SUPPORTED[name]}" if name in NOT_SUPPORTED else ""
+        raise ConfigError(f"merge_method: {why or f'unknown method {name!r}'} (supported: {supported})")
     return METHODS[name]
 
 

@@ -329,6 +329,10 @@ def test_folder_without_weights(small, tmp_path):
             {"merge_method": "linear", "parameters": {"weight": 1.0}},
             "parameters.weight: with a global weight, mergekit averages base_model too",
         ),
+        (
+            {"merge_method": "passthrough"},
+            "merge_method: mergekit's 'passthrough' is not supported: it stacks layers",
+        ),
         ({"dtype": "float8"}, "dtype"),
         ({"chat_template": "chatml"}, "chat_template: 'chatml' is neither 'auto' nor a Jinja template"),
     ],
