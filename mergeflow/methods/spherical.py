@@ -134,9 +134,7 @@ MULTISLERP = MergeMethod(
     params=(
         WEIGHT,
         Param("normalize_weights", True, "divide the weights by their sum", kind=bool),
-        Param(
-            "eps", 1e-8, "added to norms before dividing", check=lambda x: x > 0, check_message="must be > 0"
-        ),
+        Param("eps", 1e-8, "added to norms before dividing", check=_positive, check_message="must be > 0"),
     ),
     needs_base=False,
     optional_base=True,
@@ -160,9 +158,7 @@ KARCHER = MergeMethod(
             check=lambda x: x >= 0 and float(x).is_integer(),
             check_message="must be a non-negative integer",
         ),
-        Param(
-            "tol", 1e-5, "stop when the step is shorter", check=lambda x: x > 0, check_message="must be > 0"
-        ),
+        Param("tol", 1e-5, "stop when the step is shorter", check=_positive, check_message="must be > 0"),
     ),
     needs_base=False,
     optional_base=True,
