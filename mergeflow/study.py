@@ -32,9 +32,13 @@ from mergeflow.merges import PAPER_METHODS, default_destination, merge_key, merg
 from mergeflow.methods import METHODS
 from mergeflow.task_vectors import ensure_task_vector
 
-# Values a study tries, chosen on held-in validation like the paper's λ, for a parameter that
-# has no default (slerp's interpolation factor t).
-REQUIRED_PARAMETER_VALUES: dict[str, list[float]] = {"t": [0.3, 0.5, 0.7]}
+# Values a study tries, chosen on held-in validation like the paper's λ, for a method's
+# parameter that has no default: slerp's interpolation factor t, and nearswap's distance t, at
+# the scale of fine-tuning task vectors.
+REQUIRED_PARAMETER_VALUES: dict[str, dict[str, list[float]]] = {
+    "slerp": {"t": [0.3, 0.5, 0.7]},
+    "nearswap": {"t": [1e-4, 1e-3, 1e-2]},
+}
 
 COLUMNS = [
     "family",
@@ -71,7 +75,8 @@ class StudyGrid(BaseModel):
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; methods: {', '.join(METHODS)}")
         for method in methods:
-            untried = [p for p in _required_parameters(method) if p not in REQUIRED_PARAMETER_VALUES]
+            tried = REQUIRED_PARAMETER_VALUES.get(method, {})
+            untried = [p for p in _required_parameters(method) if p not in tried]
             if method not in PAPER_METHODS and untried:
                 raise ValueError(f"method {method!r}: no study values for {', '.join(untried)}")
         return methods
@@ -245,11 +250,12 @@ def _with_cell_columns(table: pd.DataFrame, cell: Cell, parameters: str) -> pd.D
 def candidates(method: str) -> list[dict]:
     """The hyper-parameter settings tried for a method, the paper's for its methods (fixed
     values plus a λ grid); other methods run at their defaults, trying REQUIRED_PARAMETER_VALUES
-    for a parameter that has none (slerp's t)."""
+    for a parameter that has none (slerp's and nearswap's t)."""
     if method in PAPER_METHODS:
         fixed, grid = PAPER_METHODS[method]
     else:
-        fixed, grid = {}, {name: REQUIRED_PARAMETER_VALUES[name] for name in _required_parameters(method)}
+        values = REQUIRED_PARAMETER_VALUES.get(method, {})
+        fixed, grid = {}, {name: values[name] for name in _required_parameters(method)}
     return [fixed | dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 

@@ -72,7 +72,8 @@ def test_every_registered_method_gets_only_cells_and_settings_it_can_merge():
                 models=[{"model": path} for _, path in cell.experts],
                 parameters=parameters,
             )
-    assert [p["t"] for p in candidates("slerp")] == REQUIRED_PARAMETER_VALUES["t"]
+    assert [p["t"] for p in candidates("slerp")] == REQUIRED_PARAMETER_VALUES["slerp"]["t"]
+    assert [p["t"] for p in candidates("nearswap")] == [1e-4, 1e-3, 1e-2]
 
 
 def test_workers_get_the_costliest_cells_first():
