@@ -45,9 +45,10 @@ class MergeRequest(BaseModel):
         description="Registered model name is mergeflow-<base_family>; letters, digits, '.', '_', '-'",
     )
     experts: dict[str, str] = Field(description="Held-in task name → that task's expert (path or s3:// URI)")
+    # The methods that merge any number of experts (the Prefect UI shows these as a menu).
     method: Literal[
         "average", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-        "della", "della_linear",
+        "della", "della_linear", "sce", "multislerp", "karcher",
     ] = "ties"  # fmt: skip
     parameters: dict[str, float] = Field(
         default_factory=dict, description="Global method parameters, e.g. lambda, density, seed"

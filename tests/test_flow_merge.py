@@ -162,3 +162,13 @@ def test_library_prints_in_scoring_tasks_stay_out_of_the_run_logs(prefect_api, c
     assert run() == ["len"]
     assert "the flow's own message" in caplog.text and "LOAD_GLOBAL" not in caplog.text
     assert all(t.log_prints is False for t in (score, study_cell, study_scores))
+
+
+def test_the_form_offers_every_method_that_merges_any_number_of_experts():
+    from typing import get_args
+
+    from mergeflow.methods import METHODS
+
+    offered = set(get_args(MergeRequest.model_fields["method"].annotation))
+    any_count = {name for name, m in METHODS.items() if m.min_models == 1 and m.max_models is None}
+    assert offered == any_count

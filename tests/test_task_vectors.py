@@ -23,6 +23,9 @@ PARAMETERS = {
     "breadcrumbs": {"density": 0.5},
     "model_stock": {},
     "average": {},
+    "sce": {"select_topk": 0.5},
+    "multislerp": {},
+    "karcher": {},
 }
 
 
