@@ -226,8 +226,22 @@ def _check_parameters(method: MergeMethod, settings: dict, where: str, per_model
                 f"{where}.{name}: unknown parameter for method '{method.name}' "
                 f"(supported here: {', '.join(allowed) or 'none'})"
             )
+        if param.kind is not float and _has_gradient(setting):
+            kind = "an integer" if param.kind is int else "true or false"
+            raise ConfigError(
+                f"{where}.{name}: must be {kind}, so it cannot be a gradient over layers "
+                "(a gradient interpolates between its values)"
+            )
         for value in _leaves(setting):
             _check_value(param, value, f"{where}.{name}")
+
+
+def _has_gradient(setting: Any) -> bool:
+    if isinstance(setting, ConditionalParameter):
+        return _has_gradient(setting.value)
+    if isinstance(setting, list):
+        return any(not isinstance(item, ConditionalParameter) or _has_gradient(item) for item in setting)
+    return False
 
 
 def _leaves(setting: Any) -> list:

@@ -36,6 +36,14 @@ def test_entries_tied_with_the_kth_largest_variance_are_all_kept():
     torch.testing.assert_close(got, torch.tensor([1.0, 1.0, 1.0, 0.0]))
 
 
+def test_entries_equal_in_every_model_have_no_variance_and_are_not_selected():
+    # float32 2.9 three times: Σ/3 is not 2.9, so a variance from the plain mean is ~1e-14 > 0
+    # and these entries would count towards k and be kept; from differences it is exactly 0.
+    models = torch.tensor([[2.9, 2.9, 1.0, -1.0], [2.9, 2.9, -1.0, 0.0], [2.9, 2.9, 0.0, 3.0]])
+    got = run_method("sce", torch.zeros(4), models, select_topk=0.5)  # k = int(2 · 0.5) = 1
+    assert got[:3].tolist() == [0.0, 0.0, 0.0] and got[3] != 0
+
+
 def test_a_selection_of_no_entries_gives_the_base():
     base = torch.tensor([0.5, -0.5, 2.0])
     models = base + torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 5.0]])  # one non-zero variance

@@ -11,8 +11,10 @@ For each tensor, with base θ0, models θi and task vectors τi = θi − θ0:
   3. erase: elect γ = sign(Σi τi) (>= 0 counts as +); an entry counts where it is non-zero with
      sign γ;
   4. θ = θ0 + Σi wi·τi·[sign = γ] / max(Σi wi·[sign = γ], 1e-6).
-Variances are float32 (two passes: mean, then squared deviations); the squares are summed in
-float64 row by row, so the weights do not depend on the chunking or the thread count.
+Variances are float32, from the differences to the first model's task vector (two passes: mean,
+then squared deviations), so entries equal in every model have variance exactly 0; the squares
+are summed in float64 row by row, so the weights do not depend on the chunking or the thread
+count.
 """
 
 from __future__ import annotations
@@ -113,26 +115,30 @@ SCE = MergeMethod(
 
 @njit(parallel=True, cache=True)
 def variances_(out, models, base):
-    """out[j] = Σi (τi[j] − m)² / N with m = Σi τi[j] / N, τi = models[i] − base, in float32
-    and model order."""
+    """out[j] = Σi (di[j] − m)² / N with di = τi − τ0 (τi = models[i] − base) and m = Σi di[j] / N:
+    the variance of the τi, from their differences to the first one, so entries where every
+    model has the same value get exactly 0 (as torch.var gives; a mean of equal float32 values
+    need not equal them). float32, models in order."""
     n_models, count = models.shape
     n = np.float32(n_models)
     for block in prange((count + BLOCK - 1) // BLOCK):
         lo = block * BLOCK
         size = min(count, lo + BLOCK) - lo
-        block_base, block_out = base[lo : lo + size], out[lo : lo + size]
+        block_base, block_out, first = base[lo : lo + size], out[lo : lo + size], models[0, lo : lo + size]
         mean = np.zeros(size, np.float32)
-        for i in range(n_models):
+        for i in range(1, n_models):
             model = models[i, lo : lo + size]
             for j in range(size):
-                mean[j] += widen(model[j]) - widen(block_base[j])
+                tau0 = widen(first[j]) - widen(block_base[j])
+                mean[j] += (widen(model[j]) - widen(block_base[j])) - tau0
         for j in range(size):
             mean[j] /= n
         squares = np.zeros(size, np.float32)
         for i in range(n_models):
             model = models[i, lo : lo + size]
             for j in range(size):
-                d = (widen(model[j]) - widen(block_base[j])) - mean[j]
+                tau0 = widen(first[j]) - widen(block_base[j])
+                d = ((widen(model[j]) - widen(block_base[j])) - tau0) - mean[j]
                 squares[j] += d * d
         for j in range(size):
             block_out[j] = squares[j] / n

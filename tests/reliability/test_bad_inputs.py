@@ -333,6 +333,10 @@ def test_folder_without_weights(small, tmp_path):
             {"merge_method": "passthrough"},
             "merge_method: mergekit's 'passthrough' is not supported: it stacks layers",
         ),
+        (
+            {"merge_method": "dare_ties", "parameters": {"seed": [1, 5]}},
+            "parameters.seed: must be an integer, so it cannot be a gradient over layers",
+        ),
         ({"dtype": "float8"}, "dtype"),
         ({"chat_template": "chatml"}, "chat_template: 'chatml' is neither 'auto' nor a Jinja template"),
     ],
