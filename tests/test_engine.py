@@ -197,8 +197,12 @@ print(torch.get_num_threads(), numba.get_num_threads())
 
 
 @pytest.mark.parametrize(
-    "method", ["ties", "breadcrumbs_ties", "dare_ties", "della", "sce", "task_arithmetic", "average"]
-)
+    "method",
+    [
+        "ties", "breadcrumbs_ties", "dare_ties", "della", "sce", "task_arithmetic", "average", "nuslerp",
+        "multislerp", "karcher",
+    ],
+)  # fmt: skip
 def test_bfloat16_inputs_merge_exactly_as_their_float32_values(method, tmp_path):
     # bfloat16 tensors reach the kernels as raw bit patterns; float32 copies of the same values
     # take the plain path. Both must give bit-identical merges, in several chunks per tensor.

@@ -22,6 +22,7 @@ from numba import njit, prange
 
 from mergeflow.methods import primitives as P
 from mergeflow.methods.base import Chunk, MergeMethod, Param, TensorChunks
+from mergeflow.methods.kernels import widen
 from mergeflow.methods.linear import weighted_average
 
 
@@ -54,14 +55,6 @@ def nuslerp_coefficients(squares0, squares1, products, t: float):
     return a, b
 
 
-def _vectors(base: np.ndarray | None, models: np.ndarray) -> np.ndarray:
-    """The two task vectors (the models without a base) in float32, from models as stored."""
-    vectors = P.to_float32(models)
-    if base is not None:
-        vectors -= P.to_float32(base)
-    return vectors
-
-
 def _statistic(tensor: TensorChunks, params: Mapping[str, Any]) -> Coefficients | None:
     t = interpolation_factor(params["weight"])
     whole = params["nuslerp_flatten"] or len(tensor.shape) < 2
@@ -74,36 +67,37 @@ def _statistic(tensor: TensorChunks, params: Mapping[str, Any]) -> Coefficients 
     stride = tensor.numel // tensor.shape[0]
     sums = np.zeros((3, stride), np.float64)
     for start, base, models in tensor.chunks():
-        vectors = _vectors(base, models)
-        column_products_(sums, vectors[0], vectors[1], start, stride)
+        column_products_(sums, P.kernel_array(models), *_base_arg(base), start, stride)
     a, b = nuslerp_coefficients(sums[0], sums[1], sums[2], t)
     return Coefficients(a.astype(np.float32), b.astype(np.float32), stride)
 
 
+def _base_arg(base: np.ndarray | None) -> tuple[np.ndarray, bool]:
+    """The kernels' (base, has_base): an empty array stands for no base."""
+    return (np.zeros(0, np.float32), False) if base is None else (base, True)
+
+
 def _merge(chunk: Chunk) -> np.ndarray:
     coefficients: Coefficients | None = chunk.stats
-    base = chunk.base
+    base, models = chunk.base, P.kernel_array(chunk.models)
     if coefficients is not None and not coefficients.stride:  # one (a, b) for the tensor
         a = np.array([coefficients.a, coefficients.b], np.float32)
         if base is None:
-            return weighted_average(chunk.models, a, normalize=False)
-        return P.merge_task_vectors(chunk.models, base, a, consensus=False, normalize=False, lam=1.0)
-    v0, v1 = _vectors(base, chunk.models)
-    if coefficients is None:  # per row
-        rows = v0.size // chunk.row_length
-        sums = np.empty((3, rows), np.float64)
-        row_products_(sums, v0, v1, chunk.row_length)
+            return weighted_average(models, a, normalize=False)
+        return P.merge_task_vectors(models, base, a, consensus=False, normalize=False, lam=1.0)
+    count = models.shape[1]
+    if coefficients is None:  # per row: coefficient k for the chunk's row k
+        sums = np.empty((3, count // chunk.row_length), np.float64)
+        row_products_(sums, models, *_base_arg(base), chunk.row_length)
         a, b = nuslerp_coefficients(sums[0], sums[1], sums[2], interpolation_factor(chunk.params["weight"]))
-        a = np.repeat(a.astype(np.float32), chunk.row_length)
-        b = np.repeat(b.astype(np.float32), chunk.row_length)
-    else:
-        columns = (chunk.start + np.arange(v0.size)) % coefficients.stride
-        a, b = coefficients.a[columns], coefficients.b[columns]
-    merged = v0 * a
-    merged += v1 * b
-    if base is not None:
-        merged += P.to_float32(base)
-    return merged
+        offset, divisor, modulus = 0, chunk.row_length, len(a)
+    else:  # per vector along dim 0: coefficient (start + j) mod stride
+        a, b = coefficients.a, coefficients.b
+        offset, divisor, modulus = chunk.start, 1, coefficients.stride
+    out = np.empty(count, np.float32)
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    interpolate_(out, models, *_base_arg(base), a, b, offset, divisor, modulus)
+    return out
 
 
 NUSLERP = MergeMethod(
@@ -126,26 +120,65 @@ NUSLERP = MergeMethod(
 )
 
 
+@njit(cache=True, inline="always")
+def _pair(models, base, has_base, j):
+    """The two task vectors' (or models') element j, in float32."""
+    v0, v1 = widen(models[0, j]), widen(models[1, j])
+    if has_base:
+        b = widen(base[j])
+        v0, v1 = v0 - b, v1 - b
+    return v0, v1
+
+
 @njit(parallel=True, cache=True)
-def row_products_(sums, v0, v1, row_length):
+def row_products_(sums, models, base, has_base, row_length):
     """sums[:, r] = ‖v0‖², ‖v1‖², ⟨v0, v1⟩ over row r, in float64 and element order."""
-    for r in prange(v0.size // row_length):
+    for r in prange(models.shape[1] // row_length):
         s0 = s1 = s01 = 0.0
         for j in range(r * row_length, (r + 1) * row_length):
-            x, y = np.float64(v0[j]), np.float64(v1[j])
+            x, y = _pair(models, base, has_base, j)
+            x, y = np.float64(x), np.float64(y)
             s0 += x * x
             s1 += y * y
             s01 += x * y
         sums[0, r], sums[1, r], sums[2, r] = s0, s1, s01
 
 
-@njit(cache=True)
-def column_products_(sums, v0, v1, start, stride):
+COLUMN_BLOCK = 64  # vectors along dim 0 summed together, a row's cache lines at a time
+
+
+@njit(parallel=True, cache=True)
+def column_products_(sums, models, base, has_base, start, stride):
     """sums[:, c] += the squares and products of the chunk's elements of vector c (element e of
-    the tensor belongs to vector e mod stride), one element at a time in order."""
-    for j in range(v0.size):
+    the tensor belongs to vector e mod stride), each vector's in element order. A chunk of whole
+    rows of `stride` elements (a 2-D tensor) is summed in parallel by blocks of vectors; others
+    one element at a time. Either way each vector adds its elements in the same order."""
+    count = models.shape[1]
+    if start % stride == 0 and count % stride == 0:
+        for block in prange((stride + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
+            lo = block * COLUMN_BLOCK
+            for r in range(count // stride):
+                for c in range(lo, min(stride, lo + COLUMN_BLOCK)):
+                    x, y = _pair(models, base, has_base, r * stride + c)
+                    x, y = np.float64(x), np.float64(y)
+                    sums[0, c] += x * x
+                    sums[1, c] += y * y
+                    sums[2, c] += x * y
+        return
+    for j in range(count):
         c = (start + j) % stride
-        x, y = np.float64(v0[j]), np.float64(v1[j])
+        x, y = _pair(models, base, has_base, j)
+        x, y = np.float64(x), np.float64(y)
         sums[0, c] += x * x
         sums[1, c] += y * y
         sums[2, c] += x * y
+
+
+@njit(parallel=True, cache=True)
+def interpolate_(out, models, base, has_base, a, b, offset, divisor, modulus):
+    """out[j] = a[k]·v0 + b[k]·v1 (+ the base), k = ((offset + j) // divisor) mod modulus."""
+    for j in prange(out.size):
+        k = ((offset + j) // divisor) % modulus
+        v0, v1 = _pair(models, base, has_base, j)
+        value = v0 * a[k] + v1 * b[k]
+        out[j] = value + widen(base[j]) if has_base else value
