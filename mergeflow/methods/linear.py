@@ -19,6 +19,16 @@ def weighted_average(
     )
 
 
+def combine(
+    models: np.ndarray, base: np.ndarray | None, coefficients: np.ndarray, storage: type = np.float32
+) -> np.ndarray:
+    """θ0 + Σi ai·(θi − θ0), or Σi ai·θi without a base: one fused pass, as `storage`."""
+    a = np.asarray(coefficients, np.float32)
+    if base is None:
+        return weighted_average(models, a, normalize=False, storage=storage)
+    return P.merge_task_vectors(models, base, a, consensus=False, normalize=False, lam=1.0, storage=storage)
+
+
 def _merge(chunk: Chunk) -> np.ndarray:
     p = chunk.params
     return weighted_average(chunk.models, p["weight"], bool(p["normalize"]), chunk.storage)

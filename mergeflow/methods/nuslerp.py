@@ -23,7 +23,7 @@ from numba import njit, prange
 from mergeflow.methods import primitives as P
 from mergeflow.methods.base import Chunk, MergeMethod, Param, TensorChunks
 from mergeflow.methods.kernels import widen
-from mergeflow.methods.linear import weighted_average
+from mergeflow.methods.linear import combine
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,7 @@ def _merge(chunk: Chunk) -> np.ndarray:
     coefficients: Coefficients | None = chunk.stats
     base, models = chunk.base, P.kernel_array(chunk.models)
     if coefficients is not None and not coefficients.stride:  # one (a, b) for the tensor
-        a = np.array([coefficients.a, coefficients.b], np.float32)
-        if base is None:
-            return weighted_average(models, a, normalize=False)
-        return P.merge_task_vectors(models, base, a, consensus=False, normalize=False, lam=1.0)
+        return combine(models, base, [coefficients.a, coefficients.b])
     count = models.shape[1]
     if coefficients is None:  # per row: coefficient k for the chunk's row k
         sums = np.empty((3, count // chunk.row_length), np.float64)

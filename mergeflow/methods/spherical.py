@@ -16,7 +16,7 @@ import numpy as np
 from mergeflow.errors import ConfigError
 from mergeflow.methods import primitives as P
 from mergeflow.methods.base import Chunk, MergeMethod, Param, TensorChunks
-from mergeflow.methods.linear import weighted_average
+from mergeflow.methods.linear import combine
 
 
 def multislerp_coefficients(gram: np.ndarray, weights: np.ndarray, normalize: bool, eps: float) -> np.ndarray:
@@ -97,12 +97,7 @@ def _multislerp_statistic(tensor: TensorChunks, params: Mapping[str, Any]) -> np
 
 
 def _multislerp_merge(chunk: Chunk) -> np.ndarray:
-    a = chunk.stats.astype(np.float32)
-    if chunk.base is None:
-        return weighted_average(chunk.models, a, normalize=False, storage=chunk.storage)
-    return P.merge_task_vectors(
-        chunk.models, chunk.base, a, consensus=False, normalize=False, lam=1.0, storage=chunk.storage
-    )
+    return combine(chunk.models, chunk.base, chunk.stats, chunk.storage)
 
 
 def _karcher_statistic(tensor: TensorChunks, params: Mapping[str, Any]) -> np.ndarray:
@@ -114,8 +109,8 @@ def _karcher_merge(chunk: Chunk) -> np.ndarray:
     """Σk ak·θk over the points: the base first when there is one (mergekit's entries)."""
     a = chunk.stats.astype(np.float32)
     if chunk.base is None:
-        return weighted_average(chunk.models, a, normalize=False)
-    merged = weighted_average(chunk.models, a[1:], normalize=False)
+        return combine(chunk.models, None, a)
+    merged = combine(chunk.models, None, a[1:])
     merged += a[0] * P.to_float32(chunk.base)
     return merged
 
