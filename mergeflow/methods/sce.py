@@ -125,20 +125,21 @@ def variances_(out, models, base):
         lo = block * BLOCK
         size = min(count, lo + BLOCK) - lo
         block_base, block_out, first = base[lo : lo + size], out[lo : lo + size], models[0, lo : lo + size]
+        tau0 = np.empty(size, np.float32)
+        for j in range(size):
+            tau0[j] = widen(first[j]) - widen(block_base[j])
         mean = np.zeros(size, np.float32)
         for i in range(1, n_models):
             model = models[i, lo : lo + size]
             for j in range(size):
-                tau0 = widen(first[j]) - widen(block_base[j])
-                mean[j] += (widen(model[j]) - widen(block_base[j])) - tau0
+                mean[j] += (widen(model[j]) - widen(block_base[j])) - tau0[j]
         for j in range(size):
             mean[j] /= n
         squares = np.zeros(size, np.float32)
         for i in range(n_models):
             model = models[i, lo : lo + size]
             for j in range(size):
-                tau0 = widen(first[j]) - widen(block_base[j])
-                d = ((widen(model[j]) - widen(block_base[j])) - tau0) - mean[j]
+                d = ((widen(model[j]) - widen(block_base[j])) - tau0[j]) - mean[j]
                 squares[j] += d * d
         for j in range(size):
             block_out[j] = squares[j] / n
