@@ -29,21 +29,20 @@ def demo_configs(zoo: dict[str, str]) -> dict[str, dict]:
     """One mergekit-style config per method, with the paper's usual settings."""
     experts = [path for name, path in zoo.items() if name.startswith("expert_")]
     configs = {}
-    for name in METHODS:
-        models = [{"model": path} for path in experts]
+    for name, method in METHODS.items():
+        merged = experts[: method.max_models]  # slerp and nearswap take one, nuslerp two
+        models = [{"model": path} for path in merged]
         parameters: dict = {}
-        if METHODS[name].param("density") is not None:
-            models = [{"model": path, "parameters": {"density": 0.5}} for path in experts]
+        if method.param("density") is not None:
+            models = [{"model": path, "parameters": {"density": 0.5}} for path in merged]
         if name == "task_arithmetic":
             parameters = {"lambda": 1.0 / len(experts)}
         if name == "sce":
             parameters = {"select_topk": 0.5}
         if name == "slerp":
-            models, parameters = models[:1], {"t": 0.5}
-        if name == "nuslerp":
-            models = models[:2]
+            parameters = {"t": 0.5}
         if name == "nearswap":
-            models, parameters = models[:1], {"t": 0.01}
+            parameters = {"t": 0.01}
         configs[name] = {
             "merge_method": name,
             "base_model": zoo["base"],

@@ -35,7 +35,7 @@ from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo
 
 
 def config_for(method: str, zoo: dict[str, str], n: int = 4) -> dict:
-    experts = [zoo[f"expert_{i}"] for i in range(n)]
+    experts = [zoo[f"expert_{i}"] for i in range(min(n, METHODS[method].max_models or n))]
     models = [{"model": e} for e in experts]
     parameters: dict = {}
     if METHODS[method].param("density") is not None:
@@ -43,11 +43,11 @@ def config_for(method: str, zoo: dict[str, str], n: int = 4) -> dict:
     if method == "sce":
         parameters["select_topk"] = 0.5
     if method == "slerp":
-        models, parameters = models[:1], {"t": 0.5}
+        parameters = {"t": 0.5}
     if method == "nearswap":  # about the size of the zoo's task vectors: partial swaps
-        models, parameters = models[:1], {"t": 0.005}
+        parameters = {"t": 0.005}
     if method == "nuslerp":  # one angle per vector along dim 0: sums across chunks
-        models, parameters = models[:2], {"nuslerp_flatten": False, "nuslerp_row_wise": True}
+        parameters = {"nuslerp_flatten": False, "nuslerp_row_wise": True}
     if method != "average":  # averaging (mergekit's linear) averages every listed model
         # mergekit configs often repeat the base under models; it must not count as an expert
         models = [{"model": zoo["base"]}, *models]
@@ -77,7 +77,7 @@ def test_cli_merge_of_a_sharded_zoo_matches_the_reference(method, zoo, tmp_path)
     result = cli_merge(tmp_path, config_for(method, zoo), out)
     assert result.exit_code == 0, result.output
     merged = load_folder(out)
-    n = {"slerp": 1, "nearswap": 1, "nuslerp": 2}.get(method, 4)
+    n = min(4, METHODS[method].max_models or 4)
     expected = reference_merge(
         method, load_folder(zoo["base"]), [load_folder(zoo[f"expert_{i}"]) for i in range(n)]
     )
