@@ -9,6 +9,7 @@ when that is higher) and how far the two outputs are apart, tensor by tensor.
     .venv/bin/python bench/merge_bench.py                      # 166M zoo, 4 methods, 2 and 8 experts
     .venv/bin/python bench/merge_bench.py --experts 8 --methods ties --repeats 1   # a quick look
     .venv/bin/python bench/merge_bench.py --hidden 256 --layers 2 --vocab 4096 --intermediate 512
+    .venv/bin/python bench/merge_bench.py --methods ties --lora-rank 16   # experts as base+LoRA
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ import yaml
 from machine import describe_machine, machine_line
 from output_diff import compare
 from results_history import write_keeping_history
+from safetensors.torch import save_file
 
+from mergeflow.safetensors_io import read_header
+from mergeflow.storage import locate
 from mergeflow.zoo.generated import BENCH_166M, GeneratedZooSpec, build_generated_zoo
 
 BENCH = Path(__file__).resolve().parent
@@ -83,9 +87,48 @@ def zoo_for(spec: GeneratedZooSpec, root: Path) -> tuple[Path, GeneratedZooSpec,
     return folder, spec, time.perf_counter() - started
 
 
-def merge_config(method: str, n: int, zoo: Path, dtype: str) -> dict[str, Any]:
-    """One mergekit YAML for both tools, with every default that matters spelled out."""
+LORA_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+
+
+def lora_adapters(zoo: Path, spec: GeneratedZooSpec, rank: int) -> list[Path]:
+    """One PEFT LoRA adapter of `rank` per expert, on every linear layer of the zoo's base
+    (random bf16 factors, α = 2r), as PEFT saves them; written once under the zoo."""
+    folders = [zoo / f"lora-r{rank}" / f"expert_{i}" for i in range(spec.num_experts)]
+    shapes = {}
+    for file in (zoo / "base").glob("*.safetensors"):
+        shapes |= {entry.name: entry.shape for entry in read_header(locate(str(file)))}
+    for i, folder in enumerate(folders):
+        if (folder / "adapter_config.json").exists():
+            continue
+        generator = torch.Generator().manual_seed(1000 + i)
+        tensors = {}
+        for layer in range(spec.num_layers):
+            for module in LORA_MODULES:
+                name = f"model.layers.{layer}.{module}"
+                rows, columns = shapes[f"{name}.weight"]
+                a, b = (
+                    torch.randn(rank, columns, generator=generator),
+                    torch.randn(rows, rank, generator=generator),
+                )
+                tensors[f"base_model.model.{name}.lora_A.weight"] = (a * 0.02).to(torch.bfloat16)
+                tensors[f"base_model.model.{name}.lora_B.weight"] = (b * 0.02).to(torch.bfloat16)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        targets = sorted({m.split(".")[-1] for m in LORA_MODULES})
+        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": targets}
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folders
+
+
+def merge_config(
+    method: str, n: int, zoo: Path, dtype: str, adapters: list[Path] | None = None
+) -> dict[str, Any]:
+    """One mergekit YAML for both tools, with every default that matters spelled out. With
+    `adapters`, expert i is the base with adapter i applied (mergekit's model+adapter form)."""
     experts = [str(zoo / f"expert_{i}") for i in range(n)]
+    if adapters:
+        experts = [f"{zoo / 'base'}+{adapter}" for adapter in adapters[:n]]
     if method == "linear":  # plain average of the experts; the base is not among the models
         models = [{"model": e, "parameters": {"weight": 1.0}} for e in experts]
         return {"merge_method": "linear", "models": models, "parameters": {"normalize": True}, "dtype": dtype}
@@ -183,13 +226,15 @@ def run_checked(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, Any
 
 
 def bench_one(method: str, n: int, zoo: Path, spec: GeneratedZooSpec, args: argparse.Namespace) -> dict:
-    work = Path(args.workdir) / f"{method}-{n}"
+    adapters = lora_adapters(zoo, spec, args.lora_rank) if args.lora_rank else None
+    label = f"{method}, LoRA r{args.lora_rank} experts" if adapters else method
+    work = Path(args.workdir) / (f"{method}-lora-r{args.lora_rank}-{n}" if adapters else f"{method}-{n}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     config = work / "config.yaml"
-    config.write_text(yaml.safe_dump(merge_config(method, n, zoo, spec.dtype), sort_keys=False))
+    config.write_text(yaml.safe_dump(merge_config(method, n, zoo, spec.dtype, adapters), sort_keys=False))
     threads = ["--threads", str(args.threads)] if args.threads else []
-    row: dict[str, Any] = {"method": method, "experts": n, "config": str(config)}
+    row: dict[str, Any] = {"method": label, "experts": n, "config": str(config)}
     mf_cmd = [str(BIN / "mergeflow"), "merge", str(config), "--out", str(work / "mergeflow"), "-q"]
     mf_cmd += ["--overwrite", "--shard-size", str(spec.shard_bytes), *threads]
     itemsize = getattr(torch, spec.dtype).itemsize
@@ -197,6 +242,10 @@ def bench_one(method: str, n: int, zoo: Path, spec: GeneratedZooSpec, args: argp
     mk_cmd += ["--no-write-model-card", "--quiet", "--random-seed", str(MERGEKIT_SEED)]
     mk_cmd += ["--out-shard-size", str(spec.shard_bytes // itemsize)]
     mk_cmd += ["-j", str(args.threads)] if args.threads else []
+    # mergekit applies adapters with PEFT and saves each adapted model here first; emptied
+    # before every run, as mergeflow applies them on every run.
+    lora_cache = work / "mergekit-lora-cache"
+    mk_cmd += ["--lora-merge-cache", str(lora_cache)] if adapters else []
     tools = {"mergeflow": mf_cmd} | ({} if args.skip_mergekit else {"mergekit": mk_cmd})
     # Once more with the hashes this attempt's first run left in its cache: the merge without
     # sha256 of the inputs, as in a repeated merge of the same experts.
@@ -211,6 +260,7 @@ def bench_one(method: str, n: int, zoo: Path, spec: GeneratedZooSpec, args: argp
         for tool, cmd in tools.items():
             # A fresh hash cache per run: mergeflow's timing includes sha256 of every input file.
             env = dict(os.environ, MERGEFLOW_CACHE_DIR=str(work / f"hash-cache-{attempt}"))
+            shutil.rmtree(lora_cache, ignore_errors=True)
             runs[tool].append(run_checked(cmd, work / f"{tool}-{attempt}.log", env))
     for tool, measured in runs.items():
         row[tool] = summarise(measured)
@@ -220,7 +270,7 @@ def bench_one(method: str, n: int, zoo: Path, spec: GeneratedZooSpec, args: argp
         row["compare"] = compare(work / "mergeflow", work / "mergekit", zoo / "base")
         row["comparable"] = method not in RANDOM_MASKS
     if not args.keep_outputs:
-        for tool in ("mergeflow", "mergekit"):
+        for tool in ("mergeflow", "mergekit", lora_cache.name):
             shutil.rmtree(work / tool, ignore_errors=True)
     return row
 
@@ -342,6 +392,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", default=str(BENCH / "results"), help="where merge_bench.md/.json go")
     p.add_argument("--threads", type=int, default=None, help="torch threads for both tools")
     p.add_argument("--keep-outputs", action="store_true", help="keep the merged models")
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="experts as base+LoRA adapter of this rank (every linear layer)",
+    )
     p.add_argument(
         "--repeats", type=int, default=3, help="runs of each tool per config, taking turns; median reported"
     )

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergeflow.errors import CheckpointError, StorageError
+from mergeflow.file_hashes import cache_dir
+from mergeflow.lora import ADAPTED_FILE, apply_updates, read_adapter, split_adapter_reference
 from mergeflow.safetensors_io import (
     PlannedTensor,
     ShardFileWriter,
@@ -47,7 +49,10 @@ class Checkpoint:
     weight_files: list[Location]
     file_names: list[str]
     hub_commit: str | None = None  # the snapshot's commit, for a repo id found in the hub cache
-    _converted: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    # Files made for this merge: converted pickles, tensors an adapter changed. Gone on close.
+    _scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    # sha256 of those files by name, known from writing them: never hashed again or remembered.
+    scratch_sha256: dict[str, str] = field(default_factory=dict)
 
     def read_json(self, name: str) -> dict:
         try:
@@ -55,25 +60,32 @@ class Checkpoint:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"model '{self.ref}': {name} is not valid JSON: {exc}") from exc
 
+    def scratch_folder(self) -> Path:
+        """This checkpoint's scratch folder, made on first use under the cache folder (on disk;
+        /tmp may be memory, and an adapted model can be as large as the model)."""
+        if self._scratch is None:
+            root = cache_dir() / "scratch"
+            root.mkdir(parents=True, exist_ok=True)
+            self._scratch = tempfile.TemporaryDirectory(prefix="checkpoint-", dir=root)
+        return Path(self._scratch.name)
+
     def close(self) -> None:
-        if self._converted is not None:
-            self._converted.cleanup()
+        if self._scratch is not None:
+            self._scratch.cleanup()
 
 
-def open_checkpoint(ref: str, allow_pickle: bool = False) -> Checkpoint:
-    """Locate a checkpoint and parse every shard header; nothing heavy is read yet. `ref` is a
-    local path, file:// or s3:// URI, or a Hugging Face repo id cached locally (hub_snapshot)."""
+def open_checkpoint(ref: str, allow_pickle: bool = False, progress: bool = False) -> Checkpoint:
+    """Locate a checkpoint and parse every shard header; nothing heavy is read yet, except to
+    convert pickles or apply a LoRA adapter (with a progress bar when `progress`). `ref` is a
+    local path, file:// or s3:// URI, or a Hugging Face repo id cached locally (hub_snapshot),
+    or mergekit's MODEL+ADAPTER."""
     location, hub_commit = locate(ref), None
     if location.is_local and not Path(location.path).exists() and (snapshot := hub_snapshot(ref)):
         location, hub_commit = locate(snapshot), Path(snapshot).name
     try:
         if not location.is_dir():
-            if "+" in ref:
-                raise CheckpointError(
-                    f"model '{ref}': not found; mergekit's model+adapter form (a LoRA applied to a "
-                    "model) is not supported: merge the adapter into its model first (PEFT's "
-                    "merge_and_unload)"
-                )
+            if adapter_reference := split_adapter_reference(ref):
+                return _open_with_adapter(ref, *adapter_reference, allow_pickle, progress)
             raise CheckpointError(
                 f"model '{ref}': not found or not a folder (give a local path, file:// or s3:// URI "
                 "of an HF checkpoint folder, or the repo id of a model in the local Hugging Face "
@@ -94,8 +106,8 @@ def open_checkpoint(ref: str, allow_pickle: bool = False) -> Checkpoint:
     for name in files:
         file = (
             location.child(name)
-            if checkpoint._converted is None
-            else locate(str(Path(checkpoint._converted.name) / name))
+            if checkpoint._scratch is None
+            else locate(str(checkpoint.scratch_folder() / name))
         )
         checkpoint.weight_files.append(file)
         for entry in read_header(file):
@@ -109,6 +121,30 @@ def open_checkpoint(ref: str, allow_pickle: bool = False) -> Checkpoint:
                 raise CheckpointError(
                     f"model '{ref}': {INDEX} puts tensor '{tensor}' in {shard}, which does not hold it"
                 )
+    return checkpoint
+
+
+def _open_with_adapter(
+    ref: str, model_ref: str, adapter_ref: str, allow_pickle: bool, progress: bool
+) -> Checkpoint:
+    """The model of mergekit's 'model+adapter' form with the LoRA adapter applied
+    (mergeflow.lora): the tensors the adapter changes are rewritten to a scratch file, the
+    others stay where they are. Config and tokenizer are the model's."""
+    checkpoint = open_checkpoint(model_ref, allow_pickle)
+    checkpoint.ref = ref
+    try:
+        adapter = locate(adapter_ref)
+        if adapter.is_local and not Path(adapter.path).exists() and (snapshot := hub_snapshot(adapter_ref)):
+            adapter = locate(snapshot)
+        updates = read_adapter(ref, adapter_ref, adapter, checkpoint.tensors)
+        path = checkpoint.scratch_folder() / ADAPTED_FILE
+        applied, sha256 = apply_updates(ref, updates, checkpoint.tensors, str(path), progress)
+    except BaseException:
+        checkpoint.close()
+        raise
+    checkpoint.tensors.update({entry.name: entry for entry in applied})
+    checkpoint.weight_files.append(locate(str(path)))
+    checkpoint.scratch_sha256[ADAPTED_FILE] = sha256
     return checkpoint
 
 
@@ -163,11 +199,11 @@ def _convert_pickles(checkpoint: Checkpoint, allow_pickle: bool) -> list[str]:
         )
     import torch  # only for pickles: a merge of safetensors checkpoints never loads torch
 
-    checkpoint._converted = tempfile.TemporaryDirectory(prefix="mergeflow-pickle-")
+    scratch = checkpoint.scratch_folder()
     converted = []
     for name in pickles:
         source = checkpoint.location.child(name)
-        local = source.path if source.is_local else str(Path(checkpoint._converted.name) / f"src-{name}")
+        local = source.path if source.is_local else str(scratch / f"src-{name}")
         if not source.is_local:
             Path(local).write_bytes(source.read_bytes())
         try:
@@ -177,12 +213,12 @@ def _convert_pickles(checkpoint: Checkpoint, allow_pickle: bool) -> list[str]:
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and dtype_of(v) is not None}
         target = f"{Path(name).stem}.safetensors"
         writer = ShardFileWriter(
-            str(Path(checkpoint._converted.name) / target),
+            str(scratch / target),
             [PlannedTensor(k, dtype_of(v), tuple(v.shape)) for k, v in tensors.items()],
         )
         for key, value in tensors.items():
             writer.write(key, numpy_view(value.reshape(-1)))
-        writer.finish()
+        checkpoint.scratch_sha256[target] = writer.finish()
         converted.append(target)
     return converted
 

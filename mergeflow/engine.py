@@ -73,7 +73,7 @@ def merge(
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-hash-inputs")
 
     def load(ref: str) -> Checkpoint:
-        opened.append(open_checkpoint(ref, allow_pickle=allow_pickle))
+        opened.append(open_checkpoint(ref, allow_pickle=allow_pickle, progress=progress))
         return opened[-1]
 
     try:

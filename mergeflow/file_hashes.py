@@ -129,6 +129,8 @@ def _local_model_files(config_path: str | Path) -> list[str]:
         if "://" in ref:
             continue
         folder = Path(ref).expanduser().resolve()  # as mergeflow.storage.locate: the same cache keys
+        if not folder.is_dir() and "+" in ref:  # mergekit's model+adapter: the model's files
+            folder = Path(ref.split("+")[0]).expanduser().resolve()
         if not folder.is_dir():
             continue
         files += [str(f) for f in [folder / "config.json", *_weight_files(folder)] if f.is_file()]

@@ -34,7 +34,7 @@ def hash_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def sharded_zoo(tmp_path_factory):
-    spec = GeneratedZooSpec(num_experts=2, shard_bytes=40_000, seed=2)
+    spec = GeneratedZooSpec(num_experts=3, shard_bytes=40_000, seed=2)
     return build_generated_zoo(tmp_path_factory.mktemp("zoo"), spec)
 
 
@@ -81,25 +81,28 @@ def test_a_merge_config_names_the_local_files_to_hash(sharded_zoo, tmp_path, mon
             {"model": os.path.relpath(sharded_zoo["expert_1"], tmp_path)},  # from the working dir
             {"model": "s3://bucket/expert"},  # hashed by the merge, not before
             {"model": str(tmp_path / "missing")},
+            {"model": f"{sharded_zoo['expert_2']}+{tmp_path / 'lora'}"},  # mergekit's model+adapter
         ],
     }
     (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.chdir(tmp_path)
     files = _local_model_files("merge.yaml")
-    for name in ("base", "expert_0", "expert_1"):
+    for name in ("base", "expert_0", "expert_1", "expert_2"):
         folder = Path(sharded_zoo[name]).resolve()
         index = json.loads((folder / "model.safetensors.index.json").read_text())
         shards = sorted({str(folder / shard) for shard in index["weight_map"].values()})
         assert len(shards) > 1
         of_folder = [f for f in files if f.startswith(f"{folder}{os.sep}")]
         assert of_folder == [str(folder / "config.json"), *shards]
-    assert len(files) == 3 * (1 + len(shards))
+    assert len(files) == 4 * (1 + len(shards))
 
     # mergekit's slerp examples list the models as the sources of a slice
     sources = [{"model": sharded_zoo[name], "layer_range": [0, 2]} for name in ("base", "expert_0")]
     sliced = {"merge_method": "slerp", "base_model": sharded_zoo["base"], "slices": [{"sources": sources}]}
     (tmp_path / "slerp.yaml").write_text(yaml.safe_dump(sliced))
-    assert _local_model_files("slerp.yaml") == [f for f in files if "expert_1" not in f]
+    assert _local_model_files("slerp.yaml") == [
+        f for f in files if "expert_1" not in f and "expert_2" not in f
+    ]
 
     (tmp_path / "broken.yaml").write_text("models: [")
     assert _local_model_files("broken.yaml") == []

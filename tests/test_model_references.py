@@ -1,6 +1,6 @@
 """Models named as mergekit configs name them: by Hugging Face repo id, found in the local
 Hugging Face cache (never downloaded, their weight files' sha256 taken from the cache's blob
-names); mergekit's model+adapter form is refused in one line."""
+names), alone or with a LoRA adapter in mergekit's model+adapter form."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from lora_adapters import write_adapter
 
 from mergeflow.checkpoint import HUB_REPO_ID
 from mergeflow.hashing import model_sha256_at
@@ -121,14 +122,38 @@ def test_a_repo_id_not_in_the_cache_is_refused_in_one_line_naming_the_cache(zoo,
     assert not (tmp_path / "out").exists()
 
 
-def test_a_model_with_a_lora_adapter_is_refused_in_one_line(zoo, tmp_path):
+def test_a_model_and_its_lora_adapter_are_named_by_repo_id_as_mergekit_writes_them(zoo, tmp_path):
+    cache = tmp_path / "hub"
+    adapter = write_adapter(tmp_path / "lora", zoo["base"], ["model.layers.0.self_attn.q_proj"])
+    hub_cache_copy(Path(zoo["base"]), cache, repo=f"{ORG}/base")
+    hub_cache_copy(adapter, cache, repo=f"{ORG}/lora")
+    outs = {}
+    for name, ref in (("by-path", f"{zoo['base']}+{adapter}"), ("by-repo-id", f"{ORG}/base+{ORG}/lora")):
+        config = {"merge_method": "average", "models": [{"model": zoo["expert_0"]}, {"model": ref}]}
+        run = run_merge(config, tmp_path / name, cache, tmp_path)
+        assert run.returncode == 0, run.stderr
+        outs[name] = json.loads((tmp_path / name / "mergeflow-manifest.json").read_text())
+    assert outs["by-repo-id"]["files"] == outs["by-path"]["files"]  # the same bytes
+    assert outs["by-repo-id"]["inputs"]["models"][1]["ref"] == f"{ORG}/base+{ORG}/lora"
+    # Without the adapter the output differs: it was applied.
+    plain = {"merge_method": "average", "models": [{"model": zoo["expert_0"]}, {"model": zoo["base"]}]}
+    assert run_merge(plain, tmp_path / "plain", cache, tmp_path).returncode == 0
+    assert (
+        json.loads((tmp_path / "plain" / "mergeflow-manifest.json").read_text())["files"]
+        != outs["by-path"]["files"]
+    )
+
+
+def test_an_adapter_repo_id_not_in_the_cache_is_refused_in_one_line(zoo, tmp_path):
     config = {
         "merge_method": "average",
-        "models": [{"model": zoo["base"]}, {"model": f"{ORG}/base+{ORG}/lora"}],
+        "models": [{"model": zoo["base"]}, {"model": f"{zoo['base']}+{ORG}/lora"}],
     }
     run = run_merge(config, tmp_path / "out", tmp_path / "hub", tmp_path)
     assert run.returncode == 2
     assert run.stderr.strip() == (
-        f"error: model '{ORG}/base+{ORG}/lora': not found; mergekit's model+adapter form (a LoRA applied "
-        "to a model) is not supported: merge the adapter into its model first (PEFT's merge_and_unload)"
+        f"error: model '{zoo['base']}+{ORG}/lora': adapter '{ORG}/lora': not found or not a folder (give a "
+        "local path, file:// or s3:// URI of a PEFT adapter folder, or the repo id of one in the local "
+        "Hugging Face cache)"
     )
+    assert not (tmp_path / "out").exists()

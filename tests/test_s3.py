@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_adapters import write_adapter
 from s3_zoo import (
     EXPERTS,
     SHARD_BYTES,
@@ -153,3 +154,20 @@ def test_cli_merges_from_s3_into_s3(s3, s3_zoo, tmp_path):
     manifest = assert_complete_s3_model(s3, "cli/ties")
     assert manifest["method"] == "ties"
     assert len([f for f in manifest["files"] if f["path"].endswith(".safetensors")]) > 1
+
+
+def test_a_model_with_a_lora_adapter_both_in_s3_merges_as_from_local_disk(s3, local_zoo, s3_zoo, tmp_path):
+    adapter = write_adapter(tmp_path / "lora", local_zoo["base"], ["model.layers.1.mlp.down_proj"])
+    s3.fs.put(f"{adapter}/", f"{s3.bucket}/adapters/lora", recursive=True)
+    outputs = {}
+    for where, zoo, adapter_ref in (
+        ("local", local_zoo, str(adapter)),
+        ("s3", s3_zoo, s3.uri("adapters/lora")),
+    ):
+        experts = [zoo["expert_0"], f"{zoo['expert_1']}+{adapter_ref}"]
+        out = tmp_path / where
+        merge(ties_config(zoo, experts), str(out), max_shard_bytes=SHARD_BYTES)
+        outputs[where] = json.loads((out / MANIFEST).read_text())
+    assert outputs["s3"]["files"] == outputs["local"]["files"]  # the same bytes
+    assert outputs["s3"]["inputs"]["models"][1]["ref"] == f"{s3_zoo['expert_1']}+{s3.uri('adapters/lora')}"
+    assert outputs["s3"]["inputs"]["models"][1]["sha256"] == outputs["local"]["inputs"]["models"][1]["sha256"]

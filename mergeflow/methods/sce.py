@@ -62,7 +62,10 @@ def _statistic(tensor: TensorChunks, params: Mapping[str, Any]) -> Selection:
         K.add_rows_in_order_(totals, sums.T)
     means = totals / max(tensor.numel, 1)
     total = sum(means.tolist())
-    weights = means / total if abs(total) >= WEIGHT_GUARD else np.full(tensor.n_models, 1 / tensor.n_models)
+    with np.errstate(invalid="ignore"):  # Inf in an input: the merge refuses it when it reads that chunk
+        weights = (
+            means / total if abs(total) >= WEIGHT_GUARD else np.full(tensor.n_models, 1 / tensor.n_models)
+        )
     return Selection(variances, threshold, weights.astype(np.float32))
 
 

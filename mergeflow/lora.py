@@ -1,0 +1,252 @@
+"""mergekit's `model+adapter` references: a PEFT LoRA adapter applied to its model before the merge.
+
+mergekit loads the model and the adapter with PEFT and calls merge_and_unload, so the merged
+model holds, for each adapted module, W' = W + s·B·A (transposed for fan_in_fan_out layers and
+for embeddings), with s = lora_alpha / r, or lora_alpha / √r with use_rslora; `alpha_pattern`
+and `rank_pattern` override alpha and r per module as PEFT matches them. Tensors the adapter
+saves whole (modules_to_save, trained biases, a targeted embedding's base weights) replace the
+model's. mergeflow computes the same tensor by tensor, without torch: B·A in float32, then
+W + s·B·A rounded once to W's dtype, as PEFT adds its float32 delta into a bfloat16 weight
+(for an embedding PEFT rounds s·B·A to W's dtype before adding; so does mergeflow). Only the
+adapted tensors are rewritten, to one scratch file; the others are read from the model's own
+files. DoRA, LoRA biases and other adapter types are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from mergeflow.errors import CheckpointError, NonFiniteError, StorageError
+from mergeflow.methods.primitives import from_float32, to_float32
+from mergeflow.safetensors_io import (
+    PlannedTensor,
+    ShardFileWriter,
+    TensorEntry,
+    TensorFileReader,
+    read_header,
+)
+from mergeflow.storage import Location, locate
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTED_FILE = "mergeflow-adapted-tensors.safetensors"
+PEFT_PREFIX = "base_model.model."
+# adapter tensor name suffix -> (factor, is an embedding: its delta is transposed)
+_FACTORS = {
+    ".lora_A.weight": ("A", False),
+    ".lora_B.weight": ("B", False),
+    ".lora_embedding_A": ("A", True),
+    ".lora_embedding_B": ("B", True),
+}
+# Settings that would change the merged weights in ways this module does not compute.
+_REFUSED_SETTINGS = {
+    "use_dora": "DoRA adapters",
+    "lora_bias": "LoRA biases (lora_bias)",
+    "layer_replication": "layer_replication (it adds layers)",
+    "trainable_token_indices": "trainable tokens",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+}
+
+
+def split_adapter_reference(ref: str) -> tuple[str, str] | None:
+    """(model, adapter) of mergekit's 'model+adapter' form, or None for a plain reference."""
+    if "+" not in ref:
+        return None
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise CheckpointError(f"model '{ref}': write a model with an adapter as 'MODEL+ADAPTER' (one '+')")
+    return parts[0], parts[1]
+
+
+@dataclass(frozen=True)
+class TensorUpdate:
+    """What the adapter does to one model tensor: replace it, add s·B·A, or both (in that order)."""
+
+    target: str
+    replacement: TensorEntry | None = None
+    a: TensorEntry | None = None
+    b: TensorEntry | None = None
+    scale: float = 0.0
+    embedding: bool = False
+    fan_in_fan_out: bool = False
+
+
+def read_adapter(
+    ref: str, adapter_ref: str, adapter: Location, tensors: dict[str, TensorEntry]
+) -> list[TensorUpdate]:
+    """The updates the PEFT LoRA adapter folder `adapter` (named `adapter_ref` in model
+    reference `ref`) makes to a model with `tensors`, checked against them (names and shapes)
+    before any tensor is read."""
+    where = f"model '{ref}': adapter '{adapter_ref}'"
+    try:
+        if not adapter.is_dir():
+            raise CheckpointError(
+                f"{where}: not found or not a folder (give a local path, file:// or s3:// URI of a "
+                "PEFT adapter folder, or the repo id of one in the local Hugging Face cache)"
+            )
+        names = adapter.list_names()
+    except StorageError as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
+    if ADAPTER_CONFIG not in names or ADAPTER_WEIGHTS not in names:
+        raise CheckpointError(
+            f"{where}: not a PEFT adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
+        )
+    settings = _adapter_settings(where, adapter.child(ADAPTER_CONFIG))
+    factors: dict[str, dict[str, TensorEntry]] = {}  # module -> {"A": entry, "B": entry}
+    embeddings: set[str] = set()
+    replacements: dict[str, TensorEntry] = {}
+    for entry in read_header(adapter.child(ADAPTER_WEIGHTS)):
+        module, factor, embedding = _parse_adapter_tensor(where, entry.name)
+        if factor is None:
+            replacements[module] = entry
+        else:
+            factors.setdefault(module, {})[factor] = entry
+            if embedding:
+                embeddings.add(module)
+    updates = {}
+    for module, entry in replacements.items():
+        target = _target(where, module, tensors, entry.shape, entry.name)
+        updates[target] = TensorUpdate(target, replacement=entry)
+    for module, pair in factors.items():
+        if "A" not in pair or "B" not in pair:
+            raise CheckpointError(f"{where}: module '{module}' has only one of its two LoRA factors")
+        a, b, embedding = pair["A"], pair["B"], module in embeddings
+        r, alpha = _rank_and_alpha(settings, module)
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise CheckpointError(
+                f"{where}: module '{module}': factors of shapes {list(b.shape)} and {list(a.shape)} "
+                f"do not have the rank r={r} the adapter config gives it"
+            )
+        transposed = embedding or bool(settings.get("fan_in_fan_out"))
+        shape = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
+        target = _target(where, f"{module}.weight", tensors, shape, a.name)
+        scale = alpha / math.sqrt(r) if settings.get("use_rslora") else alpha / r
+        replaced = updates.get(target, TensorUpdate(target)).replacement
+        updates[target] = TensorUpdate(target, replaced, a, b, scale, embedding, transposed and not embedding)
+    if not updates:
+        raise CheckpointError(f"{where}: {ADAPTER_WEIGHTS} holds no LoRA tensors")
+    return sorted(updates.values(), key=lambda u: u.target)
+
+
+def apply_updates(
+    ref: str, updates: list[TensorUpdate], tensors: dict[str, TensorEntry], path: str, progress: bool = False
+) -> tuple[list[TensorEntry], str]:
+    """Write the updated tensors of model `ref`, in the model's dtypes, to one safetensors file
+    at `path`; return their entries there and the file's sha256. One tensor is in memory at a
+    time (plus its float32 copy). NaN or Inf in a result is refused here, naming the tensor."""
+    planned = [PlannedTensor(u.target, tensors[u.target].dtype, tensors[u.target].shape) for u in updates]
+    writer, reader = ShardFileWriter(path, planned), TensorFileReader()
+    bar = tqdm(
+        total=sum(t.nbytes for t in planned),
+        unit="B",
+        unit_scale=True,
+        disable=not progress,
+        desc=f"applying the adapter of {ref}",
+        dynamic_ncols=True,
+    )
+    try:
+        for update in updates:
+            model_entry = tensors[update.target]
+            source = update.replacement or model_entry
+            weight = _read_float32(reader, source).reshape(model_entry.shape)
+            if update.replacement is not None:  # PEFT loads it into the model's weight: rounded
+                weight = to_float32(from_float32(weight, model_entry.dtype)[0])
+            if update.a is not None:
+                delta = _read_float32(reader, update.b) @ _read_float32(reader, update.a)
+                delta = (delta.T if update.embedding or update.fan_in_fan_out else delta) * np.float32(
+                    update.scale
+                )
+                if update.embedding:  # PEFT rounds an embedding's delta to the weight's dtype first
+                    delta = to_float32(from_float32(delta, model_entry.dtype)[0])
+                weight += delta
+            values, non_finite = from_float32(weight, model_entry.dtype)
+            if non_finite:
+                raise NonFiniteError(
+                    f"model '{ref}': tensor '{update.target}' holds {non_finite} NaN/Inf value(s) "
+                    "with the adapter applied"
+                )
+            writer.write(update.target, values.reshape(-1))
+            bar.update(model_entry.nbytes)
+        sha256 = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        reader.close()
+        bar.close()
+    return read_header(locate(path)), sha256
+
+
+def _read_float32(reader: TensorFileReader, entry: TensorEntry) -> np.ndarray:
+    if not entry.dtype.is_float:
+        raise CheckpointError(f"{entry.file.uri}: tensor '{entry.name}' is {entry.dtype}, not a float")
+    return to_float32(reader.read(entry, 0, entry.numel)).reshape(entry.shape)
+
+
+def _adapter_settings(where: str, file: Location) -> dict:
+    try:
+        settings = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{where}: {ADAPTER_CONFIG} is not valid JSON: {exc}") from exc
+    if not isinstance(settings, dict) or settings.get("peft_type") != "LORA":
+        kind = settings.get("peft_type") if isinstance(settings, dict) else None
+        raise CheckpointError(f"{where}: peft_type {kind!r} is not supported (only LORA adapters)")
+    for key, what in _REFUSED_SETTINGS.items():
+        if settings.get(key):
+            raise CheckpointError(f"{where}: {what} are not supported ({ADAPTER_CONFIG} sets {key})")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(settings.get(key), int | float) or not settings[key] > 0:
+            raise CheckpointError(f"{where}: {ADAPTER_CONFIG} needs a positive number for '{key}'")
+    return settings
+
+
+def _parse_adapter_tensor(where: str, name: str) -> tuple[str, str | None, bool]:
+    """(module or tensor name in the model, LoRA factor A/B or None for a saved whole tensor,
+    whether the factor is an embedding's)."""
+    if not name.startswith(PEFT_PREFIX):
+        raise CheckpointError(
+            f"{where}: tensor '{name}' is not named as PEFT saves adapters ({PEFT_PREFIX}…)"
+        )
+    inner = name.removeprefix(PEFT_PREFIX)
+    for suffix, (factor, embedding) in _FACTORS.items():
+        if inner.endswith(suffix):
+            return inner.removesuffix(suffix), factor, embedding
+    if inner.endswith((".weight", ".bias")) and ".lora_" not in inner:
+        return inner.replace(".base_layer.", "."), None, False
+    raise CheckpointError(
+        f"{where}: tensor '{name}' is not a LoRA factor or a saved module (unsupported adapter)"
+    )
+
+
+def _rank_and_alpha(settings: dict, module: str) -> tuple[int, float]:
+    """r and alpha of one module: rank_pattern and alpha_pattern keys match the end of the
+    module name at a '.' boundary, first key first, as PEFT matches them."""
+
+    def lookup(patterns: dict | None, default):
+        for pattern, value in (patterns or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                return value
+        return default
+
+    return int(lookup(settings.get("rank_pattern"), settings["r"])), float(
+        lookup(settings.get("alpha_pattern"), settings["lora_alpha"])
+    )
+
+
+def _target(
+    where: str, name: str, tensors: dict[str, TensorEntry], shape: tuple[int, ...], source: str
+) -> str:
+    if name not in tensors:
+        raise CheckpointError(f"{where}: '{source}' changes tensor '{name}', which the model does not have")
+    if tuple(tensors[name].shape) != tuple(shape):
+        raise CheckpointError(
+            f"{where}: '{source}' gives tensor '{name}' shape {list(shape)}, the model's is "
+            f"{list(tensors[name].shape)}"
+        )
+    return name

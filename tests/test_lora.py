@@ -1,0 +1,148 @@
+"""mergekit's model+adapter form: a PEFT LoRA adapter applied to its model. Checked against
+PEFT's own merge_and_unload (which mergekit runs) on adapters PEFT writes, then merged through
+the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import load_folder, random_llama
+from lora_adapters import write_adapter
+from peft import LoraConfig, PeftModel, get_peft_model
+from typer.testing import CliRunner
+
+from mergeflow.checkpoint import open_checkpoint
+from mergeflow.cli import app
+from mergeflow.file_hashes import cache_dir
+from mergeflow.methods.primitives import to_float32
+from mergeflow.safetensors_io import TensorFileReader
+
+
+def checkpoint_tensors(ref: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of the opened checkpoint `ref` in float32, and the file each is read from."""
+    checkpoint, reader = open_checkpoint(ref), TensorFileReader()
+    try:
+        values = {
+            name: torch.from_numpy(to_float32(reader.read(e, 0, e.numel)).reshape(e.shape))
+            for name, e in checkpoint.tensors.items()
+        }
+        return values, {name: e.file.name for name, e in checkpoint.tensors.items()}
+    finally:
+        reader.close()
+        checkpoint.close()
+
+
+def save_model_and_adapter(folder: Path, make_model, dtype: torch.dtype, lora: LoraConfig, edit=None):
+    """`make_model()` saved in `dtype`, a PEFT adapter trained on nothing but random (so
+    every factor is non-zero), and PEFT's merge_and_unload of the two as a state dict."""
+    make_model().to(dtype).save_pretrained(folder / "model")
+    peft_model = get_peft_model(make_model().to(dtype), lora)
+    if edit:
+        edit(peft_model)
+    # What PEFT does when an embedding is targeted ("auto"), said explicitly: no warning.
+    peft_model.save_pretrained(
+        folder / "adapter", save_embedding_layers="embed_tokens" in lora.target_modules
+    )
+    loaded = type(make_model()).from_pretrained(folder / "model", dtype=dtype)
+    merged = PeftModel.from_pretrained(loaded, folder / "adapter").merge_and_unload()
+    return {name: value.float() for name, value in merged.state_dict().items()}
+
+
+def perturb_saved_head(peft_model) -> None:
+    """modules_to_save copies lm_head; change the copy so replacing the head shows."""
+    with torch.no_grad():
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)
+
+
+LLAMA_LORA = dict(
+    r=4,
+    lora_alpha=8,
+    init_lora_weights=False,
+    target_modules=["q_proj", "v_proj", "embed_tokens"],
+    modules_to_save=["lm_head"],
+    rank_pattern={"layers.1.self_attn.q_proj": 2},
+    alpha_pattern={"v_proj": 3},
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_an_adapter_is_applied_exactly_as_peft_merge_and_unload_applies_it(tmp_path, dtype):
+    # Linear layers, an embedding (whose delta PEFT rounds before adding), a saved lm_head,
+    # and per-module rank and alpha.
+    expected = save_model_and_adapter(
+        tmp_path, lambda: random_llama(64), dtype, LoraConfig(**LLAMA_LORA), perturb_saved_head
+    )
+    ours, files = checkpoint_tensors(f"{tmp_path}/model+{tmp_path}/adapter")
+    original, _ = checkpoint_tensors(str(tmp_path / "model"))
+    assert ours.keys() == expected.keys()
+    for name in ours:
+        assert torch.equal(ours[name], expected[name]), name
+    changed = {name for name in ours if not torch.equal(ours[name], original[name])}
+    assert changed == {
+        "lm_head.weight",
+        "model.embed_tokens.weight",
+        *(f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 1) for p in ("q", "v")),
+    }
+    # Only the tensors the adapter changes are rewritten; the rest are read where they were.
+    assert {name for name, file in files.items() if file != "model.safetensors"} == changed
+
+
+def test_conv1d_layers_with_fan_in_fan_out_and_rslora_match_peft(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=16))
+
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=16,
+        use_rslora=True,
+        init_lora_weights=False,
+        target_modules=["c_attn"],
+        fan_in_fan_out=True,
+    )
+    expected = save_model_and_adapter(tmp_path, gpt2, torch.bfloat16, lora)
+    ours, _ = checkpoint_tensors(f"{tmp_path}/model+{tmp_path}/adapter")
+    original, _ = checkpoint_tensors(str(tmp_path / "model"))
+    assert not torch.equal(
+        ours["transformer.h.0.attn.c_attn.weight"], original["transformer.h.0.attn.c_attn.weight"]
+    )
+    for name in ours:
+        assert torch.equal(ours[name], expected[name]), name
+
+
+def test_a_merge_of_experts_given_as_model_plus_adapter(zoo, tmp_path):
+    base = zoo["base"]
+    modules = [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in ("q", "o")]
+    adapters = [write_adapter(tmp_path / f"adapter-{k}", base, modules, seed=k) for k in range(2)]
+    refs = [f"{base}+{adapter}" for adapter in adapters]
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "models": [{"model": ref, "parameters": {"weight": 0.7}} for ref in refs],
+        "dtype": "float32",
+    }
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "merge.yaml"), "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    merged, base_tensors = load_folder(out), load_folder(base)
+    applied = [checkpoint_tensors(ref)[0] for ref in refs]
+    for name, value in merged.items():
+        expected = base_tensors[name] + sum(0.7 * (a[name] - base_tensors[name]) for a in applied)
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(merged[f"{modules[0]}.weight"], base_tensors[f"{modules[0]}.weight"])
+    manifest = json.loads((out / "mergeflow-manifest.json").read_text())
+    assert [m["ref"] for m in manifest["inputs"]["models"]] == refs
+    # The two adapted models differ, and so do their recorded hashes.
+    assert len({m["sha256"] for m in manifest["inputs"]["models"]}) == 2
+    # The adapted tensors were written to a scratch folder in the cache, removed after the
+    # merge; their hash came from writing them, not from hashing the file again and remembering it.
+    assert not list((cache_dir() / "scratch").iterdir())
+    remembered = json.loads((cache_dir() / "file-hashes.json").read_text())
+    assert not [path for path in remembered if "/scratch/" in path]
