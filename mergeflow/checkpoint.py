@@ -10,7 +10,6 @@ from pathlib import Path
 
 from mergeflow.errors import CheckpointError, StorageError
 from mergeflow.file_hashes import cache_dir
-from mergeflow.lora import ADAPTED_FILE, apply_updates, read_adapter, split_adapter_reference
 from mergeflow.safetensors_io import (
     PlannedTensor,
     ShardFileWriter,
@@ -84,8 +83,8 @@ def open_checkpoint(ref: str, allow_pickle: bool = False, progress: bool = False
         location, hub_commit = locate(snapshot), Path(snapshot).name
     try:
         if not location.is_dir():
-            if adapter_reference := split_adapter_reference(ref):
-                return _open_with_adapter(ref, *adapter_reference, allow_pickle, progress)
+            if "+" in ref:
+                return _open_with_adapter(ref, allow_pickle, progress)
             raise CheckpointError(
                 f"model '{ref}': not found or not a folder (give a local path, file:// or s3:// URI "
                 "of an HF checkpoint folder, or the repo id of a model in the local Hugging Face "
@@ -124,12 +123,14 @@ def open_checkpoint(ref: str, allow_pickle: bool = False, progress: bool = False
     return checkpoint
 
 
-def _open_with_adapter(
-    ref: str, model_ref: str, adapter_ref: str, allow_pickle: bool, progress: bool
-) -> Checkpoint:
+def _open_with_adapter(ref: str, allow_pickle: bool, progress: bool) -> Checkpoint:
     """The model of mergekit's 'model+adapter' form with the LoRA adapter applied
     (mergeflow.lora): the tensors the adapter changes are rewritten to a scratch file, the
     others stay where they are. Config and tokenizer are the model's."""
+    # Imported here: mergeflow.lora loads numba, which reading checkpoints otherwise does not need.
+    from mergeflow.lora import ADAPTED_FILE, apply_updates, read_adapter, split_adapter_reference
+
+    model_ref, adapter_ref = split_adapter_reference(ref)
     checkpoint = open_checkpoint(model_ref, allow_pickle)
     checkpoint.ref = ref
     try:

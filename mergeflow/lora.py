@@ -37,7 +37,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTED_FILE = "mergeflow-adapted-tensors.safetensors"
 PEFT_PREFIX = "base_model.model."
-# adapter tensor name suffix -> (factor, is an embedding: its delta is transposed)
+# adapter tensor name suffix -> (factor, whether it is an embedding's)
 _FACTORS = {
     ".lora_A.weight": ("A", False),
     ".lora_B.weight": ("B", False),
@@ -54,10 +54,8 @@ _REFUSED_SETTINGS = {
 }
 
 
-def split_adapter_reference(ref: str) -> tuple[str, str] | None:
-    """(model, adapter) of mergekit's 'model+adapter' form, or None for a plain reference."""
-    if "+" not in ref:
-        return None
+def split_adapter_reference(ref: str) -> tuple[str, str]:
+    """(model, adapter) of mergekit's 'model+adapter' form."""
     parts = ref.split("+")
     if len(parts) != 2 or not all(parts):
         raise CheckpointError(f"model '{ref}': write a model with an adapter as 'MODEL+ADAPTER' (one '+')")
@@ -73,8 +71,8 @@ class TensorUpdate:
     a: TensorEntry | None = None
     b: TensorEntry | None = None
     scale: float = 0.0
-    embedding: bool = False
-    fan_in_fan_out: bool = False
+    transposed: bool = False  # s·(B·A)ᵀ: a fan_in_fan_out layer's, or an embedding's
+    embedding: bool = False  # PEFT rounds an embedding's delta to the weight's dtype first
 
 
 def read_adapter(
@@ -118,7 +116,7 @@ def read_adapter(
             raise CheckpointError(f"{where}: module '{module}' has only one of its two LoRA factors")
         a, b, embedding = pair["A"], pair["B"], module in embeddings
         r, alpha = _rank_and_alpha(settings, module)
-        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
+        if r < 1 or len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
             raise CheckpointError(
                 f"{where}: module '{module}': factors of shapes {list(b.shape)} and {list(a.shape)} "
                 f"do not have the rank r={r} the adapter config gives it"
@@ -128,7 +126,7 @@ def read_adapter(
         target = _target(where, f"{module}.weight", tensors, shape, a.name)
         scale = alpha / math.sqrt(r) if settings.get("use_rslora") else alpha / r
         replaced = updates.get(target, TensorUpdate(target)).replacement
-        updates[target] = TensorUpdate(target, replaced, a, b, scale, embedding, transposed and not embedding)
+        updates[target] = TensorUpdate(target, replaced, a, b, scale, transposed, embedding)
     if not updates:
         raise CheckpointError(f"{where}: {ADAPTER_WEIGHTS} holds no LoRA tensors")
     return sorted(updates.values(), key=lambda u: u.target)
@@ -159,10 +157,8 @@ def apply_updates(
                 weight = to_float32(from_float32(weight, model_entry.dtype)[0])
             if update.a is not None:
                 delta = _read_float32(reader, update.b) @ _read_float32(reader, update.a)
-                delta = (delta.T if update.embedding or update.fan_in_fan_out else delta) * np.float32(
-                    update.scale
-                )
-                if update.embedding:  # PEFT rounds an embedding's delta to the weight's dtype first
+                delta = (delta.T if update.transposed else delta) * np.float32(update.scale)
+                if update.embedding:
                     delta = to_float32(from_float32(delta, model_entry.dtype)[0])
                 weight += delta
             values, non_finite = from_float32(weight, model_entry.dtype)

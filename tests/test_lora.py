@@ -5,6 +5,8 @@ the CLI."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,3 +148,9 @@ def test_a_merge_of_experts_given_as_model_plus_adapter(zoo, tmp_path):
     assert not list((cache_dir() / "scratch").iterdir())
     remembered = json.loads((cache_dir() / "file-hashes.json").read_text())
     assert not [path for path in remembered if "/scratch/" in path]
+
+
+def test_reading_checkpoints_loads_numba_only_to_apply_an_adapter():
+    script = "import sys, mergeflow.checkpoint; print('numba' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"]
