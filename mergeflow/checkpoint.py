@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ from mergeflow.safetensors_io import (
     read_header,
 )
 from mergeflow.storage import Location, locate
+from mergeflow.write_lock import process_runs
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -61,16 +64,27 @@ class Checkpoint:
 
     def scratch_folder(self) -> Path:
         """This checkpoint's scratch folder, made on first use under the cache folder (on disk;
-        /tmp may be memory, and an adapted model can be as large as the model)."""
+        /tmp may be memory, and an adapted model can be as large as the model). Its name holds
+        the process id, so that the folders of killed processes go at the next one's start."""
         if self._scratch is None:
             root = cache_dir() / "scratch"
             root.mkdir(parents=True, exist_ok=True)
-            self._scratch = tempfile.TemporaryDirectory(prefix="checkpoint-", dir=root)
+            remove_abandoned_scratch(root)
+            self._scratch = tempfile.TemporaryDirectory(prefix=f"checkpoint-{os.getpid()}-", dir=root)
         return Path(self._scratch.name)
 
     def close(self) -> None:
         if self._scratch is not None:
             self._scratch.cleanup()
+
+
+def remove_abandoned_scratch(root: Path) -> None:
+    """Remove the scratch folders of processes that are gone (killed before they closed their
+    checkpoints): nothing reads them again, and an adapted model's tensors take disk."""
+    for folder in root.glob("checkpoint-*-*"):
+        pid = folder.name.split("-")[1]
+        if pid.isdigit() and not process_runs(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def open_checkpoint(ref: str, allow_pickle: bool = False, progress: bool = False) -> Checkpoint:

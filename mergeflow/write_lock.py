@@ -97,13 +97,14 @@ def _abandoned(location: Location, holder: dict) -> bool:
             return location.uri not in _HELD
     host, _, rest = owner.partition(":")
     pid = rest.partition(":")[0]
-    if host == socket.gethostname() and pid.isdigit() and not _process_runs(int(pid)):
+    if host == socket.gethostname() and pid.isdigit() and not process_runs(int(pid)):
         return True
     age = time.time() - float(holder.get("refreshed_at", 0))
     return age > STALE_AFTER_S
 
 
-def _process_runs(pid: int) -> bool:
+def process_runs(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (as any user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

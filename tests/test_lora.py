@@ -5,6 +5,7 @@ the CLI."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,22 @@ def test_reading_checkpoints_loads_numba_only_to_apply_an_adapter():
     script = "import sys, mergeflow.checkpoint; print('numba' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False"]
+
+
+def test_scratch_folders_of_killed_processes_go_when_the_next_adapter_is_applied(zoo, tmp_path):
+    scratch = cache_dir() / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    abandoned = scratch / f"checkpoint-{ended.stdout.strip()}-x1"
+    abandoned.mkdir()
+    (abandoned / "mergeflow-adapted-tensors.safetensors").write_bytes(b"left by a killed merge")
+    running = scratch / f"checkpoint-{os.getppid()}-x2"  # a live process's: kept
+    running.mkdir()
+    adapter = write_adapter(tmp_path / "lora", zoo["base"], ["model.layers.0.mlp.up_proj"])
+    try:
+        open_checkpoint(f"{zoo['base']}+{adapter}").close()
+        assert not abandoned.exists() and running.exists()
+    finally:
+        running.rmdir()

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from mergeflow.write_lock import process_runs
 from mergeflow.zoo import RECORD, zoo_dir
 
 # Bump when training or data code changes what a cached model would contain.
@@ -63,11 +64,5 @@ def remove_abandoned_stages() -> None:
     worker stopped when another failed. They never look complete, but they take disk."""
     for stage in (zoo_dir() / "models").glob(".*.partial-*"):
         pid = stage.name.rsplit("-", 1)[1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and not process_runs(int(pid)):
             shutil.rmtree(stage, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, another user's
