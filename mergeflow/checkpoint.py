@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergeflow.errors import CheckpointError, StorageError
-from mergeflow.file_hashes import cache_dir
 from mergeflow.safetensors_io import (
     PlannedTensor,
     ShardFileWriter,
@@ -20,8 +17,8 @@ from mergeflow.safetensors_io import (
     numpy_view,
     read_header,
 )
+from mergeflow.scratch import new_scratch_folder
 from mergeflow.storage import Location, locate
-from mergeflow.write_lock import process_runs
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -52,7 +49,7 @@ class Checkpoint:
     file_names: list[str]
     hub_commit: str | None = None  # the snapshot's commit, for a repo id found in the hub cache
     # Files made for this merge: converted pickles, tensors an adapter changed. Gone on close.
-    _scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    _scratch: Path | None = field(default=None, repr=False)
     # sha256 of those files by name, known from writing them: never hashed again or remembered.
     scratch_sha256: dict[str, str] = field(default_factory=dict)
 
@@ -63,28 +60,14 @@ class Checkpoint:
             raise CheckpointError(f"model '{self.ref}': {name} is not valid JSON: {exc}") from exc
 
     def scratch_folder(self) -> Path:
-        """This checkpoint's scratch folder, made on first use under the cache folder (on disk;
-        /tmp may be memory, and an adapted model can be as large as the model). Its name holds
-        the process id, so that the folders of killed processes go at the next one's start."""
+        """This checkpoint's scratch folder (mergeflow.scratch), made on first use."""
         if self._scratch is None:
-            root = cache_dir() / "scratch"
-            root.mkdir(parents=True, exist_ok=True)
-            remove_abandoned_scratch(root)
-            self._scratch = tempfile.TemporaryDirectory(prefix=f"checkpoint-{os.getpid()}-", dir=root)
-        return Path(self._scratch.name)
+            self._scratch = new_scratch_folder("checkpoint")
+        return self._scratch
 
     def close(self) -> None:
         if self._scratch is not None:
-            self._scratch.cleanup()
-
-
-def remove_abandoned_scratch(root: Path) -> None:
-    """Remove the scratch folders of processes that are gone (killed before they closed their
-    checkpoints): nothing reads them again, and an adapted model's tensors take disk."""
-    for folder in root.glob("checkpoint-*-*"):
-        pid = folder.name.split("-")[1]
-        if pid.isdigit() and not process_runs(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 def open_checkpoint(ref: str, allow_pickle: bool = False, progress: bool = False) -> Checkpoint:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from mergeflow.checkpoint import MANIFEST
 from mergeflow.errors import CheckpointError
 from mergeflow.file_hashes import cache_dir
 from mergeflow.hashing import file_sha256, model_sha256_at
+from mergeflow.scratch import process_tagged, remove_abandoned
 from mergeflow.storage import locate
 
 MLFLOW_SCHEME = "models:/"
@@ -112,8 +112,10 @@ def _download(ref: str) -> Path:
     folder = cache_dir() / "models" / hashlib.sha256(ref.encode() + b"\0" + identity).hexdigest()[:24]
     if folder.is_dir():
         return folder
-    stage = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex[:8]}")
-    stage.mkdir(parents=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(folder.parent, ".*.partial-*")  # downloads of killed processes
+    stage = folder.parent / process_tagged(f".{folder.name}.partial")
+    stage.mkdir()
     try:
         for name in names:
             # fs.get streams to disk; shards never sit whole in memory.

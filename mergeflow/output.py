@@ -5,13 +5,12 @@ writer at a time holds the prefix (mergeflow.write_lock)."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import posixpath
 import shutil
-import tempfile
-import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import numpy as np
 from mergeflow.checkpoint import INDEX, MANIFEST
 from mergeflow.errors import StorageError
 from mergeflow.safetensors_io import PlannedTensor, ShardFileWriter
+from mergeflow.scratch import new_scratch_folder, process_tagged, remove_abandoned
 from mergeflow.sequential_file import cannot_write
 from mergeflow.storage import Location, guarded, locate
 from mergeflow.write_lock import LOCK_NAME, write_lock
@@ -152,13 +152,15 @@ class StagedOutput:
         if not overwrite and any(self._existing_objects().values()):
             raise StorageError(f"{self.target.uri}: output already exists (pass --overwrite to replace it)")
         if self.target.is_local:
-            parent = Path(self.target.path).parent
+            parent, name = Path(self.target.path).parent, Path(self.target.path).name
             parent.mkdir(parents=True, exist_ok=True)
+            for left in (".partial", ".old"):  # by merges into this output that were killed
+                remove_abandoned(parent, f".{glob.escape(name)}{left}-*")
             # Same parent folder, so the final rename is atomic on one filesystem.
-            self.folder = parent / f".{Path(self.target.path).name}.partial-{uuid.uuid4().hex[:8]}"
+            self.folder = parent / process_tagged(f".{name}.partial")
             self.folder.mkdir()
         else:
-            self.folder = Path(tempfile.mkdtemp(prefix="mergeflow-stage-"))
+            self.folder = new_scratch_folder("stage")
 
     def _existing_objects(self) -> dict[str, bool]:
         """What is already at the target: for S3 every key but another writer's lock, mapped to
@@ -193,7 +195,7 @@ class StagedOutput:
         target = Path(self.target.path)
         old = None
         if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            old = target.parent / process_tagged(f".{target.name}.old")
             target.rename(old)
         self.folder.rename(target)
         _sync(target.parent)

@@ -1,11 +1,13 @@
 """Faults against real servers and files: S3 stopping mid-merge, a corrupted shard in S3, two
-merges racing for one destination, MLflow down at registration, a disk that refuses a shard.
+merges racing for one destination, MLflow down at registration, a disk that refuses a shard,
+what a killed merge left.
 Each must fail clearly, leave nothing that looks complete, and let a re-run finish exactly as
 an undisturbed run would."""
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -253,3 +255,23 @@ def test_mlflow_down_at_registration_fails_clearly_and_a_rerun_registers_once(zo
     again = register_merge(record, tracking_uri=uri)
     assert first.version == again.version == 1
     assert len(MlflowClient(uri).search_model_versions("name='mergeflow-tiny'")) == 1
+
+
+def test_what_a_killed_merge_left_is_removed_by_the_next_merge_into_that_output(zoo, tmp_path):
+    """A merge killed mid-write leaves its staging folder (never anything that looks complete);
+    one killed while replacing an output, the old output renamed aside. Both are named with the
+    process id, and the next merge into that output removes those of processes that are gone."""
+    destination = tmp_path / "out" / "merged"
+    destination.parent.mkdir(parents=True)
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    gone, alive = ended.stdout.strip(), str(os.getppid())
+    left = [destination.parent / f".merged.{kind}-{gone}-0a1b2c3d" for kind in ("partial", "old")]
+    kept = destination.parent / f".merged.partial-{alive}-0a1b2c3d"  # a merge still running
+    for folder in [*left, kept]:
+        folder.mkdir()
+        (folder / "model-00001-of-00002.safetensors").write_bytes(b"half a shard")
+    merge(ties(zoo), str(destination))
+    verify_manifest(destination)
+    assert sorted(p.name for p in destination.parent.iterdir()) == [kept.name, "merged"]
