@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mergeflow.write_lock import process_runs
+from mergeflow.scratch import process_tagged, remove_abandoned
 from mergeflow.zoo import RECORD, zoo_dir
 
 # Bump when training or data code changes what a cached model would contain.
@@ -44,8 +43,7 @@ def cached(name: str, key: str, build: Callable[[Path], dict] | None) -> tuple[P
         return folder, read_record(folder), False
     if build is None:
         raise NotBuilt(folder.name)
-    stage = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
+    stage = folder.with_name(process_tagged(f".{folder.name}.partial"))
     stage.mkdir(parents=True)
     try:
         record = {"name": name, "key": key, **build(stage)}
@@ -62,7 +60,4 @@ def cached(name: str, key: str, build: Callable[[Path], dict] | None) -> tuple[P
 def remove_abandoned_stages() -> None:
     """Remove the staging folders of builds whose process (on this machine) is gone: killed, or a
     worker stopped when another failed. They never look complete, but they take disk."""
-    for stage in (zoo_dir() / "models").glob(".*.partial-*"):
-        pid = stage.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not process_runs(int(pid)):
-            shutil.rmtree(stage, ignore_errors=True)
+    remove_abandoned(zoo_dir() / "models", ".*.partial-*")

@@ -12,12 +12,12 @@ found through the distribution's file list. Nothing is looked up on a hub.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import importlib.metadata
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from mergeflow.errors import ZooError
 from mergeflow.hashing import file_sha256
 from mergeflow.output import ShardedWriter, WrittenFile
 from mergeflow.safetensors_io import FLOAT32, PlannedTensor, numpy_view
+from mergeflow.scratch import process_tagged, remove_abandoned
 from mergeflow.storage import locate
 from mergeflow.zoo import RECORD, zoo_dir
 
@@ -93,7 +94,8 @@ def convert_smollm2(out: Path) -> Path:
     if out.exists():
         raise ZooError(f"{out}: already exists; remove it to convert {GGUF_NAME} again")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    remove_abandoned(out.parent, f".{glob.escape(out.name)}.partial-*")  # of killed conversions
+    staging = out.parent / process_tagged(f".{out.name}.partial")
     staging.mkdir()
     try:
         with _offline_and_quiet():
