@@ -125,7 +125,13 @@ def _open_with_adapter(ref: str, allow_pickle: bool, progress: bool) -> Checkpoi
     (mergeflow.lora): the tensors the adapter changes are rewritten to a scratch file, the
     others stay where they are. Config and tokenizer are the model's."""
     # Imported here: mergeflow.lora loads numba, which reading checkpoints otherwise does not need.
-    from mergeflow.lora import ADAPTED_FILE, apply_updates, read_adapter, split_adapter_reference
+    from mergeflow.lora import (
+        ADAPTED_FILE,
+        adapter_files,
+        apply_updates,
+        read_adapter,
+        split_adapter_reference,
+    )
 
     model_ref, adapter_ref = split_adapter_reference(ref)
     checkpoint = open_checkpoint(model_ref, allow_pickle)
@@ -134,7 +140,14 @@ def _open_with_adapter(ref: str, allow_pickle: bool, progress: bool) -> Checkpoi
         adapter = locate(adapter_ref)
         if adapter.is_local and not Path(adapter.path).exists() and (snapshot := hub_snapshot(adapter_ref)):
             adapter = locate(snapshot)
-        updates = read_adapter(ref, adapter_ref, adapter, checkpoint.tensors)
+        config, weights = adapter_files(ref, adapter_ref, adapter)
+        if not weights.name.endswith(".safetensors"):
+            what = f"model '{ref}': adapter '{adapter_ref}'"
+            _refuse_pickle(what, [weights.name], allow_pickle)
+            converted = checkpoint.scratch_folder() / "adapter_model.safetensors"
+            _pickle_to_safetensors(what, weights, converted)
+            weights = locate(str(converted))
+        updates = read_adapter(ref, adapter_ref, config, weights, checkpoint.tensors)
         path = checkpoint.scratch_folder() / ADAPTED_FILE
         applied, sha256 = apply_updates(ref, updates, checkpoint.tensors, str(path), progress)
     except BaseException:
@@ -185,40 +198,51 @@ def _weight_map(checkpoint: Checkpoint) -> dict[str, str]:
 
 
 def _convert_pickles(checkpoint: Checkpoint, allow_pickle: bool) -> list[str]:
-    """Pickle-only checkpoints are refused by default: unpickling can run arbitrary code.
-    With allow_pickle they are loaded with torch's weights-only unpickler and converted."""
+    """A pickle-only checkpoint's weights as safetensors files in its scratch folder."""
     pickles = [n for n in checkpoint.file_names if n.endswith(PICKLE_SUFFIXES)]
     if not pickles:
         raise CheckpointError(f"model '{checkpoint.ref}': no *.safetensors weights found")
-    if not allow_pickle:
-        raise CheckpointError(
-            f"model '{checkpoint.ref}': only pickle checkpoints ({', '.join(pickles)}); pickle can "
-            "run code when loaded, so it is refused: convert to safetensors or pass --allow-pickle"
-        )
-    import torch  # only for pickles: a merge of safetensors checkpoints never loads torch
-
-    scratch = checkpoint.scratch_folder()
+    _refuse_pickle(f"model '{checkpoint.ref}'", pickles, allow_pickle)
     converted = []
     for name in pickles:
-        source = checkpoint.location.child(name)
-        local = source.path if source.is_local else str(scratch / f"src-{name}")
-        if not source.is_local:
-            Path(local).write_bytes(source.read_bytes())
-        try:
-            state = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # the unpickler raises many types; all mean "unreadable"
-            raise CheckpointError(f"model '{checkpoint.ref}': cannot load {name}: {exc}") from exc
-        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and dtype_of(v) is not None}
         target = f"{Path(name).stem}.safetensors"
-        writer = ShardFileWriter(
-            str(scratch / target),
-            [PlannedTensor(k, dtype_of(v), tuple(v.shape)) for k, v in tensors.items()],
+        source = checkpoint.location.child(name)
+        sha256 = _pickle_to_safetensors(
+            f"model '{checkpoint.ref}'", source, checkpoint.scratch_folder() / target
         )
-        for key, value in tensors.items():
-            writer.write(key, numpy_view(value.reshape(-1)))
-        checkpoint.scratch_sha256[target] = writer.finish()
+        checkpoint.scratch_sha256[target] = sha256
         converted.append(target)
     return converted
+
+
+def _refuse_pickle(what: str, pickles: list[str], allow_pickle: bool) -> None:
+    """Pickles are refused by default: unpickling can run arbitrary code."""
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{what}: only pickle weights ({', '.join(pickles)}); pickle can run code when "
+            "loaded, so it is refused: convert to safetensors or pass --allow-pickle"
+        )
+
+
+def _pickle_to_safetensors(what: str, source: Location, target: Path) -> str:
+    """Load a pickle with torch's weights-only unpickler and write its tensors to `target`;
+    returns the new file's sha256."""
+    import torch  # only for pickles: a merge of safetensors checkpoints never loads torch
+
+    local = source.path if source.is_local else str(target.with_name(f"src-{source.name}"))
+    if not source.is_local:
+        Path(local).write_bytes(source.read_bytes())
+    try:
+        state = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # the unpickler raises many types; all mean "unreadable"
+        raise CheckpointError(f"{what}: cannot load {source.name}: {exc}") from exc
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and dtype_of(v) is not None}
+    writer = ShardFileWriter(
+        str(target), [PlannedTensor(k, dtype_of(v), tuple(v.shape)) for k, v in tensors.items()]
+    )
+    for key, value in tensors.items():
+        writer.write(key, numpy_view(value.reshape(-1)))
+    return writer.finish()
 
 
 def num_layers(checkpoint: Checkpoint) -> int:

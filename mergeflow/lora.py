@@ -35,6 +35,7 @@ from mergeflow.storage import Location, locate
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
 ADAPTED_FILE = "mergeflow-adapted-tensors.safetensors"
 PEFT_PREFIX = "base_model.model."
 # adapter tensor name suffix -> (factor, whether it is an embedding's)
@@ -75,12 +76,9 @@ class TensorUpdate:
     embedding: bool = False  # PEFT rounds an embedding's delta to the weight's dtype first
 
 
-def read_adapter(
-    ref: str, adapter_ref: str, adapter: Location, tensors: dict[str, TensorEntry]
-) -> list[TensorUpdate]:
-    """The updates the PEFT LoRA adapter folder `adapter` (named `adapter_ref` in model
-    reference `ref`) makes to a model with `tensors`, checked against them (names and shapes)
-    before any tensor is read."""
+def adapter_files(ref: str, adapter_ref: str, adapter: Location) -> tuple[Location, Location]:
+    """The adapter folder's adapter_config.json and weights: adapter_model.safetensors, else the
+    pickle older PEFT versions wrote (adapter_model.bin; the caller converts it, if allowed)."""
     where = f"model '{ref}': adapter '{adapter_ref}'"
     try:
         if not adapter.is_dir():
@@ -91,15 +89,26 @@ def read_adapter(
         names = adapter.list_names()
     except StorageError as exc:
         raise CheckpointError(f"{where}: {exc}") from exc
-    if ADAPTER_CONFIG not in names or ADAPTER_WEIGHTS not in names:
+    weights = next((name for name in (ADAPTER_WEIGHTS, ADAPTER_PICKLE) if name in names), None)
+    if ADAPTER_CONFIG not in names or weights is None:
         raise CheckpointError(
             f"{where}: not a PEFT adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
         )
-    settings = _adapter_settings(where, adapter.child(ADAPTER_CONFIG))
+    return adapter.child(ADAPTER_CONFIG), adapter.child(weights)
+
+
+def read_adapter(
+    ref: str, adapter_ref: str, config: Location, weights: Location, tensors: dict[str, TensorEntry]
+) -> list[TensorUpdate]:
+    """The updates a PEFT LoRA adapter (its `config` file and safetensors `weights`, named
+    `adapter_ref` in model reference `ref`) makes to a model with `tensors`, checked against
+    them (names and shapes) before any tensor is read."""
+    where = f"model '{ref}': adapter '{adapter_ref}'"
+    settings = _adapter_settings(where, config)
     factors: dict[str, dict[str, TensorEntry]] = {}  # module -> {"A": entry, "B": entry}
     embeddings: set[str] = set()
     replacements: dict[str, TensorEntry] = {}
-    for entry in read_header(adapter.child(ADAPTER_WEIGHTS)):
+    for entry in read_header(weights):
         module, factor, embedding = _parse_adapter_tensor(where, entry.name)
         if factor is None:
             replacements[module] = entry

@@ -16,18 +16,22 @@ import yaml
 from conftest import load_folder, random_llama
 from lora_adapters import write_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mergeflow.checkpoint import open_checkpoint
 from mergeflow.cli import app
+from mergeflow.errors import CheckpointError
 from mergeflow.file_hashes import cache_dir
 from mergeflow.methods.primitives import to_float32
 from mergeflow.safetensors_io import TensorFileReader
 
 
-def checkpoint_tensors(ref: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def checkpoint_tensors(
+    ref: str, allow_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of the opened checkpoint `ref` in float32, and the file each is read from."""
-    checkpoint, reader = open_checkpoint(ref), TensorFileReader()
+    checkpoint, reader = open_checkpoint(ref, allow_pickle), TensorFileReader()
     try:
         values = {
             name: torch.from_numpy(to_float32(reader.read(e, 0, e.numel)).reshape(e.shape))
@@ -174,3 +178,24 @@ def test_scratch_folders_of_killed_processes_go_when_the_next_adapter_is_applied
         assert not abandoned.exists() and running.exists()
     finally:
         running.rmdir()
+
+
+def test_an_adapter_saved_as_a_pickle_by_older_peft_needs_allow_pickle(tmp_path):
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
+    save_model_and_adapter(tmp_path, lambda: random_llama(64), torch.bfloat16, lora)
+    pickled = tmp_path / "pickled-adapter"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_bytes((tmp_path / "adapter" / "adapter_config.json").read_bytes())
+    torch.save(load_file(tmp_path / "adapter" / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    ref = f"{tmp_path}/model+{pickled}"
+    with pytest.raises(CheckpointError) as refused:
+        open_checkpoint(ref)
+    assert str(refused.value) == (
+        f"model '{ref}': adapter '{pickled}': only pickle weights (adapter_model.bin); pickle can run "
+        "code when loaded, so it is refused: convert to safetensors or pass --allow-pickle"
+    )
+    ours, _ = checkpoint_tensors(ref, allow_pickle=True)
+    expected, _ = checkpoint_tensors(f"{tmp_path}/model+{tmp_path}/adapter")
+    assert ours.keys() == expected.keys()
+    for name in ours:
+        assert torch.equal(ours[name], expected[name]), name
