@@ -166,7 +166,8 @@ def apply_updates(
                 weight = to_float32(from_float32(weight, model_entry.dtype)[0])
             if update.a is not None:
                 delta = _read_float32(reader, update.b) @ _read_float32(reader, update.a)
-                delta = (delta.T if update.transposed else delta) * np.float32(update.scale)
+                delta *= np.float32(update.scale)  # in place: the product is a fresh array
+                delta = delta.T if update.transposed else delta
                 if update.embedding:
                     delta = to_float32(from_float32(delta, model_entry.dtype)[0])
                 weight += delta
