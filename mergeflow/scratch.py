@@ -1,19 +1,26 @@
-"""Folders for one process's intermediate files, named with its process id, so that those a
-killed process leaves are removed when the next process makes one: a merge's scratch folder
-under the cache folder (adapted tensors, converted pickles, an S3 output's staged files) and a
-local output's staging folder beside the output. A killed merge never leaves anything that
-looks complete; this keeps it from leaving disk used either."""
+"""Folders for one process's intermediate files, named with its process id and host, so that
+those a killed process leaves are removed when the next process on that host makes one: a
+merge's scratch folder under the cache folder (adapted tensors, converted pickles, an S3
+output's staged files), a local output's staging folder beside the output, downloads and zoo
+builds being staged. A killed merge never leaves anything that looks complete; this keeps it
+from leaving disk used either. The host is part of the name because these folders can sit on
+a filesystem several machines share, where another host's live process looks gone."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from pathlib import Path
 
 from mergeflow.file_hashes import cache_dir
 from mergeflow.write_lock import process_runs
+
+# This machine, in names: a short digest, since host names may hold '-', the separator.
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def new_scratch_folder(kind: str) -> Path:
@@ -22,18 +29,19 @@ def new_scratch_folder(kind: str) -> Path:
     root = cache_dir() / "scratch"
     root.mkdir(parents=True, exist_ok=True)
     remove_abandoned(root, "*")
-    return Path(tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-", dir=root))
+    return Path(tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}.{HOST}-", dir=root))
 
 
-def process_tagged(prefix: str) -> str:
-    """A name `prefix-PID-RANDOM` for a file or folder of this process."""
-    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def process_tagged(prefix: str, pid: int | None = None) -> str:
+    """A name `prefix-PID.HOST-RANDOM` for a file or folder of this process (or of `pid`)."""
+    return f"{prefix}-{pid or os.getpid()}.{HOST}-{uuid.uuid4().hex[:8]}"
 
 
 def remove_abandoned(folder: Path, pattern: str) -> None:
-    """Remove what matches `pattern` in `folder` and is named `…-PID-RANDOM` for a process
-    that no longer runs on this machine."""
+    """Remove what matches `pattern` in `folder` and is named `…-PID.HOST-RANDOM` for a process
+    of this machine that no longer runs."""
     for path in folder.glob(pattern):
         parts = path.name.rsplit("-", 2)
-        if len(parts) == 3 and parts[1].isdigit() and not process_runs(int(parts[1])):
+        pid, _, host = parts[1].partition(".") if len(parts) == 3 else ("", "", "")
+        if host == HOST and pid.isdigit() and not process_runs(int(pid)):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

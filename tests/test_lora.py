@@ -25,6 +25,7 @@ from mergeflow.errors import CheckpointError
 from mergeflow.file_hashes import cache_dir
 from mergeflow.methods.primitives import to_float32
 from mergeflow.safetensors_io import TensorFileReader
+from mergeflow.scratch import process_tagged
 
 
 def checkpoint_tensors(
@@ -167,10 +168,10 @@ def test_scratch_folders_of_killed_processes_go_when_the_next_adapter_is_applied
     ended = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    abandoned = scratch / f"checkpoint-{ended.stdout.strip()}-x1"
+    abandoned = scratch / process_tagged("checkpoint", int(ended.stdout))
     abandoned.mkdir()
     (abandoned / "mergeflow-adapted-tensors.safetensors").write_bytes(b"left by a killed merge")
-    running = scratch / f"checkpoint-{os.getppid()}-x2"  # a live process's: kept
+    running = scratch / process_tagged("checkpoint", os.getppid())  # a live process's: kept
     running.mkdir()
     adapter = write_adapter(tmp_path / "lora", zoo["base"], ["model.layers.0.mlp.up_proj"])
     try:

@@ -15,6 +15,7 @@ import torch
 from conftest import MICRO
 
 from mergeflow.errors import ZooError
+from mergeflow.scratch import process_tagged
 from mergeflow.zoo import parallel
 from mergeflow.zoo.build import build_preset
 from mergeflow.zoo.model_cache import remove_abandoned_stages
@@ -95,8 +96,8 @@ def test_staging_folders_of_ended_processes_are_removed_and_live_ones_kept(tmp_p
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
     models = tmp_path / "models"
-    abandoned = models / f".tinymicro-pt-trained-here-0123.partial-{ended.pid}-0a1b2c3d"
-    live = models / f".tinymicro-it-trained-here-4567.partial-{psutil.Process().pid}-0a1b2c3d"
+    abandoned = models / process_tagged(".tinymicro-pt-trained-here-0123.partial", ended.pid)
+    live = models / process_tagged(".tinymicro-it-trained-here-4567.partial", psutil.Process().pid)
     for stage in (abandoned, live):
         stage.mkdir(parents=True)
         (stage / "model.safetensors").write_bytes(b"half")

@@ -26,6 +26,7 @@ from mergeflow.errors import CheckpointError, StorageError
 from mergeflow.fetch import fetch_model, verify_manifest
 from mergeflow.output import StagedOutput
 from mergeflow.registry import RegistryError, register_merge
+from mergeflow.scratch import HOST, process_tagged
 from mergeflow.settings import Settings
 from mergeflow.stack import S3Service, down, up
 from mergeflow.write_lock import LOCK_NAME, WriteLock
@@ -266,12 +267,16 @@ def test_what_a_killed_merge_left_is_removed_by_the_next_merge_into_that_output(
     ended = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    gone, alive = ended.stdout.strip(), str(os.getppid())
-    left = [destination.parent / f".merged.{kind}-{gone}-0a1b2c3d" for kind in ("partial", "old")]
-    kept = destination.parent / f".merged.partial-{alive}-0a1b2c3d"  # a merge still running
-    for folder in [*left, kept]:
+    gone = int(ended.stdout)
+    left = [destination.parent / process_tagged(f".merged.{kind}", gone) for kind in ("partial", "old")]
+    running = destination.parent / process_tagged(".merged.partial", os.getppid())  # a merge still running
+    # The same pid on another machine sharing this folder: not known to be gone.
+    elsewhere = destination.parent / process_tagged(".merged.partial", gone).replace(HOST, "0f0f0f0f")
+    for folder in [*left, running, elsewhere]:
         folder.mkdir()
         (folder / "model-00001-of-00002.safetensors").write_bytes(b"half a shard")
     merge(ties(zoo), str(destination))
     verify_manifest(destination)
-    assert sorted(p.name for p in destination.parent.iterdir()) == [kept.name, "merged"]
+    assert sorted(p.name for p in destination.parent.iterdir()) == sorted(
+        [running.name, elsewhere.name, "merged"]
+    )
