@@ -1,5 +1,5 @@
-"""Resolve a model reference (local path, file://, s3:// or MLflow models:/<name>/<version or
-alias> URI) to a verified local folder.
+"""Resolve a model reference (local path, file://, s3://, MLflow models:/<name>/<version or
+alias> URI, or mergekit's MODEL+ADAPTER) to a verified local folder.
 
 A folder with a `mergeflow-manifest.json` is checked file by file against the sha256 and size it
 lists; any checkpoint must open (config, weights, index). S3 models are downloaded into
@@ -71,12 +71,28 @@ def verify_manifest(
 def fetch_model(ref: str) -> FetchedModel:
     if ref.startswith(MLFLOW_SCHEME):
         folder = _download_registered(ref)
+    elif "+" in ref and not locate(ref).exists():
+        folder = _adapted(ref)
     else:
         location = locate(ref)
         folder = Path(location.path) if location.is_local else _download(ref)
     verify_manifest(folder, ref)
     sha = model_sha256_at(str(folder))
     return FetchedModel(ref, folder, sha)
+
+
+def _adapted(ref: str) -> Path:
+    """mergekit's model+adapter as a whole model folder, since the pipeline evaluates models
+    from folders: a linear merge of that one model, which writes the adapted weights unchanged
+    with the model's config and tokenizer. Cached by the adapted model's content hash."""
+    from mergeflow.config import MergeConfig
+    from mergeflow.engine import merge
+
+    folder = cache_dir() / "models" / f"adapted-{model_sha256_at(ref)[:24]}"
+    if not folder.is_dir():
+        # overwrite: a concurrent fetch of the same model commits the same files
+        merge(MergeConfig(merge_method="linear", models=[{"model": ref}]), str(folder), overwrite=True)
+    return folder
 
 
 def _download_registered(ref: str) -> Path:
