@@ -124,7 +124,7 @@ def read_adapter(
         if "A" not in pair or "B" not in pair:
             raise CheckpointError(f"{where}: module '{module}' has only one of its two LoRA factors")
         a, b, embedding = pair["A"], pair["B"], module in embeddings
-        r, alpha = _rank_and_alpha(settings, module)
+        r, alpha = _rank_and_alpha(where, settings, module)
         if r < 1 or len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
             raise CheckpointError(
                 f"{where}: module '{module}': factors of shapes {list(b.shape)} and {list(a.shape)} "
@@ -230,19 +230,23 @@ def _parse_adapter_tensor(where: str, name: str) -> tuple[str, str | None, bool]
     )
 
 
-def _rank_and_alpha(settings: dict, module: str) -> tuple[int, float]:
+def _rank_and_alpha(where: str, settings: dict, module: str) -> tuple[int, float]:
     """r and alpha of one module: rank_pattern and alpha_pattern keys match the end of the
     module name at a '.' boundary, first key first, as PEFT matches them."""
 
-    def lookup(patterns: dict | None, default):
-        for pattern, value in (patterns or {}).items():
-            if re.match(rf"(.*\.)?({pattern})$", module):
+    def lookup(field: str, default):
+        for pattern, value in (settings.get(field) or {}).items():
+            try:
+                matched = re.match(rf"(.*\.)?({pattern})$", module)
+            except re.error as exc:
+                raise CheckpointError(
+                    f"{where}: {field} key '{pattern}' is not a regular expression: {exc}"
+                ) from None
+            if matched:
                 return value
         return default
 
-    return int(lookup(settings.get("rank_pattern"), settings["r"])), float(
-        lookup(settings.get("alpha_pattern"), settings["lora_alpha"])
-    )
+    return int(lookup("rank_pattern", settings["r"])), float(lookup("alpha_pattern", settings["lora_alpha"]))
 
 
 def _target(

@@ -78,8 +78,9 @@ def test_more_than_one_plus(small, tmp_path):
         ({"lora_alpha": -1}, "adapter_config.json needs a positive number for 'lora_alpha'"),
         ({"r": 8}, f"module '{Q_PROJ}': factors of shapes [64, 4] and [4, 64] do not have the rank r=8"),
         ({"rank_pattern": {"q_proj": 2}}, "do not have the rank r=2 the adapter config gives it"),
+        ({"alpha_pattern": {"q_proj[": 2}}, "alpha_pattern key 'q_proj[' is not a regular expression"),
     ],
-    ids=["not-lora", "dora", "layer-replication", "alpha", "rank", "rank-pattern"],
+    ids=["not-lora", "dora", "layer-replication", "alpha", "rank", "rank-pattern", "bad-pattern"],
 )
 def test_adapter_settings_that_do_not_fit(small, tmp_path, settings, expected):
     message = merge_with(small, f"{small['base']}+{adapter(small, tmp_path, **settings)}", tmp_path)
