@@ -75,9 +75,7 @@ def open_checkpoint(ref: str, allow_pickle: bool = False, progress: bool = False
     convert pickles or apply a LoRA adapter (with a progress bar when `progress`). `ref` is a
     local path, file:// or s3:// URI, or a Hugging Face repo id cached locally (hub_snapshot),
     or mergekit's MODEL+ADAPTER."""
-    location, hub_commit = locate(ref), None
-    if location.is_local and not Path(location.path).exists() and (snapshot := hub_snapshot(ref)):
-        location, hub_commit = locate(snapshot), Path(snapshot).name
+    location, hub_commit = resolve(ref)
     try:
         if not location.is_dir():
             if "+" in ref:
@@ -120,6 +118,15 @@ def open_checkpoint(ref: str, allow_pickle: bool = False, progress: bool = False
     return checkpoint
 
 
+def resolve(ref: str) -> tuple[Location, str | None]:
+    """Where `ref` is, and the snapshot's commit when it is a repo id found in the local
+    Hugging Face cache (a local path of that name wins)."""
+    location = locate(ref)
+    if location.is_local and not Path(location.path).exists() and (snapshot := hub_snapshot(ref)):
+        return locate(snapshot), Path(snapshot).name
+    return location, None
+
+
 def _open_with_adapter(ref: str, allow_pickle: bool, progress: bool) -> Checkpoint:
     """The model of mergekit's 'model+adapter' form with the LoRA adapter applied
     (mergeflow.lora): the tensors the adapter changes are rewritten to a scratch file, the
@@ -127,6 +134,7 @@ def _open_with_adapter(ref: str, allow_pickle: bool, progress: bool) -> Checkpoi
     # Imported here: mergeflow.lora loads numba, which reading checkpoints otherwise does not need.
     from mergeflow.lora import (
         ADAPTED_FILE,
+        ADAPTER_WEIGHTS,
         adapter_files,
         apply_updates,
         read_adapter,
@@ -134,20 +142,17 @@ def _open_with_adapter(ref: str, allow_pickle: bool, progress: bool) -> Checkpoi
     )
 
     model_ref, adapter_ref = split_adapter_reference(ref)
+    where = f"model '{ref}': adapter '{adapter_ref}'"
     checkpoint = open_checkpoint(model_ref, allow_pickle)
     checkpoint.ref = ref
     try:
-        adapter = locate(adapter_ref)
-        if adapter.is_local and not Path(adapter.path).exists() and (snapshot := hub_snapshot(adapter_ref)):
-            adapter = locate(snapshot)
-        config, weights = adapter_files(ref, adapter_ref, adapter)
-        if not weights.name.endswith(".safetensors"):
-            what = f"model '{ref}': adapter '{adapter_ref}'"
-            _refuse_pickle(what, [weights.name], allow_pickle)
-            converted = checkpoint.scratch_folder() / "adapter_model.safetensors"
-            _pickle_to_safetensors(what, weights, converted)
+        config, weights = adapter_files(where, resolve(adapter_ref)[0])
+        if weights.name != ADAPTER_WEIGHTS:
+            _refuse_pickle(where, [weights.name], allow_pickle)
+            converted = checkpoint.scratch_folder() / ADAPTER_WEIGHTS
+            _pickle_to_safetensors(where, weights, converted)
             weights = locate(str(converted))
-        updates = read_adapter(ref, adapter_ref, config, weights, checkpoint.tensors)
+        updates = read_adapter(where, config, weights, checkpoint.tensors)
         path = checkpoint.scratch_folder() / ADAPTED_FILE
         applied, sha256 = apply_updates(ref, updates, checkpoint.tensors, str(path), progress)
     except BaseException:

@@ -76,10 +76,10 @@ class TensorUpdate:
     embedding: bool = False  # PEFT rounds an embedding's delta to the weight's dtype first
 
 
-def adapter_files(ref: str, adapter_ref: str, adapter: Location) -> tuple[Location, Location]:
+def adapter_files(where: str, adapter: Location) -> tuple[Location, Location]:
     """The adapter folder's adapter_config.json and weights: adapter_model.safetensors, else the
-    pickle older PEFT versions wrote (adapter_model.bin; the caller converts it, if allowed)."""
-    where = f"model '{ref}': adapter '{adapter_ref}'"
+    pickle older PEFT versions wrote (adapter_model.bin; the caller converts it, if allowed).
+    `where` names the model and adapter in errors."""
     try:
         if not adapter.is_dir():
             raise CheckpointError(
@@ -98,12 +98,11 @@ def adapter_files(ref: str, adapter_ref: str, adapter: Location) -> tuple[Locati
 
 
 def read_adapter(
-    ref: str, adapter_ref: str, config: Location, weights: Location, tensors: dict[str, TensorEntry]
+    where: str, config: Location, weights: Location, tensors: dict[str, TensorEntry]
 ) -> list[TensorUpdate]:
-    """The updates a PEFT LoRA adapter (its `config` file and safetensors `weights`, named
-    `adapter_ref` in model reference `ref`) makes to a model with `tensors`, checked against
+    """The updates a PEFT LoRA adapter (its `config` file and safetensors `weights`; `where`
+    names the model and adapter in errors) makes to a model with `tensors`, checked against
     them (names and shapes) before any tensor is read."""
-    where = f"model '{ref}': adapter '{adapter_ref}'"
     settings = _adapter_settings(where, config)
     factors: dict[str, dict[str, TensorEntry]] = {}  # module -> {"A": entry, "B": entry}
     embeddings: set[str] = set()
@@ -163,13 +162,13 @@ def apply_updates(
             source = update.replacement or model_entry
             weight = _read_float32(reader, source).reshape(model_entry.shape)
             if update.replacement is not None:  # PEFT loads it into the model's weight: rounded
-                weight = to_float32(from_float32(weight, model_entry.dtype)[0])
+                weight = _rounded(weight, model_entry)
             if update.a is not None:
                 delta = _read_float32(reader, update.b) @ _read_float32(reader, update.a)
                 delta *= np.float32(update.scale)  # in place: the product is a fresh array
                 delta = delta.T if update.transposed else delta
                 if update.embedding:
-                    delta = to_float32(from_float32(delta, model_entry.dtype)[0])
+                    delta = _rounded(delta, model_entry)
                 weight += delta
             values, non_finite = from_float32(weight, model_entry.dtype)
             if non_finite:
@@ -187,6 +186,11 @@ def apply_updates(
         reader.close()
         bar.close()
     return read_header(locate(path)), sha256
+
+
+def _rounded(values: np.ndarray, entry: TensorEntry) -> np.ndarray:
+    """float32 `values` rounded to `entry`'s dtype, as float32 again."""
+    return to_float32(from_float32(values, entry.dtype)[0])
 
 
 def _read_float32(reader: TensorFileReader, entry: TensorEntry) -> np.ndarray:
