@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeflow.checkpoint import MANIFEST
+from mergeflow.checkpoint import MANIFEST, resolve
 from mergeflow.errors import CheckpointError
 from mergeflow.file_hashes import cache_dir
 from mergeflow.hashing import file_sha256, model_sha256_at
@@ -84,11 +84,19 @@ def fetch_model(ref: str) -> FetchedModel:
 def _adapted(ref: str) -> Path:
     """mergekit's model+adapter as a whole model folder, since the pipeline evaluates models
     from folders: a linear merge of that one model, which writes the adapted weights unchanged
-    with the model's config and tokenizer. Cached by the adapted model's content hash."""
+    with the model's config and tokenizer. Cached by the hashes of the model, the adapter's
+    files and mergeflow's version, so a cached fetch applies nothing."""
+    import mergeflow
     from mergeflow.config import MergeConfig
     from mergeflow.engine import merge
+    from mergeflow.lora import adapter_files, split_adapter_reference
 
-    folder = cache_dir() / "models" / f"adapted-{model_sha256_at(ref)[:24]}"
+    model_ref, adapter_ref = split_adapter_reference(ref)
+    adapter = adapter_files(f"model '{ref}': adapter '{adapter_ref}'", resolve(adapter_ref)[0])
+    identity = [model_sha256_at(model_ref), *(file_sha256(f) for f in adapter), mergeflow.__version__]
+    folder = (
+        cache_dir() / "models" / f"adapted-{hashlib.sha256(chr(0).join(identity).encode()).hexdigest()[:24]}"
+    )
     if not folder.is_dir():
         # overwrite: a concurrent fetch of the same model commits the same files
         merge(MergeConfig(merge_method="linear", models=[{"model": ref}]), str(folder), overwrite=True)
