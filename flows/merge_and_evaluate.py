@@ -44,7 +44,10 @@ class MergeRequest(BaseModel):
         pattern=NAME.pattern,
         description="Registered model name is mergeflow-<base_family>; letters, digits, '.', '_', '-'",
     )
-    experts: dict[str, str] = Field(description="Held-in task name → that task's expert (path or s3:// URI)")
+    experts: dict[str, str] = Field(
+        description="Held-in task name → that task's expert: path or s3:// URI, or model+adapter for a "
+        "LoRA adapter"
+    )
     # The methods that merge any number of experts (the Prefect UI shows these as a menu).
     method: Literal[
         "average", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import settled_task_runs, state_name
+import torch
+from conftest import load_folder, settled_task_runs, state_name
+from lora_adapters import write_adapter
 
 from flows.merge_and_evaluate import MergeRequest, merge_and_evaluate
 from mergeflow.checkpoint import MANIFEST
@@ -71,6 +73,37 @@ def test_a_merge_is_evaluated_registered_and_loads_back(prefect_api, micro_zoo, 
         RegistryError, match="mergeflow-tinymicro-it champion .*no such registered model version"
     ):
         fetch_model("models:/mergeflow-tinymicro-it/champion")
+
+
+def test_an_expert_given_as_base_plus_lora_adapter_is_merged_evaluated_and_registered(
+    prefect_api, micro_zoo, tmp_path
+):
+    _, index = micro_zoo
+    base = index["families"]["tinymicro-it-trained-here"]["base"]
+    modules = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    adapter = write_adapter(tmp_path / "text-genre-lora", base, modules, alpha=0.5)
+    expert = f"{base}+{adapter}"
+    request = request_for(
+        micro_zoo, tmp_path, experts={"text_genre": expert}, method="task_arithmetic", parameters={}
+    )
+    state = merge_and_evaluate(request, return_state=True)
+    assert state.is_completed()
+    outcome = state.result()
+    # λ = 1 on the one expert's task vector gives the adapted model back, so it scores as the expert.
+    assert outcome.held_in_normalised == pytest.approx(1.0)
+    merged = load_folder(outcome.merged)
+    adapted = load_folder(fetch_model(expert).path)
+    original = load_folder(base)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+        assert torch.allclose(merged[name], adapted[name], atol=1e-6)
+        assert not torch.allclose(merged[name], original[name], atol=1e-3)
+    # The registry's lineage names the expert as the user wrote it, with the adapted model's hash.
+    run = mlflow.MlflowClient(request.tracking_uri).get_run(outcome.run_id)
+    inputs = {
+        run.data.tags[f"mergeflow.input.{i}.ref"]: run.data.tags[f"mergeflow.input.{i}.sha256"]
+        for i in range(2)
+    }
+    assert inputs == {base: fetch_model(base).sha256, expert: fetch_model(expert).sha256}
 
 
 def test_a_missing_expert_fails_the_run_and_registers_nothing(prefect_api, micro_zoo, tmp_path):
