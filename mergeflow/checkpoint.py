@@ -45,13 +45,15 @@ class Checkpoint:
     location: Location
     config: dict | None
     tensors: dict[str, TensorEntry]
-    weight_files: list[Location]
+    # The files the model's content hash is computed from, by the name its line gives them
+    # (mergeflow.hashing): the weight files, or the pickles converted for this merge, and for
+    # model+adapter the adapter's files too (as "adapter/<name>"), never the scratch files
+    # derived from them.
+    identity_files: dict[str, Location]
     file_names: list[str]
     hub_commit: str | None = None  # the snapshot's commit, for a repo id found in the hub cache
     # Files made for this merge: converted pickles, tensors an adapter changed. Gone on close.
     _scratch: Path | None = field(default=None, repr=False)
-    # sha256 of those files by name, known from writing them: never hashed again or remembered.
-    scratch_sha256: dict[str, str] = field(default_factory=dict)
 
     def read_json(self, name: str) -> dict:
         try:
@@ -88,22 +90,20 @@ def open_checkpoint(ref: str, allow_pickle: bool = False, progress: bool = False
         names = location.list_names()
     except StorageError as exc:
         raise CheckpointError(f"model '{ref}': {exc}") from exc
-    checkpoint = Checkpoint(ref, location, None, {}, [], names, hub_commit)
+    checkpoint = Checkpoint(ref, location, None, {}, {}, names, hub_commit)
     if CONFIG in names:
         checkpoint.config = checkpoint.read_json(CONFIG)
     weight_map = _weight_map(checkpoint) if INDEX in names else None
     files = (
         sorted(set(weight_map.values())) if weight_map else [n for n in names if n.endswith(".safetensors")]
     )
-    if not files:
+    if files:
+        checkpoint.identity_files = {name: location.child(name) for name in files}
+        weight_files = list(checkpoint.identity_files.values())
+    else:  # the pickles are the identity files; the merge reads their converted tensors
         files = _convert_pickles(checkpoint, allow_pickle)
-    for name in files:
-        file = (
-            location.child(name)
-            if checkpoint._scratch is None
-            else locate(str(checkpoint.scratch_folder() / name))
-        )
-        checkpoint.weight_files.append(file)
+        weight_files = [locate(str(checkpoint.scratch_folder() / name)) for name in files]
+    for file in weight_files:
         for entry in read_header(file):
             if entry.name in checkpoint.tensors:
                 raise CheckpointError(f"model '{ref}': tensor '{entry.name}' appears in two shards")
@@ -147,6 +147,7 @@ def _open_with_adapter(ref: str, allow_pickle: bool, progress: bool) -> Checkpoi
     checkpoint.ref = ref
     try:
         config, weights = adapter_files(where, resolve(adapter_ref)[0])
+        checkpoint.identity_files |= {f"adapter/{f.name}": f for f in (config, weights)}
         if weights.name != ADAPTER_WEIGHTS:
             _refuse_pickle(where, [weights.name], allow_pickle)
             converted = checkpoint.scratch_folder() / ADAPTER_WEIGHTS
@@ -154,13 +155,11 @@ def _open_with_adapter(ref: str, allow_pickle: bool, progress: bool) -> Checkpoi
             weights = locate(str(converted))
         updates = read_adapter(where, config, weights, checkpoint.tensors)
         path = checkpoint.scratch_folder() / ADAPTED_FILE
-        applied, sha256 = apply_updates(ref, updates, checkpoint.tensors, str(path), progress)
+        applied = apply_updates(ref, updates, checkpoint.tensors, str(path), progress)
     except BaseException:
         checkpoint.close()
         raise
     checkpoint.tensors.update({entry.name: entry for entry in applied})
-    checkpoint.weight_files.append(locate(str(path)))
-    checkpoint.scratch_sha256[ADAPTED_FILE] = sha256
     return checkpoint
 
 
@@ -212,10 +211,8 @@ def _convert_pickles(checkpoint: Checkpoint, allow_pickle: bool) -> list[str]:
     for name in pickles:
         target = f"{Path(name).stem}.safetensors"
         source = checkpoint.location.child(name)
-        sha256 = _pickle_to_safetensors(
-            f"model '{checkpoint.ref}'", source, checkpoint.scratch_folder() / target
-        )
-        checkpoint.scratch_sha256[target] = sha256
+        _pickle_to_safetensors(f"model '{checkpoint.ref}'", source, checkpoint.scratch_folder() / target)
+        checkpoint.identity_files[name] = source
         converted.append(target)
     return converted
 
@@ -229,9 +226,8 @@ def _refuse_pickle(what: str, pickles: list[str], allow_pickle: bool) -> None:
         )
 
 
-def _pickle_to_safetensors(what: str, source: Location, target: Path) -> str:
-    """Load a pickle with torch's weights-only unpickler and write its tensors to `target`;
-    returns the new file's sha256."""
+def _pickle_to_safetensors(what: str, source: Location, target: Path) -> None:
+    """Load a pickle with torch's weights-only unpickler and write its tensors to `target`."""
     import torch  # only for pickles: a merge of safetensors checkpoints never loads torch
 
     local = source.path if source.is_local else str(target.with_name(f"src-{source.name}"))
@@ -242,12 +238,11 @@ def _pickle_to_safetensors(what: str, source: Location, target: Path) -> str:
     except Exception as exc:  # the unpickler raises many types; all mean "unreadable"
         raise CheckpointError(f"{what}: cannot load {source.name}: {exc}") from exc
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and dtype_of(v) is not None}
-    writer = ShardFileWriter(
-        str(target), [PlannedTensor(k, dtype_of(v), tuple(v.shape)) for k, v in tensors.items()]
-    )
+    planned = [PlannedTensor(k, dtype_of(v), tuple(v.shape)) for k, v in tensors.items()]
+    writer = ShardFileWriter(str(target), planned, hashed=False)
     for key, value in tensors.items():
         writer.write(key, numpy_view(value.reshape(-1)))
-    return writer.finish()
+    writer.finish()
 
 
 def num_layers(checkpoint: Checkpoint) -> int:

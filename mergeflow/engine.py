@@ -72,17 +72,27 @@ def merge(
     opened: list[Checkpoint] = []
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-hash-inputs")
 
-    def load(ref: str) -> Checkpoint:
-        opened.append(open_checkpoint(ref, allow_pickle=allow_pickle, progress=progress))
-        return opened[-1]
+    def load(refs: list[str]) -> list[Checkpoint]:
+        """Open `refs` on `threads` threads: applying a LoRA adapter keeps a core busy for a
+        while (numpy's product, hashing and writing release the GIL). The first failure in the
+        order of `refs` is raised; whatever did open is closed with the rest."""
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergeflow-open")
+        futures = [pool.submit(open_checkpoint, ref, allow_pickle, progress) for ref in refs]
+        try:
+            return [future.result() for future in futures]
+        finally:
+            pool.shutdown(cancel_futures=True)
+            opened.extend(f.result() for f in futures if not f.cancelled() and f.exception() is None)
 
     try:
-        base = load(config.base_model) if config.base_model else None
-        experts = [load(entry.model) for entry in config.experts()]
+        base_refs = [config.base_model] if config.base_model else []
+        loaded = load(base_refs + [entry.model for entry in config.experts()])
+        base, experts = (loaded[0], loaded[1:]) if base_refs else (None, loaded)
         reference = base or experts[0]
         check_whole_models(config.layer_ranges(), opened)
         check_compatible(reference, experts)
-        tokenizer_source = load(config.tokenizer_reference()) if config.tokenizer_reference() else reference
+        tokenizer_ref = config.tokenizer_reference()
+        tokenizer_source = load([tokenizer_ref])[0] if tokenizer_ref else reference
         check_tokenizer(reference, tokenizer_source, config.tokenizer and config.tokenizer.pad_to_multiple_of)
         models = [base] if base else []
         chat_template = chosen_chat_template(config.chat_template, models + experts, tokenizer_source)
@@ -224,7 +234,7 @@ def _merge_all(
         unit="B",
         unit_scale=True,
         disable=not progress,
-        desc=f"{method.name} ({n} models)",
+        desc=f"{method.name} ({n + (base is not None)} models)",
         dynamic_ncols=True,
     )
     try:

@@ -129,12 +129,17 @@ def _local_model_files(config_path: str | Path) -> list[str]:
         if "://" in ref:
             continue
         folder = Path(ref).expanduser().resolve()  # as mergeflow.storage.locate: the same cache keys
-        if not folder.is_dir() and "+" in ref:  # mergekit's model+adapter: the model's files
-            folder = Path(ref.split("+")[0]).expanduser().resolve()
-        if not folder.is_dir():
-            continue
-        files += [str(f) for f in [folder / "config.json", *_weight_files(folder)] if f.is_file()]
+        wanted = [folder / "config.json", *_weight_files(folder)]
+        if not folder.is_dir() and "+" in ref:  # mergekit's model+adapter: the model's and the adapter's
+            model_ref, _, adapter_ref = ref.partition("+")
+            model, adapter = (Path(r).expanduser().resolve() for r in (model_ref, adapter_ref))
+            wanted = [model / "config.json", *_weight_files(model), *(adapter / n for n in _ADAPTER_FILES)]
+        files += [str(f) for f in wanted if f.is_file()]
     return files
+
+
+# A PEFT adapter's files (mergeflow.lora's names; lora is not imported here, it loads numba).
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 def _list(value) -> list:

@@ -50,10 +50,10 @@ def model_sha256(checkpoint: Checkpoint) -> str:
 
 
 def models_sha256(checkpoints: list[Checkpoint], workers: int = 1) -> list[str]:
-    """model_sha256 of each checkpoint, their files hashed on `workers` threads at once
-    (hashlib releases the GIL while it hashes, so the files hash in parallel). Hashes a mergeflow
-    manifest records, a Hugging Face cache names, or mergeflow computed writing a scratch file
-    (a converted pickle, adapted tensors) are taken as they are."""
+    """model_sha256 of each checkpoint, over its identity files (Checkpoint.identity_files),
+    hashed on `workers` threads at once (hashlib releases the GIL while it hashes, so the files
+    hash in parallel). Hashes a mergeflow manifest records or a Hugging Face cache names are
+    taken as they are."""
     # Per checkpoint: (file name, its sha256 from the manifest, or the file to hash).
     wanted: list[list[tuple[str, str | Location]]] = []
     for checkpoint in checkpoints:
@@ -62,12 +62,9 @@ def models_sha256(checkpoints: list[Checkpoint], workers: int = 1) -> list[str]:
             manifest = checkpoint.read_json(MANIFEST)
             recorded = {f["path"]: f["sha256"] for f in manifest.get("files", [])}
         names = [CONFIG] if CONFIG in checkpoint.file_names else []
-        names += [f.name for f in checkpoint.weight_files]
-        files = {CONFIG: checkpoint.location.child(CONFIG)} | {f.name: f for f in checkpoint.weight_files}
-        known = {
-            name: recorded.get(name) or checkpoint.scratch_sha256.get(name) or hub_cache_sha256(files[name])
-            for name in names
-        }
+        names += list(checkpoint.identity_files)
+        files = {CONFIG: checkpoint.location.child(CONFIG)} | checkpoint.identity_files
+        known = {name: recorded.get(name) or hub_cache_sha256(files[name]) for name in names}
         wanted.append([(name, known[name] or files[name]) for name in sorted(names)])
     to_hash = {item.uri: item for entries in wanted for _, item in entries if isinstance(item, Location)}
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mergeflow-hash") as pool:

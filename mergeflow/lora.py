@@ -142,12 +142,13 @@ def read_adapter(
 
 def apply_updates(
     ref: str, updates: list[TensorUpdate], tensors: dict[str, TensorEntry], path: str, progress: bool = False
-) -> tuple[list[TensorEntry], str]:
+) -> list[TensorEntry]:
     """Write the updated tensors of model `ref`, in the model's dtypes, to one safetensors file
-    at `path`; return their entries there and the file's sha256. One tensor is in memory at a
-    time (plus its float32 copy). NaN or Inf in a result is refused here, naming the tensor."""
+    at `path`; return their entries there. The file is not hashed: the adapted model's identity
+    is the model's and the adapter's files. One tensor is in memory at a time (plus its float32
+    copy). NaN or Inf in a result is refused here, naming the tensor."""
     planned = [PlannedTensor(u.target, tensors[u.target].dtype, tensors[u.target].shape) for u in updates]
-    writer, reader = ShardFileWriter(path, planned), TensorFileReader()
+    writer, reader = ShardFileWriter(path, planned, hashed=False), TensorFileReader()
     bar = tqdm(
         total=sum(t.nbytes for t in planned),
         unit="B",
@@ -178,14 +179,14 @@ def apply_updates(
                 )
             writer.write(update.target, values.reshape(-1))
             bar.update(model_entry.nbytes)
-        sha256 = writer.finish()
+        writer.finish()
     except BaseException:
         writer.abort()
         raise
     finally:
         reader.close()
         bar.close()
-    return read_header(locate(path)), sha256
+    return read_header(locate(path))
 
 
 def _rounded(values: np.ndarray, entry: TensorEntry) -> np.ndarray:

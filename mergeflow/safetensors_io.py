@@ -225,14 +225,15 @@ def header_bytes(tensors: list[PlannedTensor]) -> bytes:
 
 
 class ShardFileWriter:
-    """Writes one safetensors file sequentially, tensor after tensor, hashing as it goes."""
+    """Writes one safetensors file sequentially, tensor after tensor, hashing as it goes unless
+    `hashed` is off (a scratch file whose identity is that of its inputs)."""
 
-    def __init__(self, path: str, tensors: list[PlannedTensor]) -> None:
+    def __init__(self, path: str, tensors: list[PlannedTensor], hashed: bool = True) -> None:
         self.path = path
         self._pending = list(reversed(tensors))
         self._remaining = self._pending[-1].nbytes if self._pending else 0
         self._file = SequentialFileWriter(path)
-        self._sha = hashlib.sha256()
+        self._sha = hashlib.sha256() if hashed else None
         self._write(header_bytes(tensors))
 
     def write(self, name: str, data: np.ndarray) -> None:
@@ -254,17 +255,18 @@ class ShardFileWriter:
     def bytes_written(self) -> int:
         return self._file.size
 
-    def finish(self) -> str:
-        """Close the file, on the disk, and return its sha256; every planned byte must have
-        been written."""
+    def finish(self) -> str | None:
+        """Close the file, on the disk, and return its sha256 (None when not `hashed`); every
+        planned byte must have been written."""
         if self._pending:
             raise RuntimeError(f"{self.path}: tensor '{self._pending[-1].name}' was not written")
         self._file.close()
-        return self._sha.hexdigest()
+        return self._sha.hexdigest() if self._sha else None
 
     def abort(self) -> None:
         self._file.abort()
 
     def _write(self, data) -> None:
         self._file.write(data)
-        self._sha.update(data)
+        if self._sha:
+            self._sha.update(data)

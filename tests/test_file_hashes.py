@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from lora_adapters import write_adapter
 
 from mergeflow.errors import StorageError
 from mergeflow.file_hashes import (
@@ -95,6 +96,10 @@ def test_a_merge_config_names_the_local_files_to_hash(sharded_zoo, tmp_path, mon
         of_folder = [f for f in files if f.startswith(f"{folder}{os.sep}")]
         assert of_folder == [str(folder / "config.json"), *shards]
     assert len(files) == 4 * (1 + len(shards))
+    # and the adapter's files, which the lineage hash of model+adapter covers too
+    adapter = write_adapter(tmp_path / "lora", sharded_zoo["expert_2"], ["model.layers.0.mlp.up_proj"])
+    adapter_files = [str(adapter.resolve() / n) for n in ("adapter_config.json", "adapter_model.safetensors")]
+    assert _local_model_files("merge.yaml") == files + adapter_files
 
     # mergekit's slerp examples list the models as the sources of a slice
     sources = [{"model": sharded_zoo[name], "layer_range": [0, 2]} for name in ("base", "expert_0")]

@@ -4,6 +4,7 @@ the CLI."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -21,6 +22,8 @@ from typer.testing import CliRunner
 
 from mergeflow.checkpoint import open_checkpoint
 from mergeflow.cli import app
+from mergeflow.config import parse_config
+from mergeflow.engine import merge
 from mergeflow.errors import CheckpointError
 from mergeflow.file_hashes import cache_dir
 from mergeflow.methods.primitives import to_float32
@@ -150,10 +153,42 @@ def test_a_merge_of_experts_given_as_model_plus_adapter(zoo, tmp_path):
     # The two adapted models differ, and so do their recorded hashes.
     assert len({m["sha256"] for m in manifest["inputs"]["models"]}) == 2
     # The adapted tensors were written to a scratch folder in the cache, removed after the
-    # merge; their hash came from writing them, not from hashing the file again and remembering it.
+    # merge, and never hashed: the recorded hash is over the model's and the adapter's files.
     assert not list((cache_dir() / "scratch").iterdir())
     remembered = json.loads((cache_dir() / "file-hashes.json").read_text())
     assert not [path for path in remembered if "/scratch/" in path]
+    for ref, adapter, recorded in zip(refs, adapters, manifest["inputs"]["models"], strict=True):
+        assert recorded["sha256"] == adapted_model_hash(Path(base), adapter), ref
+
+
+def adapted_model_hash(model: Path, adapter: Path) -> str:
+    """The content hash of model+adapter as documented: sha256 over sorted 'name sha256' lines
+    of the model's config.json and weight files and of the adapter's two files."""
+    files = {"config.json": model / "config.json"}
+    files |= {f.name: f for f in model.glob("*.safetensors")}
+    files |= {
+        f"adapter/{f.name}": f
+        for f in (adapter / "adapter_config.json", adapter / "adapter_model.safetensors")
+    }
+    lines = [f"{name} {hashlib.sha256(files[name].read_bytes()).hexdigest()}" for name in sorted(files)]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def test_a_merge_that_fails_opening_its_inputs_names_the_first_and_leaves_no_scratch(zoo, tmp_path):
+    # The inputs open on several threads (adapters apply in parallel); the error is still the
+    # first bad model's in the config's order, and the adapted tensors of those that opened go.
+    adapters = [
+        write_adapter(tmp_path / f"lora-{k}", zoo["base"], ["model.layers.0.mlp.up_proj"]) for k in (0, 1)
+    ]
+    models = [f"{zoo['base']}+{adapters[0]}", str(tmp_path / "missing-a"), f"{zoo['base']}+{adapters[1]}"]
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": m} for m in models + [str(tmp_path / "missing-b")]],
+    }
+    with pytest.raises(CheckpointError, match="missing-a"):
+        merge(parse_config(config), str(tmp_path / "merged"), threads=2)
+    assert not list((cache_dir() / "scratch").iterdir())
+    assert not (tmp_path / "merged").exists()
 
 
 def test_reading_checkpoints_loads_numba_only_to_apply_an_adapter():

@@ -3,6 +3,7 @@ heavy work where possible, and nothing left behind that looks like an output."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import struct
@@ -14,6 +15,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from mergeflow.checkpoint import MANIFEST
 from mergeflow.cli import app
 from mergeflow.config import parse_config
 from mergeflow.engine import merge
@@ -253,6 +255,15 @@ def test_pickle_only_checkpoint_is_refused_unless_allowed(small, tmp_path):
     assert load_file(out / "model.safetensors").keys() == load_file(reference / "model.safetensors").keys()
     for name, tensor in load_file(reference / "model.safetensors").items():
         assert torch.equal(load_file(out / "model.safetensors")[name], tensor)
+    # Its recorded hash is over the files the user gave, the pickle among them.
+    (recorded,) = [
+        m for m in json.loads((out / MANIFEST).read_text())["inputs"]["models"] if m["ref"] == str(pickled)
+    ]
+    lines = [
+        f"{n} {hashlib.sha256((pickled / n).read_bytes()).hexdigest()}"
+        for n in ("config.json", "pytorch_model.bin")
+    ]
+    assert recorded["sha256"] == hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def test_missing_model_folder(small, tmp_path):
