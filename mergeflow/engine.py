@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 # fewer fresh pages: side by side, TIES with 2 experts took 1.43-1.56 s against 1.52-1.70 s with
 # 64 MB, dare_ties with 8 experts 2.09-2.17 s against 2.12-2.27 s; peak RSS ~55 MB lower.
 DEFAULT_WORK_BYTES = 16 << 20
+# Inputs opened at once (LoRA adapters applied in parallel): see merge's load().
+MAX_OPENING_AT_ONCE = 2
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,12 @@ def merge(
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-hash-inputs")
 
     def load(refs: list[str]) -> list[Checkpoint]:
-        """Open `refs` on `threads` threads: applying a LoRA adapter keeps a core busy for a
-        while (numpy's product, hashing and writing release the GIL). The first failure in the
-        order of `refs` is raised; whatever did open is closed with the rest."""
-        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergeflow-open")
+        """Open `refs` on up to two threads: applying a LoRA adapter keeps a core busy for a
+        while (numpy's product and the writes release the GIL). Each holds float32 copies of a
+        whole tensor, so more at once would make peak memory grow with --threads. The first
+        failure in the order of `refs` is raised; whatever did open is closed with the rest."""
+        workers = min(threads, MAX_OPENING_AT_ONCE)
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergeflow-open")
         futures = [pool.submit(open_checkpoint, ref, allow_pickle, progress) for ref in refs]
         try:
             return [future.result() for future in futures]
