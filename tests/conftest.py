@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 # Hash caches and other state go to a throwaway folder, never the user's ~/.cache.
 os.environ.setdefault("MERGEFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="mergeflow-test-cache-"))
@@ -68,6 +68,13 @@ def micro_zoo(tmp_path_factory):
         patch.setenv("MERGEFLOW_ZOO_DIR", str(folder))
         index = build_preset(MICRO, progress=False)
     return folder, index
+
+
+def rewrite_safetensors(file: Path, edit) -> None:
+    """Load the tensors of `file`, let `edit` change the dict in place, save them back."""
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
 
 
 def load_folder(folder: str | Path) -> dict[str, torch.Tensor]:

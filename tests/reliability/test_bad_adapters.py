@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rewrite_safetensors
 from lora_adapters import write_adapter
-from safetensors.torch import load_file, save_file
 
 from mergeflow.config import parse_config
 from mergeflow.engine import merge
@@ -47,10 +47,7 @@ def adapter(small, tmp_path: Path, **settings) -> Path:
 
 
 def edit_adapter_tensors(folder: Path, edit) -> None:
-    file = folder / "adapter_model.safetensors"
-    tensors = load_file(file)
-    edit(tensors)
-    save_file(tensors, file, metadata={"format": "pt"})
+    rewrite_safetensors(folder / "adapter_model.safetensors", edit)
 
 
 def test_an_adapter_that_is_not_there(small, tmp_path):

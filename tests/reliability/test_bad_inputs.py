@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from conftest import rewrite_safetensors
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mergeflow.checkpoint import MANIFEST
@@ -70,10 +71,7 @@ def assert_fails_cleanly(config: dict, tmp_path: Path, error: type, *fragments: 
 
 
 def edit_tensors(folder: Path, edit) -> None:
-    file = folder / "model.safetensors"
-    tensors = load_file(file)
-    edit(tensors)
-    save_file(tensors, file, metadata={"format": "pt"})
+    rewrite_safetensors(folder / "model.safetensors", edit)
 
 
 def test_architectures_differ(small, tmp_path):
