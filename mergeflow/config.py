@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from mergeflow.errors import ConfigError
 from mergeflow.methods import MergeMethod, Param, get_method
@@ -37,12 +37,20 @@ class ConditionalParameter(BaseModel):
 ParameterSetting = ConditionalParameter | list[ConditionalParameter] | Scalar | list[Scalar]
 
 
+def _empty_when_null(empty):
+    """A key written with no value (`parameters:`) is empty, as mergekit reads it."""
+    return BeforeValidator(lambda value: empty() if value is None else value)
+
+
+Parameters = Annotated[dict[str, ParameterSetting], _empty_when_null(dict)]
+
+
 class ModelEntry(BaseModel):
     """One input model: a local path, file:// or s3:// URI, with optional parameters."""
 
     model_config = ConfigDict(extra="forbid")
     model: str
-    parameters: dict[str, ParameterSetting] = {}
+    parameters: Parameters = {}
 
 
 class SliceSource(BaseModel):
@@ -51,7 +59,7 @@ class SliceSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     layer_range: tuple[int, int]
-    parameters: dict[str, ParameterSetting] = {}
+    parameters: Parameters = {}
 
 
 class LayerSlice(BaseModel):
@@ -78,9 +86,9 @@ class MergeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     merge_method: str
     base_model: str | None = None
-    models: list[ModelEntry] = []
-    slices: list[LayerSlice] = []
-    parameters: dict[str, ParameterSetting] = {}
+    models: Annotated[list[ModelEntry], _empty_when_null(list)] = []
+    slices: Annotated[list[LayerSlice], _empty_when_null(list)] = []
+    parameters: Parameters = {}
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
     tokenizer_source: str | None = None
@@ -355,7 +363,10 @@ def parse_config(raw: dict, source: str = "config") -> MergeConfig:
 
 
 def _describe(exc: ValidationError) -> str:
-    error = exc.errors()[0]
+    errors = exc.errors()
+    # An unknown key says most: for a value that fits no type of a union, pydantic lists every
+    # type's complaint, and the first is rarely the one the user meant.
+    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     where = ".".join(str(part) for part in error["loc"] if not _is_union_branch(part))
     if error["type"] == "extra_forbidden":
         supported = ", ".join(_fields_at(error["loc"]))
@@ -371,6 +382,8 @@ def _fields_at(location: tuple) -> list[str]:
     """The keys allowed where an unknown key was found."""
     if len(location) == 1:
         return list(MergeConfig.model_fields)
+    if any(isinstance(part, str) and "ConditionalParameter" in part for part in location):
+        return list(ConditionalParameter.model_fields)
     if location[0] == "tokenizer":
         return list(TokenizerSettings.model_fields)
     if location[0] != "slices":
@@ -379,4 +392,7 @@ def _fields_at(location: tuple) -> list[str]:
 
 
 def _is_union_branch(part: Any) -> bool:
-    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
+    return isinstance(part, str) and ("[" in part or part in _UNION_BRANCHES)
+
+
+_UNION_BRANCHES = ("str", "int", "float", "bool", "ConditionalParameter")

@@ -45,6 +45,22 @@ def test_mergekit_ties_yaml_parses_as_is(tmp_path):
     assert config.output_dtype() == BFLOAT16
 
 
+def test_keys_written_without_a_value_are_empty_as_mergekit_reads_them(tmp_path):
+    # as in mergekit's own examples/ties.yml: "parameters:" with nothing under it
+    path = tmp_path / "task_arithmetic.yaml"
+    path.write_text(
+        "models:\n  - model: ./math-expert\n    parameters:\n  - model: ./code-expert\n"
+        "merge_method: task_arithmetic\nbase_model: ./base-7b\nparameters:\nslices:\ndtype: bfloat16\n"
+    )
+    config = load_config(path)
+    assert config.parameters == {} and config.slices == []
+    assert [(m.model, m.parameters) for m in config.experts()] == [
+        ("./math-expert", {}),
+        ("./code-expert", {}),
+    ]
+    assert resolve_parameters(config, "model.layers.0.mlp.up_proj.weight", num_layers=2)["lambda"] == 1.0
+
+
 def test_parameters_resolve_per_tensor_like_mergekit(tmp_path):
     path = tmp_path / "ties.yaml"
     path.write_text(MERGEKIT_TIES)

@@ -289,6 +289,10 @@ def test_folder_without_weights(small, tmp_path):
         ({"models": []}, "zero experts"),
         ({"base_model": None}, "needs a base model"),
         ({"colour": "red"}, "unknown key 'colour'"),
+        (  # an old mergekit example's spelling, which mergekit ignores: mergeflow names it
+            {"parameters": {"density": [{"pattern": "mlp", "value": 0.5}, {"value": 0.3}]}},
+            "unknown key 'parameters.density.0.pattern' (supported: value, filter)",
+        ),
         ({"slices": [{"sources": [{"model": "m", "layer_range": [0, 2]}]}]}, "not both"),
         (
             {"models": [], "slices": [{"sources": [{"model": "m", "layer_range": [0, 1]}]}] * 2},
