@@ -342,14 +342,27 @@ _MERGEKIT_ONLY = {
 def load_config(path: str | Path) -> MergeConfig:
     """Read a mergekit-style YAML file; every problem becomes one ConfigError line."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        documents = list(yaml.safe_load_all(Path(path).read_text()))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from exc
+    if len(documents) > 1:
+        raise ConfigError(
+            f"{path}: {len(documents)} YAML documents, as in a mergekit-mega file of several merges; "
+            "mergeflow takes one merge per file: split it, each later file naming an earlier output"
+        )
+    raw = documents[0] if documents else None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with merge_method, base_model, models")
     return parse_config(raw, source=str(path))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: where, and what."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def parse_config(raw: dict, source: str = "config") -> MergeConfig:
