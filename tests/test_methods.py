@@ -181,6 +181,23 @@ def test_average_is_the_weighted_mean():
     torch.testing.assert_close(got, torch.tensor([1.5, 3.0]))
 
 
+def test_average_of_bfloat16_models_is_their_float32_sum_in_model_order_rounded_once():
+    # No base is read: the weighted sum of the models themselves, bit for bit what a float32
+    # loop over the models gives, divided by the summed weights and rounded to bfloat16 once.
+    generator = torch.Generator().manual_seed(5)
+    models = (torch.randn(3, 10_000, generator=generator) * 0.02).to(torch.bfloat16)
+    models[:, :2] = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [0.0, 0.0]])  # sums to zero
+    weights = torch.tensor([0.5, 1.5, 2.0])
+    total = torch.zeros(models.shape[1])
+    for model, weight in zip(models, weights, strict=True):
+        total += model.float() * weight
+    expected = (total / weights.sum()).to(torch.bfloat16)
+    bits = models.view(torch.int16).numpy().view(np.uint16).copy()
+    params = {"weight": weights.numpy(), "normalize": True}
+    got = METHODS["average"].merge(Chunk("w", 0, None, bits, params, storage=np.uint16))
+    assert np.array_equal(got, expected.view(torch.int16).numpy().view(np.uint16))
+
+
 def test_model_stock_ratio_known_cases():
     orthogonal = np.eye(2)
     assert interpolation_ratio(orthogonal) == 0.0  # cos 0 -> t 0: stay at the base

@@ -123,6 +123,11 @@ def _weighted_task_vector(model, base, mode, low, high, scale, weight, key, dens
             kept = uniform24(key, first + j) < chance[j]
             factor = scale / chance[j] if rescaled else scale
             row[j] = (tau * factor) * weight if kept else np.float32(0.0)
+    elif base.size == 0:  # no base (mode NONE only): the weighted sum of the models themselves
+        for j in range(count):
+            tau = widen(model[j])
+            bad += tau - tau != 0
+            row[j] = (tau * scale) * weight
     else:
         for j in range(count):
             tau = widen(model[j]) - widen(base[j])
@@ -148,7 +153,9 @@ def merge_task_vectors(
     combine: with `consensus`, the TIES sign election and disjoint merge: the elected sign is +
     where Σi wi·τi >= 0, an entry agrees when it is non-zero with that sign, and the sum of the
     agreeing entries is divided by their summed weights when `normalize` (0 divides as 1).
-    Otherwise the plain sum, divided by `divisor`.
+    Otherwise the plain sum, divided by `divisor`. An empty `base` (mode NONE, no consensus)
+    stands for none: out = λ·Σi wi·scale[i]·models[i] / divisor, reading no base at all (a
+    zero base would triple a weighted average's memory traffic).
 
     Work goes block by block: a block's weighted task vectors stay in cache between the
     sparsify, vote and sum steps instead of going back to memory after each. Loops index
@@ -189,6 +196,11 @@ def merge_task_vectors(
                 if normalize and agreeing[j] != 0:
                     merged = merged / agreeing[j]
                 value = widen(block_base[j]) + merged * lam
+                bad_out += value - value != 0
+                block_out[j] = stored(value, block_out)
+        elif block_base.size == 0:
+            for j in range(size):
+                value = (total[j] / divisor) * lam
                 bad_out += value - value != 0
                 block_out[j] = stored(value, block_out)
         else:

@@ -13,9 +13,8 @@ def weighted_average(
 ) -> np.ndarray:
     """Σi wi θi, divided by Σi wi when `normalize` (|Σ w| < 1e-8 divides as 1), as `storage`
     (see primitives.merge_task_vectors)."""
-    zero = np.zeros(models.shape[1:], dtype=np.float32)
     return P.merge_task_vectors(
-        models, zero, weights, consensus=False, normalize=normalize, lam=1.0, storage=storage
+        models, None, weights, consensus=False, normalize=normalize, lam=1.0, storage=storage
     )
 
 

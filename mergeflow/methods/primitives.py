@@ -219,7 +219,7 @@ def della_chances(
 
 def merge_task_vectors(
     models: np.ndarray,
-    base: np.ndarray,
+    base: np.ndarray | None,
     weights: np.ndarray,
     *,
     consensus: bool,
@@ -236,7 +236,8 @@ def merge_task_vectors(
     storage: type = np.float32,
 ) -> np.ndarray:
     """θ0 + λ·merge of the weighted, sparsified task vectors τi = θi − θ0 of models [N, C]
-    (float32 or bfloat16 bit patterns; the base too).
+    (float32 or bfloat16 bit patterns; the base too). With no base, only the plain weighted
+    sum: λ·Σi wi·θi (divided as `normalize` says).
 
     Sparsify: with `low`/`high`, keep low[i] <= |τi| <= high[i] (magnitude trim, Breadcrumbs
     band); with `keys`/`density`, DARE: keep each entry with probability density[i], using
@@ -254,6 +255,8 @@ def merge_task_vectors(
     """
     n = models.shape[0]
     mode, no_limits = K.MODE_NONE, np.zeros(n, np.float32)
+    if base is None and (consensus or low is not None or keys is not None or chances is not None):
+        raise ValueError("only a plain weighted sum merges without a base")
     if low is not None:
         mode = K.MODE_BAND
     elif chances is not None:
@@ -262,9 +265,9 @@ def merge_task_vectors(
         mode = K.MODE_RANDOM
     total = float(ordered_sum(np.asarray(weights, dtype=np.float32)))
     divisor = np.float32(total if normalize and abs(total) >= 1e-8 else 1.0)
-    out = np.empty(base.shape, storage)
+    out = np.empty(models.shape[1:], storage)
     non_finite, non_finite_out = K.merge_task_vectors(
-        kernel_array(models), base, mode,
+        kernel_array(models), _NO_BASE if base is None else base, mode,
         _f32(low, no_limits), _f32(high, no_limits), _f32(scale, np.ones(n, np.float32)),
         np.array(keys or [0] * n, dtype=np.uint64),
         np.asarray(density if density is not None else no_limits, dtype=np.float64),
@@ -276,6 +279,9 @@ def merge_task_vectors(
     if non_finite_out:
         raise NonFiniteOutput(f"{non_finite_out} merged value(s) overflow to Inf/NaN")
     return out
+
+
+_NO_BASE = np.empty(0, np.float32)
 
 
 def _f32(values: np.ndarray | None, default: np.ndarray) -> np.ndarray:
