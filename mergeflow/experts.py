@@ -4,8 +4,10 @@
     <artifacts>/experts/<base>/<task>/<sha12>/      one expert version, committed by its manifest
 
 `publish_expert` puts an expert there (and its base, when given) and announces it with the
-event `mergeflow.expert.landed`. Tools that upload experts themselves follow the same layout
-with a `mergeflow-manifest.json`; the watcher flow announces those.
+event `mergeflow.expert.landed`. An expert given as a PEFT LoRA adapter of the base is stored as
+the whole adapted model, so every later step reads it as any other expert. Tools that upload
+experts themselves follow the same layout with a `mergeflow-manifest.json`; the watcher flow
+announces those.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from pathlib import Path
 
 from mergeflow.checkpoint import MANIFEST
 from mergeflow.errors import CheckpointError
+from mergeflow.fetch import fetch_model
 from mergeflow.hashing import model_sha256_at
 from mergeflow.publish import publish_folder
 from mergeflow.storage import check_name, locate
 
 ANNOUNCED = "experts/.announced.json"
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder's mark (mergeflow.lora)
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,9 @@ def base_uri(store: str, base: str) -> str:
 def publish_expert(
     folder: Path, base: str, task: str, store: str, base_model: Path | None = None
 ) -> ExpertVersion:
-    """Upload `folder` as an expert of `base` for `task` (and `base_model` as the base)."""
+    """Upload `folder` as an expert of `base` for `task` (and `base_model` as the base).
+    `folder` is a model, or a LoRA adapter of the base (applied as `merge` applies
+    mergekit's model+adapter)."""
     check_name("base", base)
     check_name("task", task)
     if base_model is not None:
@@ -51,6 +57,8 @@ def publish_expert(
         raise CheckpointError(
             f"base {base!r} is not in {store} yet ({base_uri(store, base)}); pass --base-model PATH once"
         )
+    if (Path(folder) / ADAPTER_CONFIG).is_file():
+        folder = fetch_model(f"{base_uri(store, base)}+{folder}").path
     sha = model_sha256_at(str(folder))
     uri = f"{store.rstrip('/')}/experts/{base}/{task}/{sha[:12]}"
     publish_folder(Path(folder), uri)

@@ -16,7 +16,13 @@ expert_app = typer.Typer(help="Experts in the artifact store.", no_args_is_help=
 @expert_app.command("publish")
 @friendly_errors
 def expert_publish(
-    folder: Annotated[Path, typer.Argument(help="The expert's HF checkpoint folder.")],
+    folder: Annotated[
+        Path,
+        typer.Argument(
+            help="The expert's HF checkpoint folder, or a PEFT LoRA adapter of the base "
+            "(stored as the whole adapted model)."
+        ),
+    ],
     base: Annotated[str, typer.Option(help="Base family name, e.g. tiny2m-pt-trained-here.")],
     task: Annotated[str, typer.Option(help="The held-in task the expert was trained for.")],
     base_model: Annotated[
