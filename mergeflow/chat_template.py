@@ -1,7 +1,8 @@
 """mergekit's `chat_template` key: the chat template the merged model's tokenizer carries.
 
 `auto` takes the template most of the merged models (base first, then the models as listed)
-carry, ties going to the first; a Jinja template is used as given. Without the key the
+carry, ties going to the first; a name from NAMED_TEMPLATES (as mergekit names its built-in
+ones) gives that format; a Jinja template is used as given. Without the key the
 tokenizer files are copied as they are. A model's template is what transformers loads: its
 `chat_template.jinja` file, else the `chat_template` of its tokenizer_config.json (the entry
 named "default" where that holds a list of named templates).
@@ -23,6 +24,32 @@ JINJA = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 REPLACED = (JINJA, "chat_template.json")  # not copied from the tokenizer source when a template is set
 
+# The common formats by name. They set the template only: the tokenizer must already know the
+# format's special tokens (<|im_start|>, <|eot_id|>, ...), as with mergekit's named templates.
+NAMED_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+        " + message['content'] | trim + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+    "alpaca": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+        "{% else %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+    ),
+}
+
 
 def chosen_chat_template(setting: str | None, models: list[Checkpoint], tokenizer: Checkpoint) -> str | None:
     """The template to write, or None to copy the tokenizer files unchanged; checked before the
@@ -35,7 +62,7 @@ def chosen_chat_template(setting: str | None, models: list[Checkpoint], tokenize
             return None
         template = Counter(templates).most_common(1)[0][0]
     else:
-        template = setting
+        template = NAMED_TEMPLATES.get(setting, setting)
     if TOKENIZER_CONFIG not in tokenizer.file_names:
         raise ConfigError(
             f"chat_template: the tokenizer source '{tokenizer.ref}' has no {TOKENIZER_CONFIG} to carry it"

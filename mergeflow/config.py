@@ -2,7 +2,7 @@
 
 Supported keys: merge_method, base_model, models[].model, models[].parameters, parameters,
 dtype, out_dtype, tokenizer_source or the tokenizer block (its source; pad_to_multiple_of when
-the vocabulary already is a multiple), chat_template ('auto' or a Jinja template), and
+the vocabulary already is a multiple), chat_template ('auto', a named format or Jinja), and
 slices[].sources[] (model, layer_range, parameters) for one slice spanning whole models.
 A parameter value is a number or flag, a list of numbers (a gradient interpolated over layers)
 or a list of {filter, value} entries whose first entry with a filter contained in the tensor
@@ -20,6 +20,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
+from mergeflow.chat_template import NAMED_TEMPLATES
 from mergeflow.errors import ConfigError
 from mergeflow.methods import MergeMethod, Param, get_method
 from mergeflow.safetensors_io import DTYPES_BY_LONG_NAME, DType
@@ -167,10 +168,11 @@ class MergeConfig(BaseModel):
                 f"besides the base, got {len(experts)}"
             )
         _check_tokenizer(self.tokenizer_source, self.tokenizer)
-        if self.chat_template not in (None, "auto") and "{" not in self.chat_template:
+        named = ["auto", *NAMED_TEMPLATES]
+        if self.chat_template not in (None, *named) and "{" not in self.chat_template:
             raise ConfigError(
-                f"chat_template: {self.chat_template!r} is neither 'auto' nor a Jinja template; mergeflow "
-                "has no named templates, so give the template itself"
+                f"chat_template: {self.chat_template!r} is neither a Jinja template nor one of "
+                f"{', '.join(named)}; give the template itself"
             )
         _check_parameters(method, self.parameters, "parameters", per_model_only=False)
         base_unlisted = self.base_model and all(e.model != self.base_model for e in self.entries())

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from mergeflow.chat_template import NAMED_TEMPLATES
 from mergeflow.config import parse_config
 from mergeflow.engine import merge
 from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo
@@ -127,6 +128,36 @@ def test_a_chat_template_given_in_the_config_replaces_the_tokenizer_sources(zoo_
     assert tokenizer_of(out) == "expert_0"
     assert (out / "chat_template.jinja").read_text() == mine  # expert_0's own file replaced
     assert rendered(out) == "<user>hello"
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "hello"},
+    {"role": "assistant", "content": "hi"},
+]
+# Each named format written out by hand, for CONVERSATION and a prompt for the next answer.
+FORMATS = {
+    "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n"
+    "<|im_start|>assistant\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "llama3": "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nhello<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\nhi<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "alpaca": "Be brief.\n\n### Instruction:\nhello\n\n### Response:\nhi</s>\n\n### Response:\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_a_named_chat_template_gives_that_format(zoo_with_tokenizers, tmp_path, name):
+    from transformers import AutoTokenizer
+
+    out = merged(task_arithmetic(zoo_with_tokenizers, chat_template=name), tmp_path / name)
+    assert (out / "chat_template.jinja").read_text() == NAMED_TEMPLATES[name]
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    got = tokenizer.apply_chat_template(
+        CONVERSATION, tokenize=False, add_generation_prompt=True, bos_token="<s>", eos_token="</s>"
+    )
+    assert got == FORMATS[name]
 
 
 def test_chat_template_auto_without_any_template_leaves_the_tokenizer_files_alone(tmp_path):

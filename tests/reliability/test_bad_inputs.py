@@ -351,7 +351,10 @@ def test_folder_without_weights(small, tmp_path):
             "parameters.seed: must be an integer, so it cannot be a gradient over layers",
         ),
         ({"dtype": "float8"}, "dtype"),
-        ({"chat_template": "chatml"}, "chat_template: 'chatml' is neither 'auto' nor a Jinja template"),
+        (
+            {"chat_template": "vicuna"},
+            "chat_template: 'vicuna' is neither a Jinja template nor one of auto, chatml, llama3, alpaca",
+        ),
     ],
 )
 def test_config_errors_name_the_field(small, change, fragment):
