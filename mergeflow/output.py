@@ -21,7 +21,7 @@ import numpy as np
 from mergeflow.checkpoint import INDEX, MANIFEST
 from mergeflow.errors import StorageError
 from mergeflow.safetensors_io import PlannedTensor, ShardFileWriter
-from mergeflow.scratch import new_scratch_folder, process_tagged, remove_abandoned
+from mergeflow.scratch import new_scratch_folder, process_tagged, remove_abandoned, staging_folder
 from mergeflow.sequential_file import cannot_write
 from mergeflow.storage import Location, guarded, locate
 from mergeflow.write_lock import LOCK_NAME, write_lock
@@ -152,13 +152,12 @@ class StagedOutput:
         if not overwrite and any(self._existing_objects().values()):
             raise StorageError(f"{self.target.uri}: output already exists (pass --overwrite to replace it)")
         if self.target.is_local:
-            parent, name = Path(self.target.path).parent, Path(self.target.path).name
-            parent.mkdir(parents=True, exist_ok=True)
-            for left in (".partial", ".old"):  # by merges into this output that were killed
-                remove_abandoned(parent, f".{glob.escape(name)}{left}-*")
+            target = Path(self.target.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Old outputs that killed merges into this one had moved aside.
+            remove_abandoned(target.parent, f".{glob.escape(target.name)}.old-*")
             # Same parent folder, so the final rename is atomic on one filesystem.
-            self.folder = parent / process_tagged(f".{name}.partial")
-            self.folder.mkdir()
+            self.folder = staging_folder(target)
         else:
             self.folder = new_scratch_folder("stage")
 

@@ -16,7 +16,6 @@ global tracking state, so parallel registrations against different stores do not
 
 from __future__ import annotations
 
-import glob
 import math
 import shutil
 import tempfile
@@ -34,7 +33,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BA
 from mergeflow.errors import CheckpointError, MergeflowError
 from mergeflow.eval.metrics import COLUMNS
 from mergeflow.fetch import verify_manifest
-from mergeflow.scratch import process_tagged, remove_abandoned
+from mergeflow.scratch import staging_folder
 from mergeflow.settings import load_settings
 from mergeflow.storage import check_name
 
@@ -162,9 +161,7 @@ def load_registered(
     if target.exists() and any(target.iterdir()):
         raise RegistryError(f"{label}: destination {target} is not empty")
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(target.parent, f".{glob.escape(target.name)}.partial-*")  # of killed downloads
-    staging = target.parent / process_tagged(f".{target.name}.partial")
-    staging.mkdir()
+    staging = staging_folder(target)
     try:
         downloaded = Path(_download(client, uri, source, staging))
         _verify(downloaded, label, hashes=True)

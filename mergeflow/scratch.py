@@ -8,6 +8,7 @@ a filesystem several machines share, where another host's live process looks gon
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
@@ -30,6 +31,16 @@ def new_scratch_folder(kind: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     remove_abandoned(root, "*")
     return Path(tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}.{HOST}-", dir=root))
+
+
+def staging_folder(target: Path) -> Path:
+    """A new folder `.NAME.partial-PID.HOST-RANDOM` beside `target` (whose parent exists), to
+    build `target` in and rename into place when complete; first removes those that gone
+    processes left for the same target."""
+    remove_abandoned(target.parent, f".{glob.escape(target.name)}.partial-*")
+    stage = target.parent / process_tagged(f".{target.name}.partial")
+    stage.mkdir()
+    return stage
 
 
 def process_tagged(prefix: str, pid: int | None = None) -> str:

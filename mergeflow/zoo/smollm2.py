@@ -12,7 +12,6 @@ found through the distribution's file list. Nothing is looked up on a hub.
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import importlib.metadata
 import json
@@ -27,7 +26,7 @@ from mergeflow.errors import ZooError
 from mergeflow.hashing import file_sha256
 from mergeflow.output import ShardedWriter, WrittenFile
 from mergeflow.safetensors_io import FLOAT32, PlannedTensor, numpy_view
-from mergeflow.scratch import process_tagged, remove_abandoned
+from mergeflow.scratch import staging_folder
 from mergeflow.storage import locate
 from mergeflow.zoo import RECORD, zoo_dir
 
@@ -94,9 +93,7 @@ def convert_smollm2(out: Path) -> Path:
     if out.exists():
         raise ZooError(f"{out}: already exists; remove it to convert {GGUF_NAME} again")
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(out.parent, f".{glob.escape(out.name)}.partial-*")  # of killed conversions
-    staging = out.parent / process_tagged(f".{out.name}.partial")
-    staging.mkdir()
+    staging = staging_folder(out)
     try:
         with _offline_and_quiet():
             from transformers import AutoModelForCausalLM, AutoTokenizer
