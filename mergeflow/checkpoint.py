@@ -24,6 +24,10 @@ CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
 MANIFEST = "mergeflow-manifest.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# A PEFT adapter folder's files (mergeflow.lora reads them; its import loads numba, this does not).
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -134,7 +138,6 @@ def _open_with_adapter(ref: str, allow_pickle: bool, progress: bool) -> Checkpoi
     # Imported here: mergeflow.lora loads numba, which reading checkpoints otherwise does not need.
     from mergeflow.lora import (
         ADAPTED_FILE,
-        ADAPTER_WEIGHTS,
         adapter_files,
         apply_updates,
         read_adapter,

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeflow.checkpoint import MANIFEST
+from mergeflow.checkpoint import ADAPTER_CONFIG, MANIFEST
 from mergeflow.errors import CheckpointError
 from mergeflow.fetch import fetch_model
 from mergeflow.hashing import model_sha256_at
@@ -24,7 +24,6 @@ from mergeflow.publish import publish_folder
 from mergeflow.storage import check_name, locate
 
 ANNOUNCED = "experts/.announced.json"
-ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder's mark (mergeflow.lora)
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,8 @@ def _local_model_files(config_path: str | Path) -> list[str]:
     return files
 
 
-# A PEFT adapter's files (mergeflow.lora's names; lora is not imported here, it loads numba).
+# A PEFT adapter's files: mergeflow.checkpoint's ADAPTER_* names, written here because
+# checkpoint imports this module (through mergeflow.scratch).
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from mergeflow.checkpoint import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS
 from mergeflow.errors import CheckpointError, NonFiniteError, StorageError
 from mergeflow.methods.primitives import from_float32, to_float32
 from mergeflow.safetensors_io import (
@@ -33,9 +34,6 @@ from mergeflow.safetensors_io import (
 )
 from mergeflow.storage import Location, locate
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_PICKLE = "adapter_model.bin"
 ADAPTED_FILE = "mergeflow-adapted-tensors.safetensors"
 PEFT_PREFIX = "base_model.model."
 # adapter tensor name suffix -> (factor, whether it is an embedding's)
