@@ -25,12 +25,13 @@ import mergeflow
 from mergeflow.chat_template import chosen_chat_template, with_chat_template
 from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, num_layers, open_checkpoint
 from mergeflow.compatibility import check_compatible, check_tokenizer, check_whole_models
-from mergeflow.config import MergeConfig, resolve_parameters
+from mergeflow.config import MergeConfig
 from mergeflow.errors import ConfigError
 from mergeflow.hashing import model_sha256, models_sha256
 from mergeflow.methods import MergeMethod
 from mergeflow.methods.kernels import default_threads, use_threads
 from mergeflow.output import DEFAULT_SHARD_BYTES, ShardedWriter, StagedOutput, write_small_file
+from mergeflow.parameters import resolve_parameters
 from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
 from mergeflow.task_vectors import check_task_vectors_match_base, task_vector_info
 from mergeflow.tensor_merge import TensorMerge, Workspace, chunk_elements, row_length

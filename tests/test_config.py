@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mergeflow.config import evaluate_setting, layer_position, load_config, resolve_parameters
+from mergeflow.config import load_config
+from mergeflow.parameters import evaluate_setting, layer_position, resolve_parameters
 from mergeflow.safetensors_io import BFLOAT16
 
 MERGEKIT_TIES = """\
