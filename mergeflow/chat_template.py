@@ -48,6 +48,32 @@ NAMED_TEMPLATES = {
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
     ),
+    # Mistral's instruct format: no system role (a system message opens the first user turn),
+    # user and assistant alternating, and the assistant speaks next without a prompt.
+    "mistral": (
+        "{{ bos_token }}"
+        "{% set opens_with_system = messages and messages[0]['role'] == 'system' %}"
+        "{% set system = messages[0]['content'] + '\\n\\n' if opens_with_system else '' %}"
+        "{% set turns = messages[1:] if opens_with_system else messages %}"
+        "{% for message in turns %}"
+        "{% if (message['role'] == 'user') != (loop.index0 is even) %}"
+        "{{ raise_exception('mistral: roles alternate user/assistant after an optional system message') }}"
+        "{% elif message['role'] == 'user' %}"
+        "{{ ' [INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
+        "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+    # EXAONE's format: every conversation opens with a system turn, empty when none is given.
+    "exaone": (
+        "{% if not messages or messages[0]['role'] != 'system' %}"
+        "{{ '[|system|][|endofturn|]\\n' }}"
+        "{% endif %}"
+        "{% for message in messages %}"
+        "{{ '[|' + message['role'] + '|]' + message['content'] }}"
+        "{{ '\\n' if message['role'] == 'user' else '[|endofturn|]\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
+    ),
 }
 
 

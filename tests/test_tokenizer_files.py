@@ -144,6 +144,9 @@ FORMATS = {
     "<|start_header_id|>assistant<|end_header_id|>\n\nhi<|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\n",
     "alpaca": "Be brief.\n\n### Instruction:\nhello\n\n### Response:\nhi</s>\n\n### Response:\n",
+    # no system role and no prompt for the answer: the system message opens the first turn
+    "mistral": "<s> [INST] Be brief.\n\nhello [/INST] hi</s>",
+    "exaone": "[|system|]Be brief.[|endofturn|]\n[|user|]hello\n[|assistant|]hi[|endofturn|]\n[|assistant|]",
 }
 
 
@@ -158,6 +161,16 @@ def test_a_named_chat_template_gives_that_format(zoo_with_tokenizers, tmp_path, 
         CONVERSATION, tokenize=False, add_generation_prompt=True, bos_token="<s>", eos_token="</s>"
     )
     assert got == FORMATS[name]
+
+
+def test_the_mistral_template_refuses_turns_that_do_not_alternate(zoo_with_tokenizers, tmp_path):
+    from jinja2.exceptions import TemplateError
+    from transformers import AutoTokenizer
+
+    out = merged(task_arithmetic(zoo_with_tokenizers, chat_template="mistral"), tmp_path / "out")
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    with pytest.raises(TemplateError, match="roles alternate user/assistant"):
+        tokenizer.apply_chat_template(CONVERSATION[2:] + CONVERSATION[1:2], tokenize=False)
 
 
 def test_chat_template_auto_without_any_template_leaves_the_tokenizer_files_alone(tmp_path):

@@ -353,7 +353,8 @@ def test_folder_without_weights(small, tmp_path):
         ({"dtype": "float8"}, "dtype"),
         (
             {"chat_template": "vicuna"},
-            "chat_template: 'vicuna' is neither a Jinja template nor one of auto, chatml, llama3, alpaca",
+            "chat_template: 'vicuna' is neither a Jinja template nor one of "
+            "auto, chatml, llama3, alpaca, mistral, exaone",
         ),
     ],
 )
