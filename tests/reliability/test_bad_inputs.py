@@ -11,13 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import rewrite_safetensors
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from mergeflow.checkpoint import MANIFEST
-from mergeflow.cli import app
 from mergeflow.config import parse_config
 from mergeflow.engine import merge
 from mergeflow.errors import (
@@ -273,150 +270,6 @@ def test_folder_without_weights(small, tmp_path):
     empty.mkdir()
     (empty / "config.json").write_text("{}")
     assert_fails_cleanly(ties(small, empty), tmp_path, CheckpointError, "no *.safetensors")
-
-
-@pytest.mark.parametrize(
-    ("change", "fragment"),
-    [
-        ({"merge_method": "frankenmerge"}, "unknown method 'frankenmerge'"),
-        ({"parameters": {"density": 0.0}}, "density: must be in (0, 1]"),
-        ({"parameters": {"density": 1.5}}, "density: must be in (0, 1]"),
-        ({"parameters": {"lambda": float("nan")}}, "lambda: must be a finite number"),
-        ({"parameters": {"lambda": float("inf")}}, "lambda: must be a finite number"),
-        ({"parameters": {"weight": "heavy"}}, "weight: must be a number"),
-        ({"parameters": {"normalize": 3}}, "normalize: must be true or false"),
-        ({"parameters": {"t": 0.5}}, "parameters.t: unknown parameter for method 'ties'"),
-        ({"models": []}, "zero experts"),
-        ({"base_model": None}, "needs a base model"),
-        ({"colour": "red"}, "unknown key 'colour'"),
-        (  # an old mergekit example's spelling, which mergekit ignores: mergeflow names it
-            {"parameters": {"density": [{"pattern": "mlp", "value": 0.5}, {"value": 0.3}]}},
-            "unknown key 'parameters.density.0.pattern' (supported: value, filter)",
-        ),
-        ({"slices": [{"sources": [{"model": "m", "layer_range": [0, 2]}]}]}, "not both"),
-        (
-            {"models": [], "slices": [{"sources": [{"model": "m", "layer_range": [0, 1]}]}] * 2},
-            "slices: 2 slices; mergeflow merges whole models",
-        ),
-        (
-            {"models": [], "slices": [{"sources": [{"model": "m", "layer_range": [0, 1], "weight": 1}]}]},
-            "unknown key 'slices.0.sources.0.weight' (supported: model, layer_range, parameters)",
-        ),
-        ({"models": [], "slices": [{"sources": [{"model": "m"}]}]}, "sources.0.layer_range: required"),
-        ({"tokenizer_source": "union"}, "tokenizer_source: 'union' is not supported"),
-        ({"tokenizer": {}}, "tokenizer.source: 'union' is not supported (it builds a new vocabulary"),
-        ({"tokenizer": {"source": "union"}}, "use 'base' or a model whose tokenizer all the models share"),
-        (
-            {"tokenizer": {"source": "base", "tokens": {"<|im_end|>": {"source": "base"}}}},
-            "tokenizer.tokens: ",
-        ),
-        (
-            {"tokenizer": {"source": "base"}, "tokenizer_source": "base"},
-            "tokenizer_source or the tokenizer block",
-        ),
-        ({"tokenizer": {"source": "base", "pad_to_multiple_of": 0}}, "must be a positive integer, got 0"),
-        (
-            {"tokenizer": {"source": "base", "padding": 8}},
-            "unknown key 'tokenizer.padding' (supported: source, tokens, pad_to_multiple_of)",
-        ),
-        ({"merge_method": "della", "parameters": {"epsilon": 1.0}}, "parameters.epsilon: must be in [0, 1)"),
-        ({"parameters": {"epsilon": 0.1}}, "parameters.epsilon: unknown parameter for method 'ties'"),
-        (
-            {"merge_method": "sce", "parameters": {"select_topk": 0}},
-            "parameters.select_topk: must be in (0, 1]",
-        ),
-        (
-            {"merge_method": "sce", "parameters": {"density": 0.5}},
-            "parameters.density: unknown parameter for method 'sce' (supported here: select_topk, int8_mask)",
-        ),
-        (
-            {
-                "merge_method": "sce",
-                "models": [{"model": "m", "parameters": {"select_topk": 0.5}}],
-                "parameters": {},
-            },
-            "models[0].parameters.select_topk: method 'sce' takes one select_topk for all models; "
-            "set it under the top-level parameters",
-        ),
-        (
-            {"merge_method": "linear", "parameters": {"weight": 1.0}},
-            "parameters.weight: with a global weight, mergekit averages base_model too",
-        ),
-        (
-            {"merge_method": "passthrough"},
-            "merge_method: mergekit's 'passthrough' is not supported: it stacks layers",
-        ),
-        (
-            {"merge_method": "dare_ties", "parameters": {"seed": [1, 5]}},
-            "parameters.seed: must be an integer, so it cannot be a gradient over layers",
-        ),
-        ({"dtype": "float8"}, "dtype"),
-        (
-            {"chat_template": "vicuna"},
-            "chat_template: 'vicuna' is neither a Jinja template nor one of "
-            "auto, chatml, llama3, alpaca, mistral, exaone",
-        ),
-    ],
-)
-def test_config_errors_name_the_field(small, change, fragment):
-    with pytest.raises(ConfigError) as caught:
-        parse_config(ties(small, small["expert_1"]) | change, source="merge.yaml")
-    assert fragment in str(caught.value) and str(caught.value).startswith("merge.yaml: ")
-
-
-def test_slerp_merges_exactly_one_model_and_model_stock_at_least_two(small):
-    two = [{"model": small["expert_0"]}, {"model": small["expert_1"]}]
-    base = {"base_model": small["base"]}
-    with pytest.raises(ConfigError, match="exactly 1"):
-        parse_config({"merge_method": "slerp", "models": two, "parameters": {"t": 0.5}} | base)
-    with pytest.raises(ConfigError, match="at least 2"):
-        parse_config({"merge_method": "model_stock", "models": two[:1]} | base)
-
-
-def test_cli_prints_one_line_and_exits_2(small, tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(ties(small, tmp_path / "missing-expert")))
-    result = CliRunner().invoke(app, ["merge", str(path), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "missing-expert" in lines[0]
-    assert "Traceback" not in result.output
-    assert not (tmp_path / "o").exists()
-
-
-def test_cli_names_the_config_file_in_refusals_that_need_the_models(small, tmp_path):
-    path = tmp_path / "padded.yaml"
-    config = ties(small, small["expert_1"]) | {"tokenizer": {"source": "base", "pad_to_multiple_of": 7}}
-    path.write_text(yaml.safe_dump(config))
-    result = CliRunner().invoke(app, ["merge", str(path), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2
-    assert result.output.strip() == (
-        f"error: {path}: tokenizer.pad_to_multiple_of: 7: the vocab_size of '{small['base']}' (256) "
-        "is not a multiple of it, and mergeflow does not resize embeddings"
-    )
-    assert not (tmp_path / "o").exists()
-
-
-def test_unreadable_yaml(tmp_path):
-    path = tmp_path / "broken.yaml"
-    path.write_text("merge_method: [unclosed")
-    result = CliRunner().invoke(app, ["merge", str(path), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2
-    assert result.output.strip() == (
-        f"error: {path}: not valid YAML: line 1, column 24: expected ',' or ']', but got '<stream end>'"
-    )
-    mega = tmp_path / "mega.yaml"  # mergekit-mega: several merges, one YAML document each
-    mega.write_text(
-        "merge_method: linear\nmodels: [{model: a}]\n---\nmerge_method: linear\nmodels: [{model: b}]\n"
-    )
-    result = CliRunner().invoke(app, ["merge", str(mega), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2
-    assert result.output.strip() == (
-        f"error: {mega}: 2 YAML documents, as in a mergekit-mega file of several merges; "
-        "mergeflow takes one merge per file: split it, each later file naming an earlier output"
-    )
-    result = CliRunner().invoke(app, ["merge", str(tmp_path / "absent.yaml"), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "absent.yaml" in result.output
 
 
 @pytest.mark.parametrize("method", ["average", "model_stock"])
