@@ -76,16 +76,47 @@ class Checkpoint:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
 
+@dataclass
+class Opening:
+    """A checkpoint located and checked, its LoRA adapter's `updates` (none for a plain model)
+    checked against it but not applied yet."""
+
+    checkpoint: Checkpoint
+    updates: list = field(default_factory=list)  # mergeflow.lora.TensorUpdate
+
+    def finish(self, progress: bool = False) -> Checkpoint:
+        """The checkpoint, with the adapter applied (mergeflow.lora): the tensors it changes are
+        rewritten to a scratch file, with a progress bar when `progress`."""
+        if not self.updates:
+            return self.checkpoint
+        from mergeflow.lora import ADAPTED_FILE, apply_updates
+
+        checkpoint = self.checkpoint
+        path = checkpoint.scratch_folder() / ADAPTED_FILE
+        try:
+            applied = apply_updates(checkpoint.ref, self.updates, checkpoint.tensors, str(path), progress)
+        except BaseException:
+            checkpoint.close()
+            raise
+        checkpoint.tensors.update({entry.name: entry for entry in applied})
+        return checkpoint
+
+
 def open_checkpoint(ref: str, allow_pickle: bool = False, progress: bool = False) -> Checkpoint:
-    """Locate a checkpoint and parse every shard header; nothing heavy is read yet, except to
-    convert pickles or apply a LoRA adapter (with a progress bar when `progress`). `ref` is a
-    local path, file:// or s3:// URI, or a Hugging Face repo id cached locally (hub_snapshot),
-    or mergekit's MODEL+ADAPTER."""
+    """start_opening(ref), then apply its adapter if it has one."""
+    return start_opening(ref, allow_pickle).finish(progress)
+
+
+def start_opening(ref: str, allow_pickle: bool = False) -> Opening:
+    """Locate a checkpoint, parse every shard header and check it; nothing heavy is read yet,
+    except to convert pickles. `ref` is a local path, file:// or s3:// URI, or a Hugging Face
+    repo id cached locally (hub_snapshot), or mergekit's MODEL+ADAPTER, whose adapter is read
+    and checked against the model here and applied by Opening.finish."""
     location, hub_commit = resolve(ref)
     try:
         if not location.is_dir():
             if "+" in ref:
-                return _open_with_adapter(ref, allow_pickle, progress)
+                return _start_with_adapter(ref, allow_pickle)
             raise CheckpointError(
                 f"model '{ref}': not found or not a folder (give a local path, file:// or s3:// URI "
                 "of an HF checkpoint folder, or the repo id of a model in the local Hugging Face "
@@ -119,7 +150,7 @@ def open_checkpoint(ref: str, allow_pickle: bool = False, progress: bool = False
                 raise CheckpointError(
                     f"model '{ref}': {INDEX} puts tensor '{tensor}' in {shard}, which does not hold it"
                 )
-    return checkpoint
+    return Opening(checkpoint)
 
 
 def resolve(ref: str) -> tuple[Location, str | None]:
@@ -131,22 +162,15 @@ def resolve(ref: str) -> tuple[Location, str | None]:
     return location, None
 
 
-def _open_with_adapter(ref: str, allow_pickle: bool, progress: bool) -> Checkpoint:
-    """The model of mergekit's 'model+adapter' form with the LoRA adapter applied
-    (mergeflow.lora): the tensors the adapter changes are rewritten to a scratch file, the
-    others stay where they are. Config and tokenizer are the model's."""
+def _start_with_adapter(ref: str, allow_pickle: bool) -> Opening:
+    """The model of mergekit's 'model+adapter' form, with the LoRA adapter read and checked
+    against it (mergeflow.lora). Config and tokenizer are the model's."""
     # Imported here: mergeflow.lora loads numba, which reading checkpoints otherwise does not need.
-    from mergeflow.lora import (
-        ADAPTED_FILE,
-        adapter_files,
-        apply_updates,
-        read_adapter,
-        split_adapter_reference,
-    )
+    from mergeflow.lora import adapter_files, read_adapter, split_adapter_reference
 
     model_ref, adapter_ref = split_adapter_reference(ref)
     where = f"model '{ref}': adapter '{adapter_ref}'"
-    checkpoint = open_checkpoint(model_ref, allow_pickle)
+    checkpoint = start_opening(model_ref, allow_pickle).checkpoint
     checkpoint.ref = ref
     try:
         config, weights = adapter_files(where, resolve(adapter_ref)[0])
@@ -156,14 +180,10 @@ def _open_with_adapter(ref: str, allow_pickle: bool, progress: bool) -> Checkpoi
             converted = checkpoint.scratch_folder() / ADAPTER_WEIGHTS
             _pickle_to_safetensors(where, weights, converted)
             weights = locate(str(converted))
-        updates = read_adapter(where, config, weights, checkpoint.tensors)
-        path = checkpoint.scratch_folder() / ADAPTED_FILE
-        applied = apply_updates(ref, updates, checkpoint.tensors, str(path), progress)
+        return Opening(checkpoint, read_adapter(where, config, weights, checkpoint.tensors))
     except BaseException:
         checkpoint.close()
         raise
-    checkpoint.tensors.update({entry.name: entry for entry in applied})
-    return checkpoint
 
 
 # How mergekit configs name a model on the Hugging Face hub: "org/name", "org/name@revision".

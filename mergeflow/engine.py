@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import mergeflow
 from mergeflow.chat_template import chosen_chat_template, with_chat_template
-from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, num_layers, open_checkpoint
+from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, num_layers, start_opening
 from mergeflow.compatibility import check_compatible, check_tokenizer, check_whole_models
 from mergeflow.config import MergeConfig
 from mergeflow.errors import ConfigError
@@ -76,18 +76,24 @@ def merge(
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-hash-inputs")
 
     def load(refs: list[str]) -> list[Checkpoint]:
-        """Open `refs` on up to two threads: applying a LoRA adapter keeps a core busy for a
-        while (numpy's product and the writes release the GIL). Each holds float32 copies of a
-        whole tensor, so more at once would make peak memory grow with --threads. The first
-        failure in the order of `refs` is raised; whatever did open is closed with the rest."""
-        workers = min(threads, MAX_OPENING_AT_ONCE)
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergeflow-open")
-        futures = [pool.submit(open_checkpoint, ref, allow_pickle, progress) for ref in refs]
+        """Open `refs` on up to two threads: every one is located and checked first, so a bad
+        one is refused (the first in the order of `refs`) before any LoRA adapter is applied.
+        Applying one keeps a core busy for a while (numpy's product and the writes release the
+        GIL); each holds float32 copies of a whole tensor, so more at once would make peak
+        memory grow with --threads. Whatever did open is closed with the rest on failure."""
+        pool = ThreadPoolExecutor(
+            max_workers=min(threads, MAX_OPENING_AT_ONCE), thread_name_prefix="mergeflow-open"
+        )
+        starts = [pool.submit(start_opening, ref, allow_pickle) for ref in refs]
         try:
-            return [future.result() for future in futures]
+            openings = [start.result() for start in starts]
+            finishing = [pool.submit(opening.finish, progress) for opening in openings]
+            return [future.result() for future in finishing]
         finally:
             pool.shutdown(cancel_futures=True)
-            opened.extend(f.result() for f in futures if not f.cancelled() and f.exception() is None)
+            opened.extend(
+                s.result().checkpoint for s in starts if not s.cancelled() and s.exception() is None
+            )
 
     try:
         base_refs = [config.base_model] if config.base_model else []

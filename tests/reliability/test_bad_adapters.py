@@ -136,3 +136,21 @@ def test_an_adapter_config_naming_no_tensors(small, tmp_path):
     edit_adapter_tensors(folder, lambda t: t.clear())
     assert "holds no LoRA tensors" in merge_with(small, f"{small['base']}+{folder}", tmp_path)
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_a_bad_later_model_is_refused_before_any_adapter_is_applied(small, tmp_path):
+    """Applying the first expert's adapter would fail on its NaN; the missing second expert is
+    named instead, as every model is found and checked before any adapter is applied."""
+    folder = adapter(small, tmp_path)
+    edit_adapter_tensors(
+        folder, lambda t: t[f"base_model.model.{Q_PROJ}.lora_A.weight"].__setitem__((0, 0), float("nan"))
+    )
+    missing = str(tmp_path / "missing-expert")
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": small["base"],
+        "models": [{"model": f"{small['base']}+{folder}"}, {"model": missing}],
+    }
+    with pytest.raises(CheckpointError, match=f"model '{missing}': not found or not a folder"):
+        merge(parse_config(config), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
