@@ -129,6 +129,15 @@ def merge_config(
             "parameters": {"select_topk": 0.5},
             "dtype": dtype,
         }
+    if method in ("ram", "ramplus_tl"):  # ε near the zoo's |τ|: some entries changed by one expert
+        parameters = {"epsilon": 0.01} | ({"r": 0.1, "alpha": 0.2} if method == "ramplus_tl" else {})
+        return {
+            "merge_method": method,
+            "base_model": str(zoo / "base"),
+            "models": [{"model": e} for e in experts],
+            "parameters": parameters,
+            "dtype": dtype,
+        }
     per_model = {"weight": 1.0} if method == "task_arithmetic" else {"weight": 1.0, "density": 0.2}
     if method.startswith("della"):
         per_model["epsilon"] = 0.15

@@ -51,7 +51,7 @@ class MergeRequest(BaseModel):
     # The methods that merge any number of experts (the Prefect UI shows these as a menu).
     method: Literal[
         "average", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-        "della", "della_linear", "sce", "multislerp", "karcher",
+        "della", "della_linear", "sce", "ram", "ramplus_tl", "multislerp", "karcher",
     ] = "ties"  # fmt: skip
     parameters: dict[str, float] = Field(
         default_factory=dict, description="Global method parameters, e.g. lambda, density, seed"

@@ -11,6 +11,8 @@ import torch
 
 from mergeflow.methods.primitives import dare_key, dare_uniforms
 
+RAM_EPSILON = 0.005  # about the size of the test zoos' task-vector entries
+
 
 def reference_merge(
     method: str,
@@ -52,6 +54,8 @@ def reference_merge(
             out[name] = b + lam * consensus_sum([band(tau, density, 0.01) for tau in taus])
         elif method == "sce":
             out[name] = b + sce(taus, select_topk)
+        elif method in ("ram", "ramplus_tl"):
+            out[name] = b + ram(taus, RAM_EPSILON, plus=method == "ramplus_tl")
         elif method == "nearswap":
             a, other = b, models[0]
             weight = (0.005 / (a - other).abs().clamp(min=1e-6)).clamp(0, 1)
@@ -118,6 +122,26 @@ def della(tau, density, epsilon, seed, name, index):
     chance = ((density - epsilon) + (2 * epsilon) * (ranks / (n - 1))).float()
     u = torch.from_numpy(dare_uniforms(dare_key(seed, name, index), 0, tau.numel())).reshape(rows.shape)
     return torch.where(u < chance.double(), rows * (1.0 / chance), 0.0).reshape(tau.shape)
+
+
+def ram(taus, epsilon, plus, r=0.1, alpha=0.2):
+    """RAM: an entry one model changes (|τ| > ε) keeps its change, scaled for RAM+ by
+    1 + r·clamp(shared/unique, 0, α) of that model over the tensor; one several change gets
+    their mean. In float64."""
+    taus = taus.double()
+    changed = taus.abs() > epsilon
+    changed_by = changed.sum(0)
+    only = changed & (changed_by == 1)
+    scales = torch.ones(len(taus), dtype=torch.float64)
+    if plus:
+        flat_only, flat_changed = only.reshape(len(taus), -1), changed.reshape(len(taus), -1)
+        unique = flat_only.sum(1).double()
+        shared = (flat_changed & ~flat_only).sum(1).double()
+        ratio = torch.where(shared > 0, shared / unique.clamp(min=epsilon), 0.0)
+        scales = 1 + r * ratio.clamp(0, alpha)
+    scales = scales.reshape(-1, *[1] * (taus.dim() - 1))
+    mean = (taus * changed).sum(0) / changed_by.clamp(min=1)
+    return torch.where(changed_by == 1, (taus * only * scales).sum(0), mean).float()
 
 
 def sce(taus, select_topk):

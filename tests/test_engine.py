@@ -16,8 +16,8 @@ import pytest
 import torch
 import yaml
 from conftest import load_folder
+from reference_merge import RAM_EPSILON, reference_merge
 from reference_merge import nuslerp as reference_nuslerp
-from reference_merge import reference_merge
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -46,6 +46,8 @@ def config_for(method: str, zoo: dict[str, str], n: int = 4) -> dict:
         parameters = {"t": 0.5}
     if method == "nearswap":  # about the size of the zoo's task vectors: partial swaps
         parameters = {"t": 0.005}
+    if method in ("ram", "ramplus_tl"):  # about the size of the zoo's task vectors: some
+        parameters = {"epsilon": RAM_EPSILON}  # entries changed by one model, some by several
     if method == "nuslerp":  # one angle per vector along dim 0: sums across chunks
         parameters = {"nuslerp_flatten": False, "nuslerp_row_wise": True}
     if method != "average":  # averaging (mergekit's linear) averages every listed model
@@ -147,6 +149,7 @@ def wide_zoo(tmp_path_factory):
         "nuslerp",
         "multislerp",
         "karcher",
+        "ramplus_tl",
     ],
 )
 def test_bit_identical_across_threads_and_chunk_sizes(method, wide_zoo, tmp_path):
@@ -200,7 +203,7 @@ print(torch.get_num_threads(), numba.get_num_threads())
     "method",
     [
         "ties", "breadcrumbs_ties", "dare_ties", "della", "sce", "task_arithmetic", "average", "nuslerp",
-        "multislerp", "karcher",
+        "multislerp", "karcher", "ramplus_tl",
     ],
 )  # fmt: skip
 def test_bfloat16_inputs_merge_exactly_as_their_float32_values(method, tmp_path):
@@ -225,7 +228,7 @@ def test_bfloat16_inputs_merge_exactly_as_their_float32_values(method, tmp_path)
         assert tensor.dtype == torch.float32 and torch.equal(tensor, merged[1][name]), name
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "della_linear", "sce", "average", "slerp"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della_linear", "sce", "ram", "average", "slerp"])
 def test_a_bfloat16_output_holds_the_float32_merge_rounded_as_torch_rounds(method, wide_zoo, tmp_path):
     # Task-vector methods and average round inside their kernel; slerp's float32 result is
     # narrowed after. Either way each value is the float32 merge's, rounded by torch's rules.

@@ -8,6 +8,7 @@ from mergeflow.methods.linear import AVERAGE
 from mergeflow.methods.model_stock import MODEL_STOCK
 from mergeflow.methods.nearswap import NEARSWAP
 from mergeflow.methods.nuslerp import NUSLERP
+from mergeflow.methods.ram import RAM, RAMPLUS_TL
 from mergeflow.methods.sce import SCE
 from mergeflow.methods.slerp import SLERP
 from mergeflow.methods.spherical import KARCHER, MULTISLERP
@@ -90,6 +91,8 @@ METHODS: dict[str, MergeMethod] = {
             rescale=True,
         ),
         SCE,
+        RAM,
+        RAMPLUS_TL,
         MODEL_STOCK,
         SLERP,
         NUSLERP,
