@@ -129,8 +129,10 @@ def merge_config(
             "parameters": {"select_topk": 0.5},
             "dtype": dtype,
         }
-    if method in ("ram", "ramplus_tl"):  # ε near the zoo's |τ|: some entries changed by one expert
-        parameters = {"epsilon": 0.01} | ({"r": 0.1, "alpha": 0.2} if method == "ramplus_tl" else {})
+    if method in ("ram", "ramplus_tl", "arcee_fusion"):  # no weights; arcee_fusion: run with --experts 1
+        parameters = {"epsilon": 0.01} if method != "arcee_fusion" else {}  # ε near the zoo's |τ|
+        if method == "ramplus_tl":
+            parameters |= {"r": 0.1, "alpha": 0.2}
         return {
             "merge_method": method,
             "base_model": str(zoo / "base"),

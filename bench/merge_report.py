@@ -23,7 +23,11 @@ METRIC_NOTE = (
     "while mergeflow trims exact float32 task vectors and keeps all ties: the kept sets differ near "
     "the threshold and a changed elected sign there gives differences up to ~|τ| (several % of "
     "entries in bf16; with --dtype float32 only entries tied at the threshold differ). SCE's "
-    "selection by variance across the experts differs the same way at its threshold. DARE and "
+    "selection by variance across the experts differs the same way at its threshold. RAM decides "
+    "|τ| > ε on float32 task vectors, mergekit on bf16-rounded ones: near ε an entry's count of "
+    "changing models differs, and with it the whole entry (bit-identical with --dtype float32). "
+    "arcee_fusion: mergekit samples 1M entries of larger tensors for its quartiles, mergeflow "
+    "takes the exact ones. DARE and "
     "DELLA draw different random masks in each tool (only δstd is meaningful there)."
 )
 

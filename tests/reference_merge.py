@@ -54,6 +54,8 @@ def reference_merge(
             out[name] = b + lam * consensus_sum([band(tau, density, 0.01) for tau in taus])
         elif method == "sce":
             out[name] = b + sce(taus, select_topk)
+        elif method == "arcee_fusion":
+            out[name] = arcee_fusion(b, models[0])
         elif method in ("ram", "ramplus_tl"):
             out[name] = b + ram(taus, RAM_EPSILON, plus=method == "ramplus_tl")
         elif method == "nearswap":
@@ -142,6 +144,22 @@ def ram(taus, epsilon, plus, r=0.1, alpha=0.2):
     scales = scales.reshape(-1, *[1] * (taus.dim() - 1))
     mean = (taus * changed).sum(0) / changed_by.clamp(min=1)
     return torch.where(changed_by == 1, (taus * only * scales).sum(0), mean).float()
+
+
+def arcee_fusion(base, model):
+    """Arcee Fusion with exact quartiles: |τ|·KL(softmax(model row) + 1e-8 ‖ softmax(base row)
+    + 1e-8) (rows: the last dimension), kept where it reaches Q2 + 1.5·(Q3 − Q1), Qk at index
+    ⌊k·(n − 1)/4⌋ of the sorted values. KL in float64."""
+    rows = base.reshape(-1, base.shape[-1]) if base.dim() > 1 else base.reshape(1, -1)
+    model_rows = model.reshape(rows.shape)
+    p = torch.softmax(model_rows.double(), -1) + 1e-8
+    q = torch.softmax(rows.double(), -1) + 1e-8
+    kl = (p * torch.log(p / q)).sum(-1, keepdim=True).float()
+    importance = ((model_rows - rows).abs() * kl).reshape(-1)
+    ordered, last = importance.sort().values, importance.numel() - 1
+    q1, median, q3 = ordered[last // 4], ordered[last // 2], ordered[3 * last // 4]
+    keep = (importance >= median + 1.5 * (q3 - q1)).reshape(base.shape)
+    return base + (model - base) * keep
 
 
 def sce(taus, select_topk):

@@ -150,6 +150,7 @@ def wide_zoo(tmp_path_factory):
         "multislerp",
         "karcher",
         "ramplus_tl",
+        "arcee_fusion",
     ],
 )
 def test_bit_identical_across_threads_and_chunk_sizes(method, wide_zoo, tmp_path):
@@ -203,7 +204,7 @@ print(torch.get_num_threads(), numba.get_num_threads())
     "method",
     [
         "ties", "breadcrumbs_ties", "dare_ties", "della", "sce", "task_arithmetic", "average", "nuslerp",
-        "multislerp", "karcher", "ramplus_tl",
+        "multislerp", "karcher", "ramplus_tl", "arcee_fusion",
     ],
 )  # fmt: skip
 def test_bfloat16_inputs_merge_exactly_as_their_float32_values(method, tmp_path):

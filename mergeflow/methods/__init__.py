@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mergeflow.errors import ConfigError
+from mergeflow.methods.arcee_fusion import ARCEE_FUSION
 from mergeflow.methods.base import Chunk, MergeMethod, Param
 from mergeflow.methods.linear import AVERAGE
 from mergeflow.methods.model_stock import MODEL_STOCK
@@ -99,6 +100,7 @@ METHODS: dict[str, MergeMethod] = {
         MULTISLERP,
         KARCHER,
         NEARSWAP,
+        ARCEE_FUSION,
     )
 }
 ALIASES = {"linear": "average"}  # mergekit's name for weighted averaging
@@ -108,7 +110,6 @@ PAPER_METHODS = ("average", "task_arithmetic", "ties", "dare_ties")
 # mergekit methods left out, and why
 NOT_SUPPORTED = {
     "passthrough": "it stacks layers of several models into a new model; mergeflow merges whole models",
-    "arcee_fusion": "its threshold comes from a random sample of each tensor, so merges are not reproducible",
 }
 
 

@@ -144,17 +144,20 @@ def overlap_counts_(models, base, epsilon):
         lo = block * BLOCK
         size = min(count, lo + BLOCK) - lo
         block_base = base[lo : lo + size]
+        changed = np.empty((n_models, size), np.uint8)
         changed_by = np.zeros(size, np.int32)
         for i in range(n_models):
             model = models[i, lo : lo + size]
             for j in range(size):
-                changed_by[j] += abs(widen(model[j]) - widen(block_base[j])) > epsilon
+                flag = np.uint8(abs(widen(model[j]) - widen(block_base[j])) > epsilon)
+                changed[i, j] = flag
+                changed_by[j] += flag
         for i in range(n_models):
-            model = models[i, lo : lo + size]
+            alone = together = 0
             for j in range(size):
-                if abs(widen(model[j]) - widen(block_base[j])) > epsilon:
-                    if changed_by[j] == 1:
-                        unique[block, i] += 1
-                    else:
-                        shared[block, i] += 1
+                flag = changed[i, j]
+                alone += flag & (changed_by[j] == 1)
+                together += flag & (changed_by[j] > 1)
+            unique[block, i] = alone
+            shared[block, i] = together
     return unique, shared

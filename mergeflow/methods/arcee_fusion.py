@@ -1,0 +1,126 @@
+"""mergekit's Arcee Fusion: take the other model's value where its change from the base matters
+most, judged by how far apart the two models' rows are as distributions.
+
+For each tensor, with base θ0 and one other model θ1, τ = θ1 − θ0:
+  1. importance e = |τ| · KL(p ‖ q) of the entry's row, with p = softmax(θ1's row) + 1e-8 and
+     q = softmax(θ0's row) + 1e-8 (rows are the last dimension; a 1-D tensor is one row);
+  2. threshold t = Q2 + 1.5·(Q3 − Q1) over the whole tensor's importances, Qk the element of
+     the ascending order at index ⌊k·(n − 1)/4⌋ (no interpolation, as mergekit indexes its sort);
+  3. θ = θ0 + τ·[e ≥ t].
+mergekit takes the quartiles of a random sample of 1M entries for larger tensors, so its merges
+of those are not reproducible; mergeflow takes the exact ones, which the sample estimates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from numba import njit, prange
+
+from mergeflow.methods import primitives as P
+from mergeflow.methods.base import Chunk, MergeMethod, TensorChunks
+from mergeflow.methods.kernels import stored, widen
+
+SOFTMAX_FLOOR = 1e-8  # mergekit's: added to both distributions before the logarithm
+
+
+def _threshold(tensor: TensorChunks, params: Mapping[str, Any]) -> float:
+    importance = tensor.scratch()
+    for start, base, models in tensor.chunks():
+        count = models.shape[1]
+        importance_(importance[start : start + count], P.kernel_array(models)[0], base, tensor.row_length)
+    last = tensor.numel - 1
+    quartiles = (last // 4, last // 2, 3 * last // 4)
+    importance.partition(sorted(set(quartiles)))
+    q1, median, q3 = (importance[i] for i in quartiles)
+    return float(median + np.float32(1.5) * (q3 - q1))  # float32 arithmetic, as mergekit's
+
+
+def _merge(chunk: Chunk) -> np.ndarray:
+    out = np.empty(chunk.models.shape[1], chunk.storage)
+    models = P.kernel_array(chunk.models)
+    non_finite, non_finite_out = merge_(out, models[0], chunk.base, chunk.row_length, np.float32(chunk.stats))
+    if non_finite:
+        raise P.NonFiniteInput(f"{non_finite} NaN/Inf value(s) in the task vector")
+    if non_finite_out:
+        raise P.NonFiniteOutput(f"{non_finite_out} merged value(s) overflow to Inf/NaN")
+    return out
+
+
+ARCEE_FUSION = MergeMethod(
+    name="arcee_fusion",
+    summary="Take the other model's changes whose importance |τ|·KL(rows) is an upper outlier.",
+    formula="θ = θ0 + τ·[e ≥ Q2 + 1.5·(Q3 − Q1)],  e = |τ|·KL(softmax(θ1 row) ‖ softmax(θ0 row))",
+    merge=_merge,
+    min_models=1,
+    max_models=1,
+    chunk_statistic=_threshold,
+    reads_bfloat16=True,
+    writes_storage=True,
+    whole_rows=True,
+    notes=(
+        "Quartiles are exact (mergekit samples 1M entries of larger tensors).",
+        "Softmax and KL are summed in float64, row by row.",
+    ),
+)
+
+
+# --- kernels (see kernels.py for how they read bfloat16 and write the output's storage) ---
+
+
+@njit(cache=True)
+def _row_kl(model, base):
+    """KL(p ‖ q) of one row, p = softmax(model) + 1e-8, q = softmax(base) + 1e-8; float64 sums
+    in element order, so the value does not depend on the chunking or the threads."""
+    n = model.size
+    top_p = top_q = -math.inf
+    for j in range(n):
+        top_p = max(top_p, np.float64(widen(model[j])))
+        top_q = max(top_q, np.float64(widen(base[j])))
+    sum_p = sum_q = 0.0
+    for j in range(n):
+        sum_p += math.exp(np.float64(widen(model[j])) - top_p)
+        sum_q += math.exp(np.float64(widen(base[j])) - top_q)
+    kl = 0.0
+    for j in range(n):
+        p = math.exp(np.float64(widen(model[j])) - top_p) / sum_p + SOFTMAX_FLOOR
+        q = math.exp(np.float64(widen(base[j])) - top_q) / sum_q + SOFTMAX_FLOOR
+        kl += p * math.log(p / q)
+    return np.float32(kl)
+
+
+@njit(parallel=True, cache=True)
+def importance_(out, model, base, row_length):
+    """out = |τ| · KL of the entry's row, for whole rows of `row_length` entries."""
+    for r in prange(model.size // row_length):
+        lo = r * row_length
+        row_model, row_base = model[lo : lo + row_length], base[lo : lo + row_length]
+        kl = _row_kl(row_model, row_base)
+        for j in range(row_length):
+            out[lo + j] = abs(widen(row_model[j]) - widen(row_base[j])) * kl
+
+
+@njit(parallel=True, cache=True)
+def merge_(out, model, base, row_length, threshold):
+    """out = θ0 + τ·[|τ|·KL(row) ≥ threshold], stored as `out` stores it. Returns how many
+    task-vector entries and how many merged values are NaN or ±Inf."""
+    non_finite = non_finite_out = 0
+    for r in prange(model.size // row_length):
+        lo = r * row_length
+        row_model, row_base = model[lo : lo + row_length], base[lo : lo + row_length]
+        kl = _row_kl(row_model, row_base)
+        bad = bad_out = 0
+        for j in range(row_length):
+            theta0 = widen(row_base[j])
+            tau = widen(row_model[j]) - theta0
+            bad += tau - tau != 0  # true exactly for NaN and ±Inf
+            kept = np.float32(1.0) if abs(tau) * kl >= threshold else np.float32(0.0)
+            value = theta0 + tau * kept
+            bad_out += value - value != 0
+            out[lo + j] = stored(value, out)
+        non_finite += bad
+        non_finite_out += bad_out
+    return non_finite, non_finite_out
