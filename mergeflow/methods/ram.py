@@ -82,7 +82,7 @@ RAM = MergeMethod(
 
 RAMPLUS_TL = MergeMethod(
     name="ramplus_tl",
-    summary="RAM, with each model's unique changes scaled up by how much of it overlaps others'.",
+    summary="RAM, scaling up a model's unique changes the more of its changes overlap others'.",
     formula="θ = θ0 + Σi τi·[|τi| > ε]·(λi if c = 1 else 1/c),  λi = 1 + r·clamp(shared_i / unique_i, 0, α)",
     params=(
         Param("r", 0.1, "how strongly overlap scales a model's unique changes"),
