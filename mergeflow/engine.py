@@ -30,6 +30,7 @@ from mergeflow.errors import ConfigError
 from mergeflow.hashing import model_sha256, models_sha256
 from mergeflow.methods import MergeMethod
 from mergeflow.methods.kernels import default_threads, use_threads
+from mergeflow.model_card import MODEL_CARD, model_card
 from mergeflow.output import DEFAULT_SHARD_BYTES, ShardedWriter, StagedOutput, write_small_file
 from mergeflow.parameters import resolve_parameters
 from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
@@ -135,6 +136,8 @@ def merge(
             }
             files = writer.finish()
             files += _write_side_files(stage, reference, tokenizer_source, out_dtype, chat_template)
+            card = model_card(config, inputs)
+            files.append(write_small_file(stage.folder, MODEL_CARD, card.encode()))
             manifest = {
                 "format": "mergeflow-manifest/1",
                 "mergeflow_version": mergeflow.__version__,

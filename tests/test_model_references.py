@@ -13,10 +13,12 @@ import sys
 from pathlib import Path
 
 import yaml
+from huggingface_hub import ModelCard
 from lora_adapters import write_adapter
 
 from mergeflow.checkpoint import HUB_REPO_ID
 from mergeflow.hashing import model_sha256_at
+from mergeflow.model_card import MODEL_CARD
 
 ORG = "mergeflow-test"
 
@@ -70,6 +72,11 @@ def test_repo_ids_are_told_from_paths_as_mergekit_writes_them():
         assert not HUB_REPO_ID.fullmatch(not_a_repo_id)
 
 
+def but_the_model_card(manifest: dict) -> list[dict]:
+    """The files a manifest lists but the model card, which names the inputs as the config did."""
+    return [f for f in manifest["files"] if f["path"] != MODEL_CARD]
+
+
 def run_merge(config: dict, out: Path, hub_cache: Path, cwd: Path) -> subprocess.CompletedProcess:
     path = cwd / "merge.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -93,7 +100,11 @@ def test_a_merge_config_names_models_in_the_local_hugging_face_cache_by_repo_id(
         assert run.returncode == 0, run.stderr
         manifests.append(json.loads((out / "mergeflow-manifest.json").read_text()))
     by_path_manifest, by_repo_id_manifest = manifests
-    assert by_repo_id_manifest["files"] == by_path_manifest["files"]  # the same bytes
+    assert but_the_model_card(by_repo_id_manifest) == but_the_model_card(by_path_manifest)
+    cards = [ModelCard.load(out / MODEL_CARD) for out in (tmp_path / "by-path", tmp_path / "by-repo-id")]
+    assert cards[0].data.base_model is None  # paths are no hub links
+    assert cards[1].data.base_model == [f"{ORG}/base", f"{ORG}/expert_0", f"{ORG}/expert_1"]
+    assert f"`{ORG}/expert_0@{pinned}`" in cards[1].text
     # The same models, named as the config names them with the commit each name resolved to;
     # the model hashes match, taken from the cache's blob names instead of hashing the weights.
     inputs, path_inputs = by_repo_id_manifest["inputs"], by_path_manifest["inputs"]
@@ -133,15 +144,15 @@ def test_a_model_and_its_lora_adapter_are_named_by_repo_id_as_mergekit_writes_th
         run = run_merge(config, tmp_path / name, cache, tmp_path)
         assert run.returncode == 0, run.stderr
         outs[name] = json.loads((tmp_path / name / "mergeflow-manifest.json").read_text())
-    assert outs["by-repo-id"]["files"] == outs["by-path"]["files"]  # the same bytes
+    assert but_the_model_card(outs["by-repo-id"]) == but_the_model_card(outs["by-path"])
     assert outs["by-repo-id"]["inputs"]["models"][1]["ref"] == f"{ORG}/base+{ORG}/lora"
+    card = ModelCard.load(tmp_path / "by-repo-id" / MODEL_CARD)
+    assert card.data.base_model == [f"{ORG}/base", f"{ORG}/lora"]
     # Without the adapter the output differs: it was applied.
     plain = {"merge_method": "average", "models": [{"model": zoo["expert_0"]}, {"model": zoo["base"]}]}
     assert run_merge(plain, tmp_path / "plain", cache, tmp_path).returncode == 0
-    assert (
-        json.loads((tmp_path / "plain" / "mergeflow-manifest.json").read_text())["files"]
-        != outs["by-path"]["files"]
-    )
+    plain_manifest = json.loads((tmp_path / "plain" / "mergeflow-manifest.json").read_text())
+    assert but_the_model_card(plain_manifest) != but_the_model_card(outs["by-path"])
 
 
 def test_an_adapter_repo_id_not_in_the_cache_is_refused_in_one_line(zoo, tmp_path):

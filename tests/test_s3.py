@@ -25,8 +25,14 @@ from mergeflow.checkpoint import INDEX, MANIFEST, open_checkpoint
 from mergeflow.config import parse_config
 from mergeflow.engine import merge
 from mergeflow.errors import StorageError
+from mergeflow.model_card import MODEL_CARD
 
 # --- merging through S3 -----------------------------------------------------------------
+
+
+def but_the_model_card(manifest: dict) -> list[dict]:
+    """The files a manifest lists but the model card, which names the inputs as the config did."""
+    return [f for f in manifest["files"] if f["path"] != MODEL_CARD]
 
 
 def test_ties_merge_from_s3_into_s3_is_complete_and_matches_local(s3, local_zoo, s3_zoo, tmp_path):
@@ -51,7 +57,8 @@ def test_ties_merge_from_s3_into_s3_is_complete_and_matches_local(s3, local_zoo,
     for name in [*shards, INDEX, "config.json"]:
         assert s3.read(f"merged/ties/{name}") == (local_out / name).read_bytes(), name
     local_manifest = json.loads((local_out / MANIFEST).read_text())
-    assert local_manifest["files"] == manifest["files"]
+    assert but_the_model_card(local_manifest) == but_the_model_card(manifest)
+    assert s3_zoo["expert_0"] in s3.read(f"merged/ties/{MODEL_CARD}").decode()
     # Input hashes do not depend on where the inputs were read from.
     assert local_manifest["inputs"]["base"]["sha256"] == manifest["inputs"]["base"]["sha256"]
     local_hashes = [m["sha256"] for m in local_manifest["inputs"]["models"]]
@@ -93,7 +100,7 @@ def test_existing_s3_output_needs_overwrite_and_is_fully_replaced(s3, local_zoo)
         }
     )
     result = merge(config, out, overwrite=True)
-    assert s3.keys("merged/overwrite") == sorted(["config.json", "model.safetensors", MANIFEST])
+    assert s3.keys("merged/overwrite") == sorted(["config.json", "model.safetensors", "README.md", MANIFEST])
     manifest = assert_complete_s3_model(s3, "merged/overwrite")
     assert manifest == result.manifest and manifest["method"] == "task_arithmetic"
 
@@ -107,7 +114,7 @@ def test_output_prefix_is_not_confused_with_a_sibling_prefix(s3, local_zoo):
 
     merge(ties_config(local_zoo), s3.uri("merged/sib"))  # no overwrite needed: the prefix is empty
     merge(ties_config(local_zoo), s3.uri("merged/sib"), overwrite=True)
-    assert s3.keys("merged/sib") == sorted(["config.json", "model.safetensors", MANIFEST])
+    assert s3.keys("merged/sib") == sorted(["config.json", "model.safetensors", "README.md", MANIFEST])
     assert s3.keys(sibling) == sibling_keys
     assert_complete_s3_model(s3, sibling)
 
@@ -168,6 +175,6 @@ def test_a_model_with_a_lora_adapter_both_in_s3_merges_as_from_local_disk(s3, lo
         out = tmp_path / where
         merge(ties_config(zoo, experts), str(out), max_shard_bytes=SHARD_BYTES)
         outputs[where] = json.loads((out / MANIFEST).read_text())
-    assert outputs["s3"]["files"] == outputs["local"]["files"]  # the same bytes
+    assert but_the_model_card(outputs["s3"]) == but_the_model_card(outputs["local"])  # the same bytes
     assert outputs["s3"]["inputs"]["models"][1]["ref"] == f"{s3_zoo['expert_1']}+{s3.uri('adapters/lora')}"
     assert outputs["s3"]["inputs"]["models"][1]["sha256"] == outputs["local"]["inputs"]["models"][1]["sha256"]

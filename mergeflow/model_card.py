@@ -1,0 +1,57 @@
+"""The merged model's README.md: a Hugging Face model card saying what was merged, how, and
+from which exact inputs (their content hashes, as the manifest records them)."""
+
+from __future__ import annotations
+
+import yaml
+
+import mergeflow
+from mergeflow.checkpoint import HUB_REPO_ID
+from mergeflow.config import MergeConfig
+
+MODEL_CARD = "README.md"
+
+
+def model_card(config: MergeConfig, inputs: dict) -> str:
+    """The card for a merge of `config`'s models with the `inputs` the manifest records. Its
+    front matter names as `base_model` the inputs given as Hugging Face repo ids (the hub links
+    them; without the @revision, which the text keeps); local paths and URIs are listed in the
+    text only. It does not depend on where the
+    output goes or when it is made: the same merge writes the same card."""
+    method = config.method
+    base, models = inputs["base"], inputs["models"]
+    refs = ([base["ref"]] if base else []) + [m["ref"] for m in models]
+    parts = [part for ref in refs for part in ref.split("+")]  # model+adapter: both are models
+    hub_ids = list(dict.fromkeys(m.group("repo") for part in parts if (m := HUB_REPO_ID.fullmatch(part))))
+    front = {"library_name": "transformers", "tags": ["mergeflow", "merge", method.name]}
+    if hub_ids:
+        front = {"base_model": hub_ids} | front
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        f"# A {method.name} merge",
+        "",
+        f"A merge of {len(models)} model{'s' if len(models) != 1 else ''}"
+        + (f" onto the base `{base['ref']}`" if base else "")
+        + f" with mergeflow {mergeflow.__version__}, method `{method.name}`: {method.summary}",
+        "",
+        f"    {method.formula}",
+        "",
+        "| input | role | sha256 |",
+        "|---|---|---|",
+        *([f"| `{base['ref']}` | base | `{base['sha256']}` |"] if base else []),
+        *(f"| `{m['ref']}` | model | `{m['sha256']}` |" for m in models),
+        "",
+        "A model's sha256 is taken over `name sha256` lines of its config.json and weight files "
+        "(and a LoRA adapter's files, for `model+adapter`); `mergeflow-manifest.json` lists every "
+        "file of this folder with its sha256.",
+        "",
+        "## Configuration",
+        "",
+        "```yaml",
+        yaml.safe_dump(config.model_dump(mode="json", exclude_defaults=True), sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
