@@ -63,10 +63,7 @@ def _merge(chunk: Chunk) -> np.ndarray:
     non_finite, non_finite_out = merge_(
         out, model, chunk.base, chunk.row_length, row_kl, np.float32(fusion.threshold)
     )
-    if non_finite:
-        raise P.NonFiniteInput(f"{non_finite} NaN/Inf value(s) in the task vector")
-    if non_finite_out:
-        raise P.NonFiniteOutput(f"{non_finite_out} merged value(s) overflow to Inf/NaN")
+    P.refuse_non_finite(non_finite, non_finite_out)
     return out
 
 

@@ -274,11 +274,17 @@ def merge_task_vectors(
         np.ascontiguousarray(chances, np.float32) if chances is not None else np.empty((n, 0), np.float32),
         start, _f32(weights, no_limits), consensus, normalize, divisor, np.float32(lam), out,
     )  # fmt: skip
+    refuse_non_finite(non_finite, non_finite_out)
+    return out
+
+
+def refuse_non_finite(non_finite: int, non_finite_out: int) -> None:
+    """Raise for a kernel's counts of NaN/Inf task-vector entries and merged values (the
+    engine then names the input, or the parameters, that caused them)."""
     if non_finite:
         raise NonFiniteInput(f"{non_finite} NaN/Inf value(s) in the task vectors")
     if non_finite_out:
         raise NonFiniteOutput(f"{non_finite_out} merged value(s) overflow to Inf/NaN")
-    return out
 
 
 _NO_BASE = np.empty(0, np.float32)

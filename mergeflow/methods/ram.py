@@ -39,10 +39,7 @@ def _merge(chunk: Chunk) -> np.ndarray:
     non_finite, non_finite_out = merge_(
         out, P.kernel_array(chunk.models), chunk.base, np.float32(chunk.params["epsilon"]), unique_scales
     )
-    if non_finite:
-        raise P.NonFiniteInput(f"{non_finite} NaN/Inf value(s) in the task vectors")
-    if non_finite_out:
-        raise P.NonFiniteOutput(f"{non_finite_out} merged value(s) overflow to Inf/NaN")
+    P.refuse_non_finite(non_finite, non_finite_out)
     return out
 
 

@@ -80,10 +80,7 @@ def _merge(chunk: Chunk) -> np.ndarray:
         out, P.kernel_array(chunk.models), chunk.base, variances, np.float32(selection.threshold),
         selection.weights,
     )  # fmt: skip
-    if non_finite:
-        raise P.NonFiniteInput(f"{non_finite} NaN/Inf value(s) in the task vectors")
-    if non_finite_out:
-        raise P.NonFiniteOutput(f"{non_finite_out} merged value(s) overflow to Inf/NaN")
+    P.refuse_non_finite(non_finite, non_finite_out)
     return out
 
 

@@ -272,11 +272,13 @@ def test_folder_without_weights(small, tmp_path):
     assert_fails_cleanly(ties(small, empty), tmp_path, CheckpointError, "no *.safetensors")
 
 
-@pytest.mark.parametrize("method", ["average", "model_stock"])
+@pytest.mark.parametrize("method", ["average", "model_stock", "ram", "ramplus_tl", "arcee_fusion"])
 def test_non_finite_weights_are_named_for_methods_without_sparsification(small, tmp_path, method):
     broken = copy_expert(small, tmp_path)
     edit_tensors(broken, lambda t: t["model.norm.weight"].__setitem__(7, float("nan")))
     config = ties(small, broken) | {"merge_method": method, "parameters": {}}
+    if method == "arcee_fusion":  # it merges one model into the base
+        config["models"] = [{"model": str(broken)}]
     assert_fails_cleanly(config, tmp_path, NonFiniteError, "model.norm.weight", str(broken))
 
 
