@@ -3,6 +3,8 @@ from which exact inputs (their content hashes, as the manifest records them)."""
 
 from __future__ import annotations
 
+import re
+
 import yaml
 
 import mergeflow
@@ -16,8 +18,8 @@ def model_card(config: MergeConfig, inputs: dict) -> str:
     """The card for a merge of `config`'s models with the `inputs` the manifest records. Its
     front matter names as `base_model` the inputs given as Hugging Face repo ids (the hub links
     them; without the @revision, which the text keeps); local paths and URIs are listed in the
-    text only. It does not depend on where the
-    output goes or when it is made: the same merge writes the same card."""
+    text only. It does not depend on where the output goes or when it is made: the same merge
+    writes the same card."""
     method = config.method
     base, models = inputs["base"], inputs["models"]
     refs = ([base["ref"]] if base else []) + [m["ref"] for m in models]
@@ -33,15 +35,15 @@ def model_card(config: MergeConfig, inputs: dict) -> str:
         f"# A {method.name} merge",
         "",
         f"A merge of {len(models)} model{'s' if len(models) != 1 else ''}"
-        + (f" onto the base `{base['ref']}`" if base else "")
+        + (f" onto the base {_code(base['ref'])}" if base else "")
         + f" with mergeflow {mergeflow.__version__}, method `{method.name}`: {method.summary}",
         "",
         f"    {method.formula}",
         "",
         "| input | role | sha256 |",
         "|---|---|---|",
-        *([f"| `{base['ref']}` | base | `{base['sha256']}` |"] if base else []),
-        *(f"| `{m['ref']}` | model | `{m['sha256']}` |" for m in models),
+        *([f"| {_code(base['ref'])} | base | `{base['sha256']}` |"] if base else []),
+        *(f"| {_code(m['ref'])} | model | `{m['sha256']}` |" for m in models),
         "",
         "A model's sha256 is taken over `name sha256` lines of its config.json and weight files "
         "(and a LoRA adapter's files, for `model+adapter`); `mergeflow-manifest.json` lists every "
@@ -55,3 +57,12 @@ def model_card(config: MergeConfig, inputs: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _code(ref: str) -> str:
+    """`ref` as Markdown inline code in a table cell: pipes escaped (GitHub splits table cells
+    on them even inside code), a backtick in it fenced by a longer run of them."""
+    longest = max((len(run) for run in re.findall(r"`+", ref)), default=0)
+    fence = "`" * (longest + 1)
+    padded = f" {ref} " if longest else ref
+    return f"{fence}{padded}{fence}".replace("|", "\\|")

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 # Hash caches and other state go to a throwaway folder, never the user's ~/.cache.
 os.environ.setdefault("MERGEFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="mergeflow-test-cache-"))
 
+from mergeflow.model_card import MODEL_CARD  # noqa: E402
 from mergeflow.zoo.build import build_preset  # noqa: E402
 from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo, llama_config  # noqa: E402
 from mergeflow.zoo.presets import MIXED, LlamaSize, Preset  # noqa: E402
@@ -75,6 +76,12 @@ def rewrite_safetensors(file: Path, edit) -> None:
     tensors = load_file(file)
     edit(tensors)
     save_file(tensors, file, metadata={"format": "pt"})
+
+
+def but_the_model_card(manifest: dict) -> list[dict]:
+    """The files a merge's manifest lists but its model card, which names the inputs as the
+    config did: merges of the same models named otherwise (S3 or local, repo id or path)."""
+    return [f for f in manifest["files"] if f["path"] != MODEL_CARD]
 
 
 def load_folder(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import yaml
 from huggingface_hub import ModelCard
@@ -56,3 +57,18 @@ def test_a_merge_without_a_base_says_so(zoo, tmp_path):
     merge(config, str(tmp_path / "avg"))
     text = (tmp_path / "avg" / MODEL_CARD).read_text()
     assert "A merge of 2 models with mergeflow" in text and "| base |" not in text
+
+
+def test_a_path_with_a_pipe_or_backtick_keeps_the_table_whole(zoo, tmp_path):
+    odd = tmp_path / "exp|ert `one`"
+    shutil.copytree(zoo["expert_1"], odd)
+    merge(
+        parse_config(ties_config(zoo) | {"models": [{"model": zoo["expert_0"]}, {"model": str(odd)}]}),
+        str(tmp_path / "out"),
+    )
+    rows = [
+        line for line in (tmp_path / "out" / MODEL_CARD).read_text().splitlines() if line.startswith("| ")
+    ]
+    assert len(rows) == 4  # the header and three inputs
+    assert all(len(re.split(r"(?<!\\)\|", row)) == 5 for row in rows)  # three cells each
+    assert f"`` {str(odd).replace('|', chr(92) + '|')} ``" in rows[-1]

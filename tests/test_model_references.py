@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from conftest import but_the_model_card
 from huggingface_hub import ModelCard
 from lora_adapters import write_adapter
 
@@ -70,11 +71,6 @@ def test_repo_ids_are_told_from_paths_as_mergekit_writes_them():
     assert HUB_REPO_ID.fullmatch("org/name@" + "a" * 40)["repo"] == "org/name"
     for not_a_repo_id in ("base", "/models/base", "./org/name", "models/org/name", "s3://bucket/model"):
         assert not HUB_REPO_ID.fullmatch(not_a_repo_id)
-
-
-def but_the_model_card(manifest: dict) -> list[dict]:
-    """The files a manifest lists but the model card, which names the inputs as the config did."""
-    return [f for f in manifest["files"] if f["path"] != MODEL_CARD]
 
 
 def run_merge(config: dict, out: Path, hub_cache: Path, cwd: Path) -> subprocess.CompletedProcess:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import but_the_model_card
 from lora_adapters import write_adapter
 from s3_zoo import (
     EXPERTS,
@@ -28,11 +29,6 @@ from mergeflow.errors import StorageError
 from mergeflow.model_card import MODEL_CARD
 
 # --- merging through S3 -----------------------------------------------------------------
-
-
-def but_the_model_card(manifest: dict) -> list[dict]:
-    """The files a manifest lists but the model card, which names the inputs as the config did."""
-    return [f for f in manifest["files"] if f["path"] != MODEL_CARD]
 
 
 def test_ties_merge_from_s3_into_s3_is_complete_and_matches_local(s3, local_zoo, s3_zoo, tmp_path):
