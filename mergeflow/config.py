@@ -44,11 +44,38 @@ def _empty_when_null(empty):
 Parameters = Annotated[dict[str, ParameterSetting], _empty_when_null(dict)]
 
 
+def _model_reference(value: Any) -> Any:
+    """mergekit's long form of a model reference, {model: {path, revision}, lora: {path,
+    revision}} (each part may also be a string), as the short form it stands for:
+    'path@revision+lora@revision'. mergekit writes the long form for paths with spaces."""
+    if not isinstance(value, dict):
+        return value
+    if "override_architecture" in value:
+        raise ValueError("override_architecture is not supported: mergeflow keeps the models' architecture")
+    unknown = sorted(set(value) - {"model", "lora"})
+    if unknown or "model" not in value:
+        raise ValueError(f"a model given as a mapping has keys model and lora (got {sorted(value)})")
+    ref = _model_path(value["model"])
+    return f"{ref}+{_model_path(value['lora'])}" if value.get("lora") is not None else ref
+
+
+def _model_path(part: Any) -> str:
+    if isinstance(part, str):
+        return part
+    if isinstance(part, dict) and isinstance(part.get("path"), str) and set(part) <= {"path", "revision"}:
+        return part["path"] + (f"@{part['revision']}" if part.get("revision") else "")
+    raise ValueError(f"a model path is a string or a mapping of path and revision (got {part!r})")
+
+
+# A model as mergekit configs name it: a string, or its long form (see _model_reference).
+ModelReference = Annotated[str, BeforeValidator(_model_reference)]
+
+
 class ModelEntry(BaseModel):
     """One input model: a local path, file:// or s3:// URI, with optional parameters."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: ModelReference
     parameters: Parameters = {}
 
 
@@ -56,7 +83,7 @@ class SliceSource(BaseModel):
     """One model of a mergekit slice, with the layers it contributes."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: ModelReference
     layer_range: tuple[int, int]
     parameters: Parameters = {}
 
@@ -72,7 +99,7 @@ class TokenizerSettings(BaseModel):
     default here) and per-token embedding `tokens` would build a new vocabulary and embeddings."""
 
     model_config = ConfigDict(extra="forbid")
-    source: str = "union"
+    source: ModelReference = "union"
     tokens: dict[str, Any] | None = None
     pad_to_multiple_of: int | None = None
 
@@ -84,13 +111,13 @@ class MergeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     merge_method: str
-    base_model: str | None = None
+    base_model: ModelReference | None = None
     models: Annotated[list[ModelEntry], _empty_when_null(list)] = []
     slices: Annotated[list[LayerSlice], _empty_when_null(list)] = []
     parameters: Parameters = {}
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: ModelReference | None = None
     tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
 
@@ -323,8 +350,8 @@ def _describe(exc: ValidationError) -> str:
     if error["type"] == "extra_forbidden":
         supported = ", ".join(_fields_at(error["loc"]))
         return f"unknown key '{where}' (supported: {supported})"
-    if error["type"] == "value_error":
-        return str(error["ctx"]["error"])
+    if error["type"] == "value_error":  # a field's own check names no field; the config's does
+        return f"{where}: {error['ctx']['error']}" if where else str(error["ctx"]["error"])
     if error["type"] == "missing":
         return f"{where}: required"
     return f"{where}: {error['msg']}"

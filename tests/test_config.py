@@ -207,3 +207,31 @@ def test_a_slice_of_some_layers_is_refused_naming_the_model(zoo, tmp_path):
         f"has {layers} layers); mergeflow merges whole models, not layer slices"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_mergekits_long_form_of_a_model_reference_reads_as_its_short_form():
+    from mergeflow.config import parse_config
+
+    def path(name, revision=None):
+        return {"path": name} | ({"revision": revision} if revision else {})
+
+    long = {
+        "merge_method": "ties",
+        "base_model": {"model": path("org/base", "v1")},
+        "models": [
+            {"model": {"model": path("/data/my models/x"), "lora": path("org/lora", "abc")}},
+            {"model": {"model": "y@v2"}},
+        ],
+        "parameters": {"density": 0.5},
+        "tokenizer": {"source": {"model": path("org/tok")}},
+    }
+    short = long | {
+        "base_model": "org/base@v1",
+        "models": [{"model": "/data/my models/x+org/lora@abc"}, {"model": "y@v2"}],
+        "tokenizer": {"source": "org/tok"},
+    }
+    assert parse_config(long) == parse_config(short)
+    sliced = {"merge_method": "slerp", "base_model": "b", "parameters": {"t": 0.5}}
+    sources = [{"model": {"model": path(name)}, "layer_range": [0, 2]} for name in ("b", "c")]
+    sliced["slices"] = [{"sources": sources}]
+    assert [s.model for s in parse_config(sliced).slices[0].sources] == ["b", "c"]

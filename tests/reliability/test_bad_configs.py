@@ -105,6 +105,18 @@ def ties(small, second: str) -> dict:
             "parameters.seed: must be an integer, so it cannot be a gradient over layers",
         ),
         ({"dtype": "float8"}, "dtype"),
+        (  # mergekit's long form of a model reference
+            {"base_model": {"model": {"path": 3}}},
+            "base_model: a model path is a string or a mapping of path and revision (got {'path': 3})",
+        ),
+        (
+            {"base_model": {"model": "b", "override_architecture": "MistralForCausalLM"}},
+            "base_model: override_architecture is not supported: mergeflow keeps the models' architecture",
+        ),
+        (
+            {"base_model": {"path": "b"}},
+            "base_model: a model given as a mapping has keys model and lora (got ['path'])",
+        ),
         (
             {"chat_template": "vicuna"},
             "chat_template: 'vicuna' is neither a Jinja template nor one of "
