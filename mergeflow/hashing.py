@@ -10,7 +10,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mergeflow.checkpoint import CONFIG, MANIFEST, Checkpoint, open_checkpoint
+from mergeflow.checkpoint import CONFIG, MANIFEST, Checkpoint, start_opening
 from mergeflow.file_hashes import HASH_BLOCK, local_file_sha256
 from mergeflow.storage import Location
 
@@ -77,8 +77,9 @@ def models_sha256(checkpoints: list[Checkpoint], workers: int = 1) -> list[str]:
 
 
 def model_sha256_at(ref: str) -> str:
-    """model_sha256 of the checkpoint at `ref` (path or URI); reads headers and the manifest."""
-    checkpoint = open_checkpoint(ref)
+    """model_sha256 of the checkpoint at `ref` (path or URI, or model+adapter, whose adapter
+    need not be applied for it); reads headers and the manifest."""
+    checkpoint = start_opening(ref).checkpoint
     try:
         return model_sha256(checkpoint)
     finally:

@@ -163,12 +163,13 @@ def apply_updates(
             if update.replacement is not None:  # PEFT loads it into the model's weight: rounded
                 weight = _rounded(weight, model_entry)
             if update.a is not None:
-                delta = _read_float32(reader, update.b) @ _read_float32(reader, update.a)
-                delta *= np.float32(update.scale)  # in place: the product is a fresh array
-                delta = delta.T if update.transposed else delta
-                if update.embedding:
-                    delta = _rounded(delta, model_entry)
-                weight += delta
+                with np.errstate(all="ignore"):  # NaN/Inf from bad factors: refused just below
+                    delta = _read_float32(reader, update.b) @ _read_float32(reader, update.a)
+                    delta *= np.float32(update.scale)  # in place: the product is a fresh array
+                    delta = delta.T if update.transposed else delta
+                    if update.embedding:
+                        delta = _rounded(delta, model_entry)
+                    weight += delta
             values, non_finite = from_float32(weight, model_entry.dtype)
             if non_finite:
                 raise NonFiniteError(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import load_folder, random_llama
+from conftest import load_folder, random_llama, rewrite_safetensors
 from lora_adapters import write_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -24,8 +24,9 @@ from mergeflow.checkpoint import open_checkpoint
 from mergeflow.cli import app
 from mergeflow.config import parse_config
 from mergeflow.engine import merge
-from mergeflow.errors import CheckpointError
+from mergeflow.errors import CheckpointError, NonFiniteError
 from mergeflow.file_hashes import cache_dir
+from mergeflow.hashing import model_sha256_at
 from mergeflow.methods.primitives import to_float32
 from mergeflow.safetensors_io import TensorFileReader
 from mergeflow.scratch import process_tagged
@@ -159,6 +160,7 @@ def test_a_merge_of_experts_given_as_model_plus_adapter(zoo, tmp_path):
     assert not [path for path in remembered if "/scratch/" in path]
     for ref, adapter, recorded in zip(refs, adapters, manifest["inputs"]["models"], strict=True):
         assert recorded["sha256"] == adapted_model_hash(Path(base), adapter), ref
+        assert model_sha256_at(recorded["ref"]) == recorded["sha256"]  # without applying it again
 
 
 def adapted_model_hash(model: Path, adapter: Path) -> str:
@@ -189,6 +191,16 @@ def test_a_merge_that_fails_opening_its_inputs_names_the_first_and_leaves_no_scr
         merge(parse_config(config), str(tmp_path / "merged"), threads=2)
     assert not list((cache_dir() / "scratch").iterdir())
     assert not (tmp_path / "merged").exists()
+
+
+def test_the_hash_of_model_plus_adapter_is_taken_without_applying_the_adapter(zoo, tmp_path):
+    adapter = write_adapter(tmp_path / "lora", zoo["base"], ["model.layers.0.mlp.up_proj"])
+    module = "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"
+    rewrite_safetensors(adapter / "adapter_model.safetensors", lambda t: t[module].fill_(float("inf")))
+    ref = f"{zoo['base']}+{adapter}"
+    with pytest.raises(NonFiniteError):  # applying it fails ...
+        open_checkpoint(ref)
+    assert model_sha256_at(ref) == adapted_model_hash(Path(zoo["base"]), adapter)  # ... hashing does not
 
 
 def test_reading_checkpoints_loads_numba_only_to_apply_an_adapter():
