@@ -90,7 +90,7 @@ def merge_on_landing(policy: LandingPolicy) -> dict:
     claim = claim_uri(store, policy.base, key)
     record = {
         "base": policy.base,
-        "experts": {t: e.uri for t, e in experts.items()},
+        "experts": {t: e.ref for t, e in experts.items()},
         "methods": policy.methods,
         "started_at": time.time(),
     }

@@ -5,9 +5,10 @@
 
 `publish_expert` puts an expert there (and its base, when given) and announces it with the
 event `mergeflow.expert.landed`. An expert given as a PEFT LoRA adapter of the base is stored as
-the whole adapted model, so every later step reads it as any other expert. Tools that upload
-experts themselves follow the same layout with a `mergeflow-manifest.json`; the watcher flow
-announces those.
+the adapter (megabytes, not the model's gigabytes): its version's `ref`, which merges and
+evaluations read, is mergekit's `<base>+<adapter>`, and its hash the adapted model's. Tools
+that upload experts themselves follow the same layout with a `mergeflow-manifest.json`; the
+watcher flow announces those.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pathlib import Path
 
 from mergeflow.checkpoint import ADAPTER_CONFIG, MANIFEST
 from mergeflow.errors import CheckpointError
-from mergeflow.fetch import fetch_model
 from mergeflow.hashing import model_sha256_at
 from mergeflow.publish import publish_folder
 from mergeflow.storage import check_name, locate
@@ -30,8 +30,9 @@ ANNOUNCED = "experts/.announced.json"
 class ExpertVersion:
     base: str
     task: str
-    uri: str
-    sha256: str  # model content hash
+    uri: str  # where the version is stored
+    ref: str  # the model a merge reads: `uri`, or for a LoRA adapter `<base uri>+<uri>`
+    sha256: str  # model content hash (of the adapted model, for an adapter)
     created_at: str
 
     def payload(self, base_model: str) -> dict:
@@ -46,8 +47,8 @@ def publish_expert(
     folder: Path, base: str, task: str, store: str, base_model: Path | None = None
 ) -> ExpertVersion:
     """Upload `folder` as an expert of `base` for `task` (and `base_model` as the base).
-    `folder` is a model, or a LoRA adapter of the base (applied as `merge` applies
-    mergekit's model+adapter)."""
+    `folder` is a model, or a LoRA adapter of the base, checked against it here and stored as
+    it is (merges apply it as mergekit's model+adapter)."""
     check_name("base", base)
     check_name("task", task)
     if base_model is not None:
@@ -56,12 +57,11 @@ def publish_expert(
         raise CheckpointError(
             f"base {base!r} is not in {store} yet ({base_uri(store, base)}); pass --base-model PATH once"
         )
-    if (Path(folder) / ADAPTER_CONFIG).is_file():
-        folder = fetch_model(f"{base_uri(store, base)}+{folder}").path
-    sha = model_sha256_at(str(folder))
+    adapter = (Path(folder) / ADAPTER_CONFIG).is_file()
+    sha = model_sha256_at(f"{base_uri(store, base)}+{folder}" if adapter else str(folder))
     uri = f"{store.rstrip('/')}/experts/{base}/{task}/{sha[:12]}"
     publish_folder(Path(folder), uri)
-    return _version(base, task, uri)
+    return _version(store, base, task, uri)
 
 
 def list_experts(store: str, base: str | None = None) -> list[ExpertVersion]:
@@ -76,7 +76,7 @@ def list_experts(store: str, base: str | None = None) -> list[ExpertVersion]:
             for version in _folders(base_location.child(task)):
                 location = base_location.child(task).child(version)
                 if location.child(MANIFEST).exists():
-                    found.append(_version(base_name, task, location.uri))
+                    found.append(_version(store, base_name, task, location.uri))
     return sorted(found, key=lambda v: (v.created_at, v.uri))
 
 
@@ -96,11 +96,12 @@ def write_announced(store: str, announced: set[str]) -> None:
     locate(f"{store.rstrip('/')}/{ANNOUNCED}").write_bytes(json.dumps(sorted(announced), indent=1).encode())
 
 
-def _version(base: str, task: str, uri: str) -> ExpertVersion:
+def _version(store: str, base: str, task: str, uri: str) -> ExpertVersion:
     location = locate(uri)
     manifest = json.loads(location.child(MANIFEST).read_bytes())
-    sha = model_sha256_at(uri)
-    return ExpertVersion(base, task, location.uri, sha, manifest.get("created_at", ""))
+    adapter = any(f.get("path") == ADAPTER_CONFIG for f in manifest.get("files", []))
+    ref = f"{base_uri(store, base)}+{location.uri}" if adapter else location.uri
+    return ExpertVersion(base, task, location.uri, ref, model_sha256_at(ref), manifest.get("created_at", ""))
 
 
 def _folders(location) -> list[str]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 from conftest import load_folder
 from lora_adapters import write_adapter
 
-from mergeflow.experts import latest_per_task, list_experts, publish_expert
+from mergeflow.errors import CheckpointError
+from mergeflow.experts import base_uri, latest_per_task, list_experts, publish_expert
 from mergeflow.fetch import fetch_model
+from mergeflow.hashing import model_sha256_at
 
 
 def test_the_latest_expert_of_a_task_is_the_last_published_even_within_one_second(zoo, tmp_path):
@@ -29,17 +33,35 @@ def test_the_latest_expert_of_a_task_is_the_last_published_even_within_one_secon
     }
 
 
-def test_a_lora_adapter_of_the_base_is_published_as_the_whole_adapted_model(zoo, tmp_path):
+def test_a_lora_adapter_of_the_base_is_published_as_the_adapter_and_merged_as_model_plus_adapter(
+    zoo, tmp_path
+):
     store = str(tmp_path / "store")
     adapter = write_adapter(tmp_path / "topic-lora", zoo["base"], ["model.layers.1.mlp.down_proj"])
     published = publish_expert(adapter, "fam", "topic", store, base_model=Path(zoo["base"]))
-    assert [e.uri for e in list_experts(store, "fam")] == [published.uri]
-    stored = load_folder(published.uri)
+    assert [(e.uri, e.ref) for e in list_experts(store, "fam")] == [(published.uri, published.ref)]
+    # stored as it is: the adapter's files and the manifest, kilobytes
+    assert sorted(p.name for p in Path(published.uri).iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "mergeflow-manifest.json"
+    ]  # fmt: skip
+    assert published.ref == f"{base_uri(store, 'fam')}+{published.uri}"
+    # what a merge reads from it is the adapted model, and its hash is that model's
     adapted = load_folder(fetch_model(f"{zoo['base']}+{adapter}").path)
+    stored = load_folder(fetch_model(published.ref).path)
     assert stored.keys() == adapted.keys()
     for name, value in adapted.items():
         assert value.equal(stored[name]), name
     assert not stored["model.layers.1.mlp.down_proj.weight"].equal(
         load_folder(zoo["base"])["model.layers.1.mlp.down_proj.weight"]
     )
-    assert (Path(published.uri) / "config.json").is_file()
+    assert published.sha256 == model_sha256_at(f"{zoo['base']}+{adapter}")
+
+
+def test_an_adapter_that_does_not_fit_the_base_is_refused_at_publishing(zoo, tmp_path):
+    store = str(tmp_path / "store")
+    adapter = write_adapter(tmp_path / "lora", zoo["base"], ["model.layers.1.mlp.down_proj"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"r": 3}))
+    with pytest.raises(CheckpointError, match="do not have the rank r=3"):
+        publish_expert(adapter, "fam", "topic", store, base_model=Path(zoo["base"]))
+    assert list_experts(store, "fam") == []

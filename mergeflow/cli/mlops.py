@@ -20,7 +20,7 @@ def expert_publish(
         Path,
         typer.Argument(
             help="The expert's HF checkpoint folder, or a PEFT LoRA adapter of the base "
-            "(stored as the whole adapted model)."
+            "(stored as the adapter; merges apply it)."
         ),
     ],
     base: Annotated[str, typer.Option(help="Base family name, e.g. tiny2m-pt-trained-here.")],
@@ -40,7 +40,8 @@ def expert_publish(
 
     settings = load_settings()
     expert = publish_expert(folder, base, task, settings.artifacts, base_model)
-    typer.echo(f"published {expert.uri} (sha256 {expert.sha256[:12]})")
+    merged_as = f", merged as {expert.ref}" if expert.ref != expert.uri else ""
+    typer.echo(f"published {expert.uri} (sha256 {expert.sha256[:12]}{merged_as})")
     if not settings.prefect_api_url:
         typer.echo(
             "no Prefect server (PREFECT_API_URL): no event sent; the watch-experts flow will announce it"
