@@ -28,6 +28,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
+ADAPTER_PREFIX = "adapter/"  # how a model's hash names its adapter's files
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -174,7 +175,7 @@ def _start_with_adapter(ref: str, allow_pickle: bool) -> Opening:
     checkpoint.ref = ref
     try:
         config, weights = adapter_files(where, resolve(adapter_ref)[0])
-        checkpoint.identity_files |= {f"adapter/{f.name}": f for f in (config, weights)}
+        checkpoint.identity_files |= {ADAPTER_PREFIX + f.name: f for f in (config, weights)}
         if weights.name != ADAPTER_WEIGHTS:
             _refuse_pickle(where, [weights.name], allow_pickle)
             converted = checkpoint.scratch_folder() / ADAPTER_WEIGHTS

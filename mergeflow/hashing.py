@@ -5,14 +5,15 @@ them, and a weight file in a Hugging Face cache is named by its sha256 already."
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mergeflow.checkpoint import CONFIG, MANIFEST, Checkpoint, start_opening
+from mergeflow.checkpoint import ADAPTER_PREFIX, CONFIG, MANIFEST, Checkpoint, start_opening
 from mergeflow.file_hashes import HASH_BLOCK, local_file_sha256
-from mergeflow.storage import Location
+from mergeflow.storage import Location, locate
 
 _SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 
@@ -61,6 +62,9 @@ def models_sha256(checkpoints: list[Checkpoint], workers: int = 1) -> list[str]:
         if MANIFEST in checkpoint.file_names:
             manifest = checkpoint.read_json(MANIFEST)
             recorded = {f["path"]: f["sha256"] for f in manifest.get("files", [])}
+        adapter = [f for name, f in checkpoint.identity_files.items() if name.startswith(ADAPTER_PREFIX)]
+        if adapter:  # a published adapter's manifest has its files' hashes
+            recorded |= {ADAPTER_PREFIX + k: v for k, v in _manifest_hashes(adapter[0]).items()}
         names = [CONFIG] if CONFIG in checkpoint.file_names else []
         names += list(checkpoint.identity_files)
         files = {CONFIG: checkpoint.location.child(CONFIG)} | checkpoint.identity_files
@@ -74,6 +78,14 @@ def models_sha256(checkpoints: list[Checkpoint], workers: int = 1) -> list[str]:
         return f"{name} {hashes[item.uri] if isinstance(item, Location) else item}"
 
     return [hashlib.sha256("\n".join(line(*e) for e in entries).encode()).hexdigest() for entries in wanted]
+
+
+def _manifest_hashes(file: Location) -> dict[str, str]:
+    """The sha256 by file name that a mergeflow manifest beside `file` records, if one does."""
+    manifest = locate(file.uri.rsplit("/", 1)[0]).child(MANIFEST)
+    if not manifest.exists():
+        return {}
+    return {f["path"]: f["sha256"] for f in json.loads(manifest.read_bytes()).get("files", [])}
 
 
 def model_sha256_at(ref: str) -> str:

@@ -12,6 +12,7 @@ from lora_adapters import write_adapter
 from mergeflow.errors import CheckpointError
 from mergeflow.experts import base_uri, latest_per_task, list_experts, publish_expert
 from mergeflow.fetch import fetch_model
+from mergeflow.file_hashes import cache_dir
 from mergeflow.hashing import model_sha256_at
 
 
@@ -40,6 +41,10 @@ def test_a_lora_adapter_of_the_base_is_published_as_the_adapter_and_merged_as_mo
     adapter = write_adapter(tmp_path / "topic-lora", zoo["base"], ["model.layers.1.mlp.down_proj"])
     published = publish_expert(adapter, "fam", "topic", store, base_model=Path(zoo["base"]))
     assert [(e.uri, e.ref) for e in list_experts(store, "fam")] == [(published.uri, published.ref)]
+    # Listing takes the stored files' hashes from the manifests (the store may be S3): it never
+    # read the stored adapter to hash it.
+    remembered = json.loads((cache_dir() / "file-hashes.json").read_text())
+    assert not [path for path in remembered if path.startswith(store)]
     # stored as it is: the adapter's files and the manifest, kilobytes
     assert sorted(p.name for p in Path(published.uri).iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "mergeflow-manifest.json"
