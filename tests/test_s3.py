@@ -174,3 +174,21 @@ def test_a_model_with_a_lora_adapter_both_in_s3_merges_as_from_local_disk(s3, lo
     assert but_the_model_card(outputs["s3"]) == but_the_model_card(outputs["local"])  # the same bytes
     assert outputs["s3"]["inputs"]["models"][1]["ref"] == f"{s3_zoo['expert_1']}+{s3.uri('adapters/lora')}"
     assert outputs["s3"]["inputs"]["models"][1]["sha256"] == outputs["local"]["inputs"]["models"][1]["sha256"]
+
+
+def test_an_adapter_expert_published_to_s3_merges_as_its_adapted_model(s3, local_zoo, tmp_path):
+    from mergeflow.experts import list_experts, publish_expert
+
+    store = s3.uri("expert-store")
+    adapter = write_adapter(tmp_path / "lora", local_zoo["base"], ["model.layers.1.mlp.down_proj"])
+    published = publish_expert(adapter, "fam", "topic", store, base_model=Path(local_zoo["base"]))
+    assert [e.ref for e in list_experts(store, "fam")] == [published.ref]
+    stored = s3.keys(f"expert-store/experts/fam/topic/{published.sha256[:12]}")
+    assert stored == sorted(["adapter_config.json", "adapter_model.safetensors", MANIFEST])
+    outputs = {}
+    for where, ref in (("s3", published.ref), ("local", f"{local_zoo['base']}+{adapter}")):
+        config = ties_config(local_zoo, [local_zoo["expert_0"], ref])
+        outputs[where] = merge(config, str(tmp_path / where), max_shard_bytes=SHARD_BYTES).manifest
+    assert but_the_model_card(outputs["s3"]) == but_the_model_card(outputs["local"])
+    assert outputs["s3"]["inputs"]["models"][1]["sha256"] == published.sha256
+    assert outputs["local"]["inputs"]["models"][1]["sha256"] == published.sha256
