@@ -70,3 +70,20 @@ def test_an_adapter_that_does_not_fit_the_base_is_refused_at_publishing(zoo, tmp
     with pytest.raises(CheckpointError, match="do not have the rank r=3"):
         publish_expert(adapter, "fam", "topic", store, base_model=Path(zoo["base"]))
     assert list_experts(store, "fam") == []
+
+
+def test_the_publish_command_says_how_an_adapter_expert_is_merged(zoo, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mergeflow.cli import app
+
+    store = tmp_path / "artifacts"
+    monkeypatch.setenv("MERGEFLOW_ARTIFACTS", str(store))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    adapter = write_adapter(tmp_path / "lora", zoo["base"], ["model.layers.1.mlp.down_proj"])
+    command = ["expert", "publish", str(adapter), "--base", "fam", "--task", "topic"]
+    result = CliRunner().invoke(app, [*command, "--base-model", zoo["base"]])
+    assert result.exit_code == 0, result.output
+    (version,) = list_experts(str(store), "fam")
+    assert f"published {version.uri} (sha256 {version.sha256[:12]}, merged as {version.ref})" in result.output
+    assert version.ref == f"{store}/bases/fam+{version.uri}"
