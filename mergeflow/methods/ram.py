@@ -59,22 +59,20 @@ def _unique_scales(tensor: TensorChunks, params: Mapping[str, Any]) -> np.ndarra
     return (1.0 + float(params["r"]) * clamped).astype(np.float32)
 
 
-_COMMON = dict(
-    merge=_merge,
-    reads_bfloat16=True,
-    writes_storage=True,
-    notes=(
-        "An entry is changed where |τ| > epsilon, compared in float32.",
-        "Several models' changes are averaged as Σ τi / c, in model order.",
-    ),
+NOTES = (
+    "An entry is changed where |τ| > epsilon, compared in float32.",
+    "Several models' changes are averaged as Σ τi / c, in model order.",
 )
 
 RAM = MergeMethod(
     name="ram",
     summary="Keep changes only one model makes whole; average the changes several models make.",
     formula="θ = θ0 + Σi τi·[|τi| > ε] / max(c, 1),  c = Σi [|τi| > ε]",
+    merge=_merge,
     params=(EPSILON,),
-    **_COMMON,
+    reads_bfloat16=True,
+    writes_storage=True,
+    notes=NOTES,
 )
 
 RAMPLUS_TL = MergeMethod(
@@ -86,8 +84,11 @@ RAMPLUS_TL = MergeMethod(
         Param("alpha", 0.2, "upper bound on the overlap ratio that scales them"),
         EPSILON,
     ),
+    merge=_merge,
     chunk_statistic=_unique_scales,
-    **_COMMON,
+    reads_bfloat16=True,
+    writes_storage=True,
+    notes=NOTES,
 )
 
 
