@@ -100,9 +100,10 @@ def prefect_api():
         yield
 
 
-def settled_task_runs(ready, flow_run_id=None, timeout: float = 60.0) -> list:
+def settled_task_runs(ready, flow_run_id=None, timeout: float = 180.0) -> list:
     """The task runs (of one flow run, or all of them), once `ready(runs)` holds and every run has a
-    final state: the server records task run states from events, a moment after a flow returns."""
+    final state: the server records task run states from events, a moment after a flow returns
+    (over a minute, once, late in a full run on 2 busy cores)."""
     import asyncio
     import time
 
@@ -120,8 +121,11 @@ def settled_task_runs(ready, flow_run_id=None, timeout: float = 60.0) -> list:
         runs = asyncio.run(read())
         # A task run can be listed before its first state has arrived: its state is None then.
         settled = all(r.state is not None and r.state.is_final() for r in runs) and ready(runs)
-        if settled or time.monotonic() > deadline:
+        if settled:
             return runs
+        if time.monotonic() > deadline:
+            names = sorted(f"{r.name} ({r.state.name if r.state else 'no state'})" for r in runs)
+            raise AssertionError(f"the task runs did not settle within {timeout:.0f}s: {names}")
         time.sleep(0.5)
 
 
