@@ -61,10 +61,7 @@ class Checkpoint:
     _scratch: Path | None = field(default=None, repr=False)
 
     def read_json(self, name: str) -> dict:
-        try:
-            return json.loads(self.location.child(name).read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"model '{self.ref}': {name} is not valid JSON: {exc}") from exc
+        return read_json(self.location.child(name), f"model '{self.ref}'")
 
     def scratch_folder(self) -> Path:
         """This checkpoint's scratch folder (mergeflow.scratch), made on first use."""
@@ -101,6 +98,14 @@ class Opening:
             raise
         checkpoint.tensors.update({entry.name: entry for entry in applied})
         return checkpoint
+
+
+def read_json(file: Location, where: str) -> dict:
+    """A JSON file of a model folder; `where` names the model in the error when it is not JSON."""
+    try:
+        return json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{where}: {file.name} is not valid JSON: {exc}") from exc
 
 
 def open_checkpoint(ref: str, allow_pickle: bool = False, progress: bool = False) -> Checkpoint:

@@ -5,13 +5,12 @@ them, and a weight file in a Hugging Face cache is named by its sha256 already."
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mergeflow.checkpoint import ADAPTER_PREFIX, CONFIG, MANIFEST, Checkpoint, start_opening
+from mergeflow.checkpoint import ADAPTER_PREFIX, CONFIG, MANIFEST, Checkpoint, read_json, start_opening
 from mergeflow.file_hashes import HASH_BLOCK, local_file_sha256
 from mergeflow.storage import Location, locate
 
@@ -58,13 +57,13 @@ def models_sha256(checkpoints: list[Checkpoint], workers: int = 1) -> list[str]:
     # Per checkpoint: (file name, its sha256 from the manifest, or the file to hash).
     wanted: list[list[tuple[str, str | Location]]] = []
     for checkpoint in checkpoints:
-        recorded = {}
-        if MANIFEST in checkpoint.file_names:
-            manifest = checkpoint.read_json(MANIFEST)
-            recorded = {f["path"]: f["sha256"] for f in manifest.get("files", [])}
+        recorded = _recorded(checkpoint.read_json(MANIFEST)) if MANIFEST in checkpoint.file_names else {}
         adapter = [f for name, f in checkpoint.identity_files.items() if name.startswith(ADAPTER_PREFIX)]
-        if adapter:  # a published adapter's manifest has its files' hashes
-            recorded |= {ADAPTER_PREFIX + k: v for k, v in _manifest_hashes(adapter[0]).items()}
+        # A published adapter's manifest, beside its files, has their hashes.
+        manifest = locate(adapter[0].uri.rsplit("/", 1)[0]).child(MANIFEST) if adapter else None
+        if manifest is not None and manifest.exists():
+            beside = _recorded(read_json(manifest, f"model '{checkpoint.ref}': adapter"))
+            recorded |= {ADAPTER_PREFIX + name: sha for name, sha in beside.items()}
         names = [CONFIG] if CONFIG in checkpoint.file_names else []
         names += list(checkpoint.identity_files)
         files = {CONFIG: checkpoint.location.child(CONFIG)} | checkpoint.identity_files
@@ -80,12 +79,9 @@ def models_sha256(checkpoints: list[Checkpoint], workers: int = 1) -> list[str]:
     return [hashlib.sha256("\n".join(line(*e) for e in entries).encode()).hexdigest() for entries in wanted]
 
 
-def _manifest_hashes(file: Location) -> dict[str, str]:
-    """The sha256 by file name that a mergeflow manifest beside `file` records, if one does."""
-    manifest = locate(file.uri.rsplit("/", 1)[0]).child(MANIFEST)
-    if not manifest.exists():
-        return {}
-    return {f["path"]: f["sha256"] for f in json.loads(manifest.read_bytes()).get("files", [])}
+def _recorded(manifest: dict) -> dict[str, str]:
+    """The sha256 by file name that a mergeflow manifest records."""
+    return {f["path"]: f["sha256"] for f in manifest.get("files", [])}
 
 
 def model_sha256_at(ref: str) -> str:

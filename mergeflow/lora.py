@@ -14,7 +14,6 @@ files. DoRA, LoRA biases and other adapter types are refused by name.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from mergeflow.checkpoint import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS
+from mergeflow.checkpoint import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS, read_json
 from mergeflow.errors import CheckpointError, NonFiniteError, StorageError
 from mergeflow.methods.primitives import from_float32, to_float32
 from mergeflow.safetensors_io import (
@@ -200,10 +199,7 @@ def _read_float32(reader: TensorFileReader, entry: TensorEntry) -> np.ndarray:
 
 
 def _adapter_settings(where: str, file: Location) -> dict:
-    try:
-        settings = json.loads(file.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{where}: {ADAPTER_CONFIG} is not valid JSON: {exc}") from exc
+    settings = read_json(file, where)
     if not isinstance(settings, dict) or settings.get("peft_type") != "LORA":
         kind = settings.get("peft_type") if isinstance(settings, dict) else None
         raise CheckpointError(f"{where}: peft_type {kind!r} is not supported (only LORA adapters)")

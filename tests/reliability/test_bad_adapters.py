@@ -154,3 +154,10 @@ def test_a_bad_later_model_is_refused_before_any_adapter_is_applied(small, tmp_p
     with pytest.raises(CheckpointError, match=f"model '{missing}': not found or not a folder"):
         merge(parse_config(config), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_manifest_beside_an_adapter_that_is_not_json(small, tmp_path):
+    folder = adapter(small, tmp_path)
+    (folder / "mergeflow-manifest.json").write_text("{not json")
+    message = merge_with(small, f"{small['base']}+{folder}", tmp_path)
+    assert ": adapter: mergeflow-manifest.json is not valid JSON" in message
