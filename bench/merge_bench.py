@@ -105,13 +105,21 @@ def lora_adapters(zoo: Path, spec: GeneratedZooSpec, rank: int) -> list[Path]:
 
 
 def merge_config(
-    method: str, n: int, zoo: Path, dtype: str, adapters: list[Path] | None = None
+    method: str, n: int, zoo: Path, dtype: str, adapters: list[Path] | None = None, layers: int = 0
 ) -> dict[str, Any]:
     """One mergekit YAML for both tools, with every default that matters spelled out. With
-    `adapters`, expert i is the base with adapter i applied (mergekit's model+adapter form)."""
+    `adapters`, expert i is the base with adapter i applied (mergekit's model+adapter form).
+    passthrough is a frankenmerge: overlapping windows of 3/4 of the `layers`, one per expert."""
     experts = [str(zoo / f"expert_{i}") for i in range(n)]
     if adapters:
         experts = [f"{zoo / 'base'}+{adapter}" for adapter in adapters[:n]]
+    if method == "passthrough":
+        window = max(1, layers * 3 // 4)
+        starts = [round(i * (layers - window) / max(n - 1, 1)) for i in range(n)]
+        sources = [
+            [{"model": e, "layer_range": [s, s + window]}] for e, s in zip(experts, starts, strict=True)
+        ]
+        return {"merge_method": "passthrough", "slices": [{"sources": s} for s in sources], "dtype": dtype}
     if method == "linear":  # plain average of the experts; the base is not among the models
         models = [{"model": e, "parameters": {"weight": 1.0}} for e in experts]
         return {"merge_method": "linear", "models": models, "parameters": {"normalize": True}, "dtype": dtype}
@@ -226,7 +234,9 @@ def bench_one(method: str, n: int, zoo: Path, spec: GeneratedZooSpec, args: argp
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     config = work / "config.yaml"
-    config.write_text(yaml.safe_dump(merge_config(method, n, zoo, spec.dtype, adapters), sort_keys=False))
+    config.write_text(
+        yaml.safe_dump(merge_config(method, n, zoo, spec.dtype, adapters, spec.num_layers), sort_keys=False)
+    )
     threads = ["--threads", str(args.threads)] if args.threads else []
     row: dict[str, Any] = {"method": label, "experts": n, "config": str(config)}
     mf_cmd = [str(BIN / "mergeflow"), "merge", str(config), "--out", str(work / "mergeflow"), "-q"]

@@ -27,10 +27,12 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def compare(mergeflow_out: Path, mergekit_out: Path, base: Path) -> dict[str, Any]:
-    """Differences between the two outputs, one tensor at a time."""
+    """Differences between the two outputs, one tensor at a time. The spread of the merged
+    changes (merged − base) counts the tensors the base has under the same name (all of them
+    but in a layer-sliced merge)."""
     max_abs = rel = 0.0
     worst = ""
-    beyond_ulp = entries = 0
+    beyond_ulp = entries = delta_entries = 0
     moments = {"mergeflow": [0.0, 0.0], "mergekit": [0.0, 0.0]}  # Σδ, Σδ² of merged − base
     with contextlib.ExitStack() as stack:
         mf, mk, b = (tensor_index(f, stack) for f in (mergeflow_out, mergekit_out, base))
@@ -38,22 +40,29 @@ def compare(mergeflow_out: Path, mergekit_out: Path, base: Path) -> dict[str, An
             raise RuntimeError(f"tensor names differ: {sorted(set(mf) ^ set(mk))[:5]}")
         for name, handle in mf.items():
             raw = handle.get_tensor(name)
-            a, c, base_t = raw.float(), mk[name].get_tensor(name).float(), b[name].get_tensor(name).float()
+            a, c = raw.float(), mk[name].get_tensor(name).float()
             diff = (a - c).abs()
             tensor_max = float(diff.max())
             if tensor_max > max_abs:
                 max_abs, worst = tensor_max, name
-            rel = max(rel, tensor_max / max(float(base_t.abs().max()), 1e-12))
             beyond_ulp += int((diff > ulp(torch.maximum(a.abs(), c.abs()), raw.dtype)).sum())
             entries += diff.numel()
+            if name not in b:
+                continue
+            base_t = b[name].get_tensor(name).float()
+            rel = max(rel, tensor_max / max(float(base_t.abs().max()), 1e-12))
+            delta_entries += diff.numel()
             for tool, merged in (("mergeflow", a), ("mergekit", c)):
                 delta = (merged - base_t).double()
                 moments[tool][0] += float(delta.sum())
                 moments[tool][1] += float(delta.square().sum())
     stats = {}
     for tool, (s, s2) in moments.items():
-        mean = s / entries
-        stats[tool] = {"delta_mean": mean, "delta_std": max(s2 / entries - mean * mean, 0.0) ** 0.5}
+        mean = s / max(delta_entries, 1)
+        stats[tool] = {
+            "delta_mean": mean,
+            "delta_std": max(s2 / max(delta_entries, 1) - mean * mean, 0.0) ** 0.5,
+        }
     ratio = stats["mergeflow"]["delta_std"] / max(stats["mergekit"]["delta_std"], 1e-30)
     return {
         "max_abs_diff": max_abs,

@@ -4,22 +4,28 @@ reference has them. Each refusal names both models and the tensor or field that 
 
 from __future__ import annotations
 
-from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, num_layers
+from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint
 from mergeflow.errors import ConfigError, IncompatibleModelsError
 
 
-def check_compatible(reference: Checkpoint, experts: list[Checkpoint]) -> None:
-    """Before heavy work: same architecture, same tensor names and shapes, float weights."""
+def check_same_kind(reference: Checkpoint, others: list[Checkpoint]) -> None:
+    """The same architecture and vocabulary size as the reference."""
     ref_arch = _architecture(reference)
-    for other in experts:
-        if other is reference:
-            continue
+    for other in others:
         arch = _architecture(other)
         if ref_arch and arch and ref_arch != arch:
             raise IncompatibleModelsError(
                 f"architectures differ: '{reference.ref}' is {ref_arch}, '{other.ref}' is {arch}"
             )
         _check_vocab(reference, other)
+
+
+def check_compatible(reference: Checkpoint, experts: list[Checkpoint]) -> None:
+    """Before heavy work: same architecture, same tensor names and shapes, float weights."""
+    for other in experts:
+        if other is reference:
+            continue
+        check_same_kind(reference, [other])
         missing = [n for n in reference.tensors if n not in other.tensors]
         extra = [n for n in other.tensors if n not in reference.tensors]
         if missing or extra:
@@ -88,18 +94,3 @@ def _check_vocab(reference: Checkpoint, other: Checkpoint) -> None:
 
 def _vocab_size(checkpoint: Checkpoint):
     return (checkpoint.config or {}).get("vocab_size")
-
-
-def check_whole_models(layer_ranges: dict[str, tuple[int, int]], checkpoints: list[Checkpoint]) -> None:
-    """A mergekit slice's sources must each span every layer of their model: mergeflow merges
-    whole models, and such a slice is how mergekit's slerp examples list them."""
-    for checkpoint in checkpoints:
-        if checkpoint.ref not in layer_ranges:
-            continue
-        start, end = layer_ranges[checkpoint.ref]
-        layers = num_layers(checkpoint)
-        if (start, end) != (0, layers):
-            raise ConfigError(
-                f"slices: layer_range [{start}, {end}] of '{checkpoint.ref}' is not the whole model "
-                f"([0, {layers}]: it has {layers} layers); mergeflow merges whole models, not layer slices"
-            )

@@ -3,7 +3,7 @@
 Supported keys: merge_method, base_model, models[].model, models[].parameters, parameters,
 dtype, out_dtype, tokenizer_source or the tokenizer block (its source; pad_to_multiple_of when
 the vocabulary already is a multiple), chat_template ('auto', a named format or Jinja), and
-slices[].sources[] (model, layer_range, parameters) for one slice spanning whole models.
+slices[].sources[] (model, layer_range, parameters): the output's layers, slice by slice.
 A parameter value is a number or flag, a list of numbers (a gradient interpolated over layers)
 or a list of {filter, value} entries whose first entry with a filter contained in the tensor
 name (or no filter) applies - mergekit's rules.
@@ -12,6 +12,7 @@ Relative model paths are resolved from the working directory, as mergekit does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,28 +21,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, mo
 
 from mergeflow.chat_template import NAMED_TEMPLATES
 from mergeflow.errors import ConfigError
-from mergeflow.methods import MergeMethod, Param, get_method
+from mergeflow.methods import MergeMethod, get_method
+from mergeflow.parameters import ConditionalParameter, Parameters, check_parameters, empty_when_null
 from mergeflow.safetensors_io import DTYPES_BY_LONG_NAME, DType
 
-Scalar = bool | int | float | str
 DTypeName = Literal["float32", "float16", "bfloat16"]
-
-
-class ConditionalParameter(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    value: Scalar | list[Scalar]
-    filter: str | None = None
-
-
-ParameterSetting = ConditionalParameter | list[ConditionalParameter] | Scalar | list[Scalar]
-
-
-def _empty_when_null(empty):
-    """A key written with no value (`parameters:`) is empty, as mergekit reads it."""
-    return BeforeValidator(lambda value: empty() if value is None else value)
-
-
-Parameters = Annotated[dict[str, ParameterSetting], _empty_when_null(dict)]
 
 
 def _model_reference(value: Any) -> Any:
@@ -80,17 +64,58 @@ class ModelEntry(BaseModel):
 
 
 class SliceSource(BaseModel):
-    """One model of a mergekit slice, with the layers it contributes."""
+    """One model of a mergekit slice, with the layers it contributes: [start, end), counted
+    from 0 as mergekit does."""
 
     model_config = ConfigDict(extra="forbid")
     model: ModelReference
     layer_range: tuple[int, int]
     parameters: Parameters = {}
 
+    @model_validator(mode="after")
+    def _check_range(self) -> SliceSource:
+        start, end = self.layer_range
+        if start < 0 or end <= start:
+            raise ValueError(
+                f"layer_range [{start}, {end}] holds no layers: give [start, end) with 0 <= start < end"
+            )
+        return self
+
 
 class LayerSlice(BaseModel):
+    """Consecutive layers of the output, each made from the same layer of every source (the
+    j-th layer of each source's range makes the slice's j-th layer)."""
+
     model_config = ConfigDict(extra="forbid")
     sources: list[SliceSource]
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> LayerSlice:
+        if not self.sources:
+            raise ValueError("sources: a slice needs at least one source")
+        lengths = {end - start for start, end in (s.layer_range for s in self.sources)}
+        if len(lengths) > 1:
+            ranges = ", ".join(f"[{a}, {b}]" for a, b in (s.layer_range for s in self.sources))
+            raise ValueError(
+                f"the sources' layer ranges ({ranges}) differ in length; a slice merges layer for layer"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class ModelGroup:
+    """Models merged together: the experts of `models`, or the sources of one slice less the
+    base. `positions` are their places in `field`; `layer_ranges` (slices only) the layers each
+    gives, and `base_range` the base's."""
+
+    field: str
+    positions: list[int]
+    entries: list[ModelEntry | SliceSource]
+    layer_ranges: list[tuple[int, int]] | None = None
+    base_range: tuple[int, int] | None = None
+
+    def entry_field(self, i: int) -> str:
+        return f"{self.field}[{self.positions[i]}]"
 
 
 class TokenizerSettings(BaseModel):
@@ -105,15 +130,15 @@ class TokenizerSettings(BaseModel):
 
 
 class MergeConfig(BaseModel):
-    """A merge, as in a mergekit YAML file. Its models come under `models`, or under `slices`
-    as mergekit's slerp examples write them: one slice whose sources each span all of their
-    model's layers (checked when the models are opened: mergeflow merges whole models)."""
+    """A merge, as in a mergekit YAML file. Its models come under `models` (whole models merged
+    tensor by tensor) or under `slices` (the output's layers slice by slice, each from a range
+    of layers of its sources; layer ranges are checked against the models when they open)."""
 
     model_config = ConfigDict(extra="forbid")
     merge_method: str
     base_model: ModelReference | None = None
-    models: Annotated[list[ModelEntry], _empty_when_null(list)] = []
-    slices: Annotated[list[LayerSlice], _empty_when_null(list)] = []
+    models: Annotated[list[ModelEntry], empty_when_null(list)] = []
+    slices: Annotated[list[LayerSlice], empty_when_null(list)] = []
     parameters: Parameters = {}
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
@@ -125,36 +150,49 @@ class MergeConfig(BaseModel):
     def method(self) -> MergeMethod:
         return get_method(self.merge_method)
 
-    def entries(self) -> list[ModelEntry]:
-        """The models as listed, under `models` or as the sources of the one slice."""
-        if self.slices:
-            return [ModelEntry(model=s.model, parameters=s.parameters) for s in self.slices[0].sources]
-        return list(self.models)
+    def takes_base(self) -> bool:
+        """Whether base_model takes part as the base: for a method that needs one or may have one
+        (models that repeat it are then not merged again as models)."""
+        method = self.method
+        return bool(self.base_model) and (method.needs_base or method.optional_base)
+
+    def groups(self) -> list[ModelGroup]:
+        """The models merged together: one group for `models`, one per slice."""
+        if not self.slices:
+            positions = self._expert_positions(self.models)
+            return [ModelGroup("models", positions, [self.models[k] for k in positions])]
+        return [self._slice_group(s) for s in range(len(self.slices))]
 
     def experts(self) -> list[ModelEntry]:
-        """The models merged into the base: the entries minus those that repeat the base
-        (mergekit configs often list the base among the models with no parameters)."""
-        entries = self.entries()
-        return [entries[k] for k in self._expert_positions()]
+        """Every model merged into the base, once, in the order the config first names it
+        (with the parameters given there)."""
+        first: dict[str, ModelEntry | SliceSource] = {}
+        for group in self.groups():
+            for entry in group.entries:
+                first.setdefault(entry.model, entry)
+        return [ModelEntry(model=e.model, parameters=e.parameters) for e in first.values()]
 
-    def entries_field(self) -> str:
-        """Where the config lists its models: `models`, or the sources of its one slice."""
-        return "slices[0].sources" if self.slices else "models"
+    def _expert_positions(self, entries: list[ModelEntry] | list[SliceSource]) -> list[int]:
+        takes_base = self.takes_base()
+        return [k for k, entry in enumerate(entries) if not (takes_base and entry.model == self.base_model)]
 
-    def expert_field(self, i: int) -> str:
-        """The config field of the i-th expert, e.g. models[2] when the base is listed first."""
-        return f"{self.entries_field()}[{self._expert_positions()[i]}]"
-
-    def _expert_positions(self) -> list[int]:
-        return [
-            k
-            for k, entry in enumerate(self.entries())
-            if not (self.method.needs_base or self.method.optional_base) or entry.model != self.base_model
-        ]
-
-    def layer_ranges(self) -> dict[str, tuple[int, int]]:
-        """The layer range a slice gives each model (none without slices)."""
-        return {s.model: s.layer_range for layer_slice in self.slices for s in layer_slice.sources}
+    def _slice_group(self, s: int) -> ModelGroup:
+        sources = self.slices[s].sources
+        positions = self._expert_positions(sources)
+        ranges = [sources[k].layer_range for k in positions]
+        group = ModelGroup(f"slices[{s}].sources", positions, [sources[k] for k in positions], ranges)
+        if not self.takes_base():
+            return group
+        listed = next((source for source in sources if source.model == self.base_model), None)
+        if listed is not None:
+            return replace(group, base_range=listed.layer_range)
+        if len(set(ranges)) > 1:
+            raise ConfigError(
+                f"slices[{s}].sources: base_model '{self.base_model}' is not among them and they take "
+                "different layers; list the base with the layer_range to merge them into"
+            )
+        # One range for all: the base's same layers, as for models merged whole.
+        return replace(group, base_range=ranges[0] if ranges else None)
 
     def output_dtype(self) -> DType | None:
         name = self.out_dtype or self.dtype
@@ -171,27 +209,23 @@ class MergeConfig(BaseModel):
     def _check(self) -> MergeConfig:
         if self.slices and self.models:
             raise ConfigError("slices: list the models under `models` or under `slices`, not both")
-        if len(self.slices) > 1:
-            raise ConfigError(
-                f"slices: {len(self.slices)} slices; mergeflow merges whole models, so it takes one "
-                "slice whose sources each span all of their model's layers"
-            )
         method = self.method
         if method.needs_base and not self.base_model:
             raise ConfigError(f"base_model: method '{method.name}' needs a base model")
-        experts = self.experts()
-        if not experts:
+        if not self.slices and not self.models:
             raise ConfigError("models: no models to merge (zero experts)")
-        if len(experts) < method.min_models:
-            raise ConfigError(
-                f"models: method '{method.name}' needs at least {method.min_models} models "
-                f"besides the base, got {len(experts)}"
-            )
-        if method.max_models is not None and len(experts) > method.max_models:
-            raise ConfigError(
-                f"models: method '{method.name}' merges exactly {method.max_models} model(s) "
-                f"besides the base, got {len(experts)}"
-            )
+        for group in self.groups():
+            count = len(group.entries)
+            if count < method.min_models:
+                raise ConfigError(
+                    f"{group.field}: method '{method.name}' needs at least {method.min_models} models "
+                    f"besides the base, got {count}"
+                )
+            if method.max_models is not None and count > method.max_models:
+                raise ConfigError(
+                    f"{group.field}: method '{method.name}' merges exactly {method.max_models} model(s) "
+                    f"besides the base, got {count}"
+                )
         _check_tokenizer(self.tokenizer_source, self.tokenizer)
         named = ["auto", *NAMED_TEMPLATES]
         if self.chat_template not in (None, *named) and "{" not in self.chat_template:
@@ -199,17 +233,25 @@ class MergeConfig(BaseModel):
                 f"chat_template: {self.chat_template!r} is neither a Jinja template nor one of "
                 f"{', '.join(named)}; give the template itself"
             )
-        _check_parameters(method, self.parameters, "parameters", per_model_only=False)
-        base_unlisted = self.base_model and all(e.model != self.base_model for e in self.entries())
-        if method.name == "average" and "weight" in self.parameters and base_unlisted:
+        check_parameters(method, self.parameters, "parameters", per_model_only=False)
+        listed = [e.model for group in self.groups() for e in group.entries]
+        if (
+            method.name == "average"
+            and "weight" in self.parameters
+            and self.base_model not in (None, *listed)
+        ):
             raise ConfigError(
                 "parameters.weight: with a global weight, mergekit averages base_model too; "
                 "mergeflow averages the models listed: list the base under models to average "
                 "it, or give each model its weight"
             )
-        where = self.entries_field()
-        for i, entry in enumerate(self.entries()):
-            _check_parameters(method, entry.parameters, f"{where}[{i}].parameters", per_model_only=True)
+        entries = [(f"models[{k}]", e) for k, e in enumerate(self.models)] + [
+            (f"slices[{s}].sources[{k}]", e)
+            for s, one in enumerate(self.slices)
+            for k, e in enumerate(one.sources)
+        ]
+        for where, entry in entries:
+            check_parameters(method, entry.parameters, f"{where}.parameters", per_model_only=True)
         for param in method.params:
             if param.default is None and param.name not in self.parameters:
                 raise ConfigError(f"parameters.{param.name}: required by method '{method.name}'")
@@ -245,59 +287,6 @@ UNION_REFUSED = (
     "'union' is not supported (it builds a new vocabulary and embeddings); use 'base' or a "
     "model whose tokenizer all the models share"
 )
-
-
-def _check_parameters(method: MergeMethod, settings: dict, where: str, per_model_only: bool) -> None:
-    allowed = [p.name for p in method.params if p.per_model or not per_model_only]
-    for name, setting in settings.items():
-        param = method.param(name)
-        if param is not None and name not in allowed:
-            raise ConfigError(
-                f"{where}.{name}: method '{method.name}' takes one {name} for all models; "
-                "set it under the top-level parameters"
-            )
-        if param is None:
-            raise ConfigError(
-                f"{where}.{name}: unknown parameter for method '{method.name}' "
-                f"(supported here: {', '.join(allowed) or 'none'})"
-            )
-        if param.kind is not float and _has_gradient(setting):
-            kind = "an integer" if param.kind is int else "true or false"
-            raise ConfigError(
-                f"{where}.{name}: must be {kind}, so it cannot be a gradient over layers "
-                "(a gradient interpolates between its values)"
-            )
-        for value in _leaves(setting):
-            _check_value(param, value, f"{where}.{name}")
-
-
-def _has_gradient(setting: Any) -> bool:
-    if isinstance(setting, ConditionalParameter):
-        return _has_gradient(setting.value)
-    if isinstance(setting, list):
-        return any(not isinstance(item, ConditionalParameter) or _has_gradient(item) for item in setting)
-    return False
-
-
-def _leaves(setting: Any) -> list:
-    if isinstance(setting, ConditionalParameter):
-        return _leaves(setting.value)
-    if isinstance(setting, list):
-        return [leaf for item in setting for leaf in _leaves(item)]
-    return [setting]
-
-
-def _check_value(param: Param, value: Any, where: str) -> None:
-    if param.kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: must be true or false, got {value!r}")
-        if not param.check(value):
-            raise ConfigError(f"{where}: {param.check_message}")
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where}: must be a number, got {value!r}")
-    if not param.check(float(value)):
-        raise ConfigError(f"{where}: {param.check_message}, got {value!r}")
 
 
 _MERGEKIT_ONLY = {

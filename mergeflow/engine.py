@@ -23,11 +23,12 @@ from tqdm import tqdm
 
 import mergeflow
 from mergeflow.chat_template import chosen_chat_template, with_chat_template
-from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, num_layers, start_opening
-from mergeflow.compatibility import check_compatible, check_tokenizer, check_whole_models
+from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, start_opening
+from mergeflow.compatibility import check_compatible, check_tokenizer
 from mergeflow.config import MergeConfig
 from mergeflow.errors import ConfigError
 from mergeflow.hashing import model_sha256, models_sha256
+from mergeflow.layout import Layout, sliced_layout, whole_model_layout
 from mergeflow.methods import MergeMethod
 from mergeflow.methods.kernels import default_threads, use_threads
 from mergeflow.model_card import MODEL_CARD, model_card
@@ -98,11 +99,16 @@ def merge(
 
     try:
         base_refs = [config.base_model] if config.base_model else []
-        loaded = load(base_refs + [entry.model for entry in config.experts()])
+        expert_refs = [entry.model for entry in config.experts()]
+        loaded = load(base_refs + expert_refs)
         base, experts = (loaded[0], loaded[1:]) if base_refs else (None, loaded)
         reference = base or experts[0]
-        check_whole_models(config.layer_ranges(), opened)
-        check_compatible(reference, experts)
+        by_ref = dict(zip(expert_refs, experts, strict=True))
+        if config.slices:
+            layout = sliced_layout(config, base, by_ref, reference)
+        else:
+            check_compatible(reference, experts)
+            layout = whole_model_layout(config, base, by_ref, reference)
         tokenizer_ref = config.tokenizer_reference()
         tokenizer_source = load([tokenizer_ref])[0] if tokenizer_ref else reference
         check_tokenizer(reference, tokenizer_source, config.tokenizer and config.tokenizer.pad_to_multiple_of)
@@ -110,10 +116,14 @@ def merge(
         chat_template = chosen_chat_template(config.chat_template, models + experts, tokenizer_source)
         out_dtype = config.output_dtype()
         plan = [
-            PlannedTensor(e.name, out_dtype if out_dtype and e.dtype.is_float else e.dtype, e.shape)
-            for e in reference.tensors.values()
+            PlannedTensor(
+                t.name,
+                out_dtype if out_dtype and t.reference.dtype.is_float else t.reference.dtype,
+                t.reference.shape,
+            )
+            for t in layout.tensors
         ]
-        _check_parameters_together(config, method, reference)
+        _check_parameters_together(config, method, layout)
         # Task vector inputs are checked against the base's hash before any work. The other
         # input hashes are only needed for the manifest: they are computed during the merge,
         # on the CPU time its single-threaded steps leave idle.
@@ -126,7 +136,7 @@ def merge(
         try:
             # A writer thread is one more core at work: not for a caller that asked for one.
             writer = ShardedWriter(stage.folder, plan, max_shard_bytes, background=threads > 1)
-            _merge_all(config, method, base, experts, reference, plan, writer, work_bytes, progress)
+            _merge_all(config, method, layout, plan, writer, work_bytes, progress, len(loaded))
             hashes = hashing.result()
             if base and base_sha is None:
                 base_sha = hashes.pop(0)
@@ -135,7 +145,7 @@ def merge(
                 "models": [_input_record(c, sha) for c, sha in zip(experts, hashes, strict=True)],
             }
             files = writer.finish()
-            files += _write_side_files(stage, reference, tokenizer_source, out_dtype, chat_template)
+            files += _write_side_files(stage, reference, layout, tokenizer_source, out_dtype, chat_template)
             card = model_card(config, inputs)
             files.append(write_small_file(stage.folder, MODEL_CARD, card.encode()))
             manifest = {
@@ -204,73 +214,80 @@ def _release_large_blocks_to_the_os() -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
-def _check_parameters_together(config: MergeConfig, method: MergeMethod, reference: Checkpoint) -> None:
+def _check_parameters_together(config: MergeConfig, method: MergeMethod, layout: Layout) -> None:
     """The method's check of each tensor's parameter values together (filters and gradients
     give every tensor its own), before any work."""
     if method.parameter_check is None:
         return
-    layers = num_layers(reference)
-    for entry in reference.tensors.values():
-        if not entry.dtype.is_float:
+    for tensor in layout.tensors:
+        if not tensor.reference.dtype.is_float:
             continue
-        problem = method.parameter_check(resolve_parameters(config, entry.name, layers))
+        problem = method.parameter_check(resolve_parameters(config, tensor.group, tensor.name, tensor.t))
         if problem is not None:
             i, text = problem
-            model = config.experts()[i].model
-            raise ConfigError(f"{config.expert_field(i)} ('{model}'), tensor '{entry.name}': {text}")
+            model = tensor.group.entries[i].model
+            raise ConfigError(f"{tensor.group.entry_field(i)} ('{model}'), tensor '{tensor.name}': {text}")
 
 
 def _merge_all(
     config: MergeConfig,
     method: MergeMethod,
-    base: Checkpoint | None,
-    experts: list[Checkpoint],
-    reference: Checkpoint,
+    layout: Layout,
     plan: list[PlannedTensor],
     writer: ShardedWriter,
     work_bytes: int,
     progress: bool,
+    models: int,
 ) -> None:
-    layers = num_layers(reference)
-    n = len(experts)
-    inputs = ([base] if base else []) + experts
-    itemsize = max(e.dtype.itemsize for c in inputs for e in c.tensors.values())
+    inputs = [e for t in layout.tensors for e in t.sources + ([t.base] if t.base else [])]
+    n = max(len(t.sources) for t in layout.tensors)
+    itemsize = max(e.dtype.itemsize for e in inputs)
     chunk = chunk_elements(work_bytes, n)
     if method.whole_rows:
-        chunk = max(chunk, *(row_length(t.shape) for t in reference.tensors.values()))
-    workspace = Workspace(chunk, n, itemsize, max(t.numel for t in reference.tensors.values()))
+        chunk = max(chunk, *(row_length(t.shape) for t in plan))
+    workspace = Workspace(chunk, n, itemsize, max(t.reference.numel for t in layout.tensors))
     chunk = workspace.chunk
-    # Task vector inputs hold τ; the engine adds the base back so every method sees models.
-    deltas = [task_vector_info(c) is not None for c in experts]
     reader = TensorFileReader()
     bar = tqdm(
         total=sum(t.nbytes for t in plan),
         unit="B",
         unit_scale=True,
         disable=not progress,
-        desc=f"{method.name} ({n + (base is not None)} models)",
+        desc=f"{method.name} ({models} models)",
         dynamic_ncols=True,
     )
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-read") as io:
-            for i, target in enumerate(plan):
+            for i, (tensor, target) in enumerate(zip(layout.tensors, plan, strict=True)):
                 bar.set_postfix_str(f"tensor {i + 1}/{len(plan)}")
-                base_entry = base.tensors[target.name] if base else None
-                entries = [c.tensors[target.name] for c in experts]
-                ref_entry = reference.tensors[target.name]
-                if not ref_entry.dtype.is_float:
-                    _copy(reader, ref_entry, target, writer, chunk, bar)
+                if not tensor.reference.dtype.is_float:
+                    _copy(reader, tensor.reference, target, writer, chunk, bar)
                     continue
-                params = resolve_parameters(config, target.name, layers)
-                tensor = TensorMerge(
-                    target, method, base_entry, entries, deltas, params, reader, io, workspace
+                params = resolve_parameters(config, tensor.group, tensor.name, tensor.t)
+                merge = TensorMerge(
+                    target, method, tensor.base, tensor.sources, tensor.deltas, params, reader, io, workspace
                 )
-                for merged in tensor.run():
+                for merged in merge.run():
                     writer.write(target.name, merged)
                     bar.update(merged.nbytes)
     finally:
         bar.close()
         reader.close()
+
+
+# config.json settings with a value per layer (transformers' attention kind of each layer)
+PER_LAYER_SETTINGS = ("layer_types",)
+
+
+def _with_output_layers(config: dict, layers: list[tuple[Checkpoint, int]]) -> dict:
+    """The config of a sliced output: its number of layers, and each per-layer setting as the
+    model and layer each output layer comes from have it."""
+    if "num_hidden_layers" in config:
+        config["num_hidden_layers"] = len(layers)
+    for key in PER_LAYER_SETTINGS:
+        if isinstance(config.get(key), list):
+            config[key] = [(model.config or {}).get(key, config[key])[index] for model, index in layers]
+    return config
 
 
 def _copy(reader, entry, target, writer, chunk, bar) -> None:
@@ -281,15 +298,22 @@ def _copy(reader, entry, target, writer, chunk, bar) -> None:
 
 
 def _write_side_files(
-    stage: StagedOutput, reference: Checkpoint, tokenizer: Checkpoint, out_dtype, chat_template: str | None
+    stage: StagedOutput,
+    reference: Checkpoint,
+    layout: Layout,
+    tokenizer: Checkpoint,
+    out_dtype,
+    chat_template: str | None,
 ) -> list:
-    """config.json (dtype updated), generation config and tokenizer files (carrying
-    `chat_template` when one is chosen)."""
+    """config.json (dtype and, for slices, the layers updated), generation config and tokenizer
+    files (carrying `chat_template` when one is chosen)."""
     import json
 
     written = []
     if reference.config is not None:
         config = dict(reference.config)
+        if layout.layers is not None:
+            config = _with_output_layers(config, layout.layers)
         if out_dtype is not None:
             config["torch_dtype" if "torch_dtype" in config else "dtype"] = out_dtype.long_name
         written.append(("config.json", json.dumps(config, indent=2).encode()))

@@ -32,6 +32,8 @@ def reference_merge(
         taus = models - b
         if method == "average":
             out[name] = models.mean(0)
+        elif method == "passthrough":
+            out[name] = models[0]
         elif method == "task_arithmetic":
             out[name] = b + lam * taus.sum(0)
         elif method == "ties":

@@ -38,6 +38,12 @@ dtype: bfloat16
 """
 
 
+def parameters_of(config, tensor_name: str, layers: int) -> dict:
+    """The parameters of a tensor of a whole-model merge of models with `layers` layers."""
+    [group] = config.groups()
+    return resolve_parameters(config, group, tensor_name, layer_position(tensor_name, layers))
+
+
 def test_mergekit_ties_yaml_parses_as_is(tmp_path):
     path = tmp_path / "ties.yaml"
     path.write_text(MERGEKIT_TIES)
@@ -60,17 +66,17 @@ def test_keys_written_without_a_value_are_empty_as_mergekit_reads_them(tmp_path)
         ("./math-expert", {}),
         ("./code-expert", {}),
     ]
-    assert resolve_parameters(config, "model.layers.0.mlp.up_proj.weight", num_layers=2)["lambda"] == 1.0
+    assert parameters_of(config, "model.layers.0.mlp.up_proj.weight", layers=2)["lambda"] == 1.0
 
 
 def test_parameters_resolve_per_tensor_like_mergekit(tmp_path):
     path = tmp_path / "ties.yaml"
     path.write_text(MERGEKIT_TIES)
     config = load_config(path)
-    first = resolve_parameters(config, "model.layers.0.mlp.up_proj.weight", num_layers=5)
-    middle = resolve_parameters(config, "model.layers.2.self_attn.q_proj.weight", num_layers=5)
-    last = resolve_parameters(config, "model.layers.4.mlp.up_proj.weight", num_layers=5)
-    embed = resolve_parameters(config, "model.embed_tokens.weight", num_layers=5)
+    first = parameters_of(config, "model.layers.0.mlp.up_proj.weight", layers=5)
+    middle = parameters_of(config, "model.layers.2.self_attn.q_proj.weight", layers=5)
+    last = parameters_of(config, "model.layers.4.mlp.up_proj.weight", layers=5)
+    embed = parameters_of(config, "model.embed_tokens.weight", layers=5)
     np.testing.assert_allclose(first["density"], [1.0, 0.5, 0.33], rtol=1e-6)
     np.testing.assert_allclose(middle["density"], [0.7, 0.5, 0.33], rtol=1e-6)
     np.testing.assert_allclose(last["density"], [0.1, 0.5, 0.33], rtol=1e-6)
@@ -93,7 +99,7 @@ def test_model_parameters_override_global_ones():
             "parameters": {"density": 0.2, "seed": 4},
         }
     )
-    resolved = resolve_parameters(config, "w", 1)
+    resolved = parameters_of(config, "w", layers=1)
     np.testing.assert_allclose(resolved["density"], [0.9, 0.2], rtol=1e-6)
     assert resolved["seed"] == 4 and resolved["rescale"] is True and resolved["normalize"] is False
 
@@ -113,7 +119,7 @@ def test_layer_position(name, layers, expected):
 
 
 def test_conditional_without_a_match_falls_through_to_the_default():
-    from mergeflow.config import ConditionalParameter
+    from mergeflow.parameters import ConditionalParameter
 
     assert evaluate_setting([ConditionalParameter(filter="mlp", value=2.0)], "attn.q", 0.0) is None
 
@@ -165,13 +171,16 @@ def test_mergekit_slerp_yaml_with_a_whole_model_slice_parses_as_is(tmp_path):
     path.write_text(MERGEKIT_SLERP)
     config = load_config(path)
     assert [m.model for m in config.experts()] == ["mlabonne/NeuralHermes-2.5-Mistral-7B"]
-    assert config.layer_ranges() == {
-        "OpenPipe/mistral-ft-optimized-1218": (0, 32),
-        "mlabonne/NeuralHermes-2.5-Mistral-7B": (0, 32),
-    }
-    assert resolve_parameters(config, "model.layers.8.self_attn.q_proj.weight", num_layers=33)["t"] == 0.5
-    assert resolve_parameters(config, "model.layers.0.mlp.up_proj.weight", num_layers=33)["t"] == 1.0
-    assert resolve_parameters(config, "model.norm.weight", num_layers=33)["t"] == 0.5
+    [group] = config.groups()
+    assert (group.field, group.positions, group.layer_ranges, group.base_range) == (
+        "slices[0].sources",
+        [1],
+        [(0, 32)],
+        (0, 32),
+    )
+    assert parameters_of(config, "model.layers.8.self_attn.q_proj.weight", layers=33)["t"] == 0.5
+    assert parameters_of(config, "model.layers.0.mlp.up_proj.weight", layers=33)["t"] == 1.0
+    assert parameters_of(config, "model.norm.weight", layers=33)["t"] == 0.5
 
 
 def slerp_config(zoo: dict[str, str], layers: tuple[int, int] | None = None) -> dict:
@@ -191,22 +200,6 @@ def test_a_whole_model_slice_merges_as_the_models_list_does(zoo, tmp_path):
     listed = merge(parse_config(slerp_config(zoo)), str(tmp_path / "listed"))
     sliced = merge(parse_config(slerp_config(zoo, (0, layers))), str(tmp_path / "sliced"))
     assert but_the_model_card(sliced.manifest) == but_the_model_card(listed.manifest)
-
-
-def test_a_slice_of_some_layers_is_refused_naming_the_model(zoo, tmp_path):
-    from mergeflow.checkpoint import num_layers, open_checkpoint
-    from mergeflow.config import parse_config
-    from mergeflow.engine import merge
-    from mergeflow.errors import ConfigError
-
-    layers = num_layers(open_checkpoint(zoo["base"]))
-    with pytest.raises(ConfigError) as refused:
-        merge(parse_config(slerp_config(zoo, (0, layers - 1))), str(tmp_path / "out"))
-    assert str(refused.value) == (
-        f"slices: layer_range [0, {layers - 1}] of '{zoo['base']}' is not the whole model ([0, {layers}]: it "
-        f"has {layers} layers); mergeflow merges whole models, not layer slices"
-    )
-    assert not (tmp_path / "out").exists()
 
 
 def test_mergekits_long_form_of_a_model_reference_reads_as_its_short_form():

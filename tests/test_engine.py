@@ -50,7 +50,7 @@ def config_for(method: str, zoo: dict[str, str], n: int = 4) -> dict:
         parameters = {"epsilon": RAM_EPSILON}  # entries changed by one model, some by several
     if method == "nuslerp":  # one angle per vector along dim 0: sums across chunks
         parameters = {"nuslerp_flatten": False, "nuslerp_row_wise": True}
-    if method != "average":  # averaging (mergekit's linear) averages every listed model
+    if method not in ("average", "passthrough"):  # these take every model listed as a model
         # mergekit configs often repeat the base under models; it must not count as an expert
         models = [{"model": zoo["base"]}, *models]
     return {

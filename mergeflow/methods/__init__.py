@@ -9,6 +9,7 @@ from mergeflow.methods.linear import AVERAGE
 from mergeflow.methods.model_stock import MODEL_STOCK
 from mergeflow.methods.nearswap import NEARSWAP
 from mergeflow.methods.nuslerp import NUSLERP
+from mergeflow.methods.passthrough import PASSTHROUGH
 from mergeflow.methods.ram import RAM, RAMPLUS_TL
 from mergeflow.methods.sce import SCE
 from mergeflow.methods.slerp import SLERP
@@ -101,24 +102,18 @@ METHODS: dict[str, MergeMethod] = {
         KARCHER,
         NEARSWAP,
         ARCEE_FUSION,
+        PASSTHROUGH,
     )
 }
 ALIASES = {"linear": "average"}  # mergekit's name for weighted averaging
 PAPER_METHODS = ("average", "task_arithmetic", "ties", "dare_ties")
 
 
-# mergekit methods left out, and why
-NOT_SUPPORTED = {
-    "passthrough": "it stacks layers of several models into a new model; mergeflow merges whole models",
-}
-
-
 def get_method(name: str) -> MergeMethod:
     name = ALIASES.get(name, name)
     if name not in METHODS:
         supported = ", ".join([*METHODS, *ALIASES])
-        why = f"mergekit's '{name}' is not supported: {NOT_SUPPORTED[name]}" if name in NOT_SUPPORTED else ""
-        raise ConfigError(f"merge_method: {why or f'unknown method {name!r}'} (supported: {supported})")
+        raise ConfigError(f"merge_method: unknown method {name!r} (supported: {supported})")
     return METHODS[name]
 
 

@@ -49,8 +49,58 @@ def ties(small, second: str) -> dict:
         ),
         ({"slices": [{"sources": [{"model": "m", "layer_range": [0, 2]}]}]}, "not both"),
         (
-            {"models": [], "slices": [{"sources": [{"model": "m", "layer_range": [0, 1]}]}] * 2},
-            "slices: 2 slices; mergeflow merges whole models",
+            {"models": [], "slices": [{"sources": [{"model": "m", "layer_range": [2, 2]}]}]},
+            "slices.0.sources.0: layer_range [2, 2] holds no layers: give [start, end) with 0 <= start < end",
+        ),
+        (
+            {"models": [], "slices": [{"sources": []}]},
+            "slices.0: sources: a slice needs at least one source",
+        ),
+        (
+            {
+                "models": [],
+                "slices": [
+                    {
+                        "sources": [
+                            {"model": "a", "layer_range": [0, 1]},
+                            {"model": "b", "layer_range": [0, 2]},
+                        ]
+                    }
+                ],
+            },
+            "slices.0: the sources' layer ranges ([0, 1], [0, 2]) differ in length; "
+            "a slice merges layer for layer",
+        ),
+        (  # which of the base's layers go with them?
+            {
+                "models": [],
+                "slices": [
+                    {
+                        "sources": [
+                            {"model": "a", "layer_range": [0, 1]},
+                            {"model": "b", "layer_range": [1, 2]},
+                        ]
+                    }
+                ],
+            },
+            "slices[0].sources: base_model '{base}' is not among them and they take different layers; "
+            "list the base with the layer_range to merge them into",
+        ),
+        (
+            {
+                "merge_method": "passthrough",
+                "models": [],
+                "slices": [
+                    {"sources": [{"model": "a", "layer_range": [0, 1]}]},
+                    {
+                        "sources": [
+                            {"model": "a", "layer_range": [0, 1]},
+                            {"model": "b", "layer_range": [1, 2]},
+                        ]
+                    },
+                ],
+            },
+            "slices[1].sources: method 'passthrough' merges exactly 1 model(s) besides the base, got 2",
         ),
         (
             {"models": [], "slices": [{"sources": [{"model": "m", "layer_range": [0, 1], "weight": 1}]}]},
@@ -97,10 +147,6 @@ def ties(small, second: str) -> dict:
             "parameters.weight: with a global weight, mergekit averages base_model too",
         ),
         (
-            {"merge_method": "passthrough"},
-            "merge_method: mergekit's 'passthrough' is not supported: it stacks layers",
-        ),
-        (
             {"merge_method": "dare_ties", "parameters": {"seed": [1, 5]}},
             "parameters.seed: must be an integer, so it cannot be a gradient over layers",
         ),
@@ -127,7 +173,9 @@ def ties(small, second: str) -> dict:
 def test_config_errors_name_the_field(small, change, fragment):
     with pytest.raises(ConfigError) as caught:
         parse_config(ties(small, small["expert_1"]) | change, source="merge.yaml")
-    assert fragment in str(caught.value) and str(caught.value).startswith("merge.yaml: ")
+    assert fragment.replace("{base}", small["base"]) in str(caught.value) and str(caught.value).startswith(
+        "merge.yaml: "
+    )
 
 
 def test_slerp_merges_exactly_one_model_and_model_stock_at_least_two(small):

@@ -1,0 +1,220 @@
+"""Which input tensors make each output tensor of a merge.
+
+A `models:` config merges each tensor of the models with the same tensor of the others. A
+`slices:` config (mergekit's) builds the output's layers slice by slice: the j-th layer of a
+slice is made from layer start + j of each of its sources, and output layers are numbered on
+from slice to slice. The tensors outside the layers come from the first slice's sources when
+they are embeddings and from the last slice's otherwise (final norm, output head), where
+mergekit's architecture tables put them for Llama-like models. Each refusal names the config
+field, the model and the layer or tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mergeflow.checkpoint import Checkpoint, num_layers
+from mergeflow.compatibility import check_same_kind
+from mergeflow.config import MergeConfig, ModelGroup
+from mergeflow.errors import ConfigError, IncompatibleModelsError
+from mergeflow.parameters import LAYER_PATTERN, layer_position
+from mergeflow.safetensors_io import TensorEntry
+from mergeflow.task_vectors import task_vector_info
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One output tensor: the base's and each expert's tensor it is made from (`sources`, one
+    per entry of `group`), and its position `t` on the layer gradients. It takes `reference`'s
+    shape, and a tensor that is not float is copied from `reference`."""
+
+    name: str
+    reference: TensorEntry
+    base: TensorEntry | None
+    sources: list[TensorEntry]
+    deltas: list[bool]  # which sources are task vectors (the base is added back)
+    group: ModelGroup
+    t: float
+
+
+@dataclass(frozen=True)
+class Layout:
+    tensors: list[OutputTensor]
+    # Per output layer, the model and layer it comes from (slices only): config.json's lists
+    # with a value per layer follow them.
+    layers: list[tuple[Checkpoint, int]] | None = None
+
+
+def whole_model_layout(
+    config: MergeConfig, base: Checkpoint | None, experts: dict[str, Checkpoint], reference: Checkpoint
+) -> Layout:
+    """Each tensor of the reference from the same tensor of every model (check_compatible has
+    checked that they all have it). A base is read for every method: task vector inputs need it
+    added back."""
+    [group] = config.groups()
+    models = [experts[entry.model] for entry in group.entries]
+    deltas = [task_vector_info(c) is not None for c in models]
+    layers = num_layers(reference)
+    return Layout(
+        [
+            OutputTensor(
+                name,
+                entry,
+                base.tensors[name] if base else None,
+                [c.tensors[name] for c in models],
+                deltas,
+                group,
+                layer_position(name, layers),
+            )
+            for name, entry in reference.tensors.items()
+        ]
+    )
+
+
+def sliced_layout(
+    config: MergeConfig, base: Checkpoint | None, experts: dict[str, Checkpoint], reference: Checkpoint
+) -> Layout:
+    """The output's layers slice by slice, between the first slice's embeddings and the last
+    slice's other tensors outside the layers."""
+    base = base if config.takes_base() else None
+    groups = config.groups()
+    check_same_kind(
+        reference, [experts[e.model] for g in groups for e in g.entries] + ([base] if base else [])
+    )
+    outside = [name for name in reference.tensors if not LAYER_PATTERN.search(name)]
+    embeddings = [name for name in outside if "embed" in name]
+    tensors = _outside_layers(embeddings, groups[0], base, experts)
+    layers: list[tuple[Checkpoint, int]] = []
+    by_layer: dict[int, dict[int, dict[str, TensorEntry]]] = {}
+
+    def layer(where: str, checkpoint: Checkpoint, index: int) -> dict[str, TensorEntry]:
+        if id(checkpoint) not in by_layer:
+            by_layer[id(checkpoint)] = _tensors_by_layer(checkpoint, where)
+        return by_layer[id(checkpoint)].get(index, {})
+
+    for group in groups:
+        models = [experts[entry.model] for entry in group.entries]
+        _check_ranges(group, models, base)
+        deltas = [task_vector_info(c) is not None for c in models]
+        for i, delta in enumerate(deltas):
+            if delta and group.layer_ranges[i] != group.base_range:
+                raise ConfigError(
+                    f"{group.entry_field(i)}: '{models[i].ref}' is a task vector, so it takes the "
+                    f"base's layers: give it the base's layer_range {list(group.base_range or ())}"
+                )
+        owners = [
+            (f"{group.entry_field(i)} ('{c.ref}')", c, r[0])
+            for i, (c, r) in enumerate(zip(models, group.layer_ranges, strict=True))
+        ]
+        if base is not None:
+            owners.append((f"base_model '{base.ref}'", base, group.base_range[0]))
+        length = group.layer_ranges[0][1] - group.layer_ranges[0][0]
+        for j in range(length):
+            # mergekit's gradient position within a slice; a one-layer slice sits at its end
+            t = j / (length - 1) if length > 1 else 1.0
+            found = [layer(where, c, start + j) for where, c, start in owners]
+            _check_same_tensors(found, owners, j)
+            for suffix, first in found[0].items():
+                name = _renumbered(first.name, len(layers))
+                entries = [tensors_of_layer[suffix] for tensors_of_layer in found]
+                _check_same_shape(name, entries, [owner for _, owner, _ in owners])
+                base_entry = entries[len(models)] if base is not None else None
+                tensors.append(
+                    OutputTensor(name, first, base_entry, entries[: len(models)], deltas, group, t)
+                )
+            layers.append((models[0], owners[0][2] + j))
+    tensors += _outside_layers([n for n in outside if n not in embeddings], groups[-1], base, experts)
+    return Layout(tensors, layers)
+
+
+def _outside_layers(
+    names: list[str], group: ModelGroup, base: Checkpoint | None, experts: dict[str, Checkpoint]
+) -> list[OutputTensor]:
+    models = [experts[entry.model] for entry in group.entries]
+    deltas = [task_vector_info(c) is not None for c in models]
+    tensors = []
+    for name in names:
+        for i, model in enumerate(models):
+            if name not in model.tensors:
+                raise IncompatibleModelsError(
+                    f"{group.entry_field(i)} ('{model.ref}'): has no tensor '{name}'"
+                )
+        if base is not None and name not in base.tensors:
+            raise IncompatibleModelsError(f"base_model '{base.ref}': has no tensor '{name}'")
+        found = [model.tensors[name] for model in models]
+        base_entry = base.tensors[name] if base else None
+        _check_same_shape(
+            name, [*found, *([base_entry] if base_entry else [])], [*models, *([base] if base else [])]
+        )
+        tensors.append(OutputTensor(name, found[0], base_entry, found, deltas, group, 0.0))
+    return tensors
+
+
+def _check_ranges(group: ModelGroup, models: list[Checkpoint], base: Checkpoint | None) -> None:
+    """Every layer range lies within its model's layers."""
+    checks = list(
+        zip(models, group.layer_ranges, [group.entry_field(i) for i in range(len(models))], strict=True)
+    )
+    if base is not None and group.base_range is not None:
+        checks.append((base, group.base_range, f"{group.field} (base_model)"))
+    for model, (start, end), where in checks:
+        layers = num_layers(model)
+        if end > layers:
+            raise ConfigError(
+                f"{where}.layer_range: [{start}, {end}] reaches past the last layer of '{model.ref}', "
+                f"which has {layers} layers (0 to {layers - 1})"
+            )
+
+
+def _tensors_by_layer(checkpoint: Checkpoint, where: str) -> dict[int, dict[str, TensorEntry]]:
+    """A model's layer tensors: by layer, then by their name after the layer number. A model with
+    more than one stack of layers (a vision tower beside the decoder) is refused: which of them
+    would a slice take?"""
+    layers: dict[int, dict[str, TensorEntry]] = {}
+    stacks = set()
+    for name, entry in checkpoint.tensors.items():
+        if match := LAYER_PATTERN.search(name):
+            layers.setdefault(int(match.group(1)), {})[name[match.end() :]] = entry
+            stacks.add(name[: match.start(1)].lstrip("."))
+    if len(stacks) > 1:
+        named = ", ".join(f"'{stack}'" for stack in sorted(stacks))
+        raise ConfigError(
+            f"{where}: its layers are numbered under more than one name ({named}); mergeflow slices "
+            "models with one stack of layers"
+        )
+    return layers
+
+
+def _check_same_tensors(found: list[dict[str, TensorEntry]], owners: list, j: int) -> None:
+    """The layers merged into one have the same tensors."""
+    first_where, _, first_start = owners[0]
+    for layer, (where, _, start) in zip(found[1:], owners[1:], strict=True):
+        for differing, theirs, ours in (
+            (set(found[0]) - set(layer), "lacks", "has"),
+            (set(layer) - set(found[0]), "has", "lacks"),
+        ):
+            if differing:
+                raise IncompatibleModelsError(
+                    f"{where}: layer {start + j} {theirs} '{sorted(differing)[0]}', which layer "
+                    f"{first_start + j} of {first_where} {ours}"
+                )
+
+
+def _renumbered(name: str, index: int) -> str:
+    match = LAYER_PATTERN.search(name)
+    return f"{name[: match.start(1)]}{index}{name[match.end(1) :]}"
+
+
+def _check_same_shape(name: str, entries: list[TensorEntry], owners: list[Checkpoint]) -> None:
+    first, first_owner = entries[0], owners[0]
+    for entry, owner in zip(entries[1:], owners[1:], strict=True):
+        if entry.shape != first.shape:
+            raise IncompatibleModelsError(
+                f"tensor '{name}': its source '{entry.name}' has shape {list(entry.shape)} in '{owner.ref}' "
+                f"but '{first.name}' has {list(first.shape)} in '{first_owner.ref}'"
+            )
+        if entry.dtype.is_float != first.dtype.is_float:
+            raise IncompatibleModelsError(
+                f"tensor '{name}': its source '{entry.name}' has dtype {entry.dtype} in '{owner.ref}' "
+                f"but '{first.name}' has {first.dtype} in '{first_owner.ref}'"
+            )

@@ -1,0 +1,230 @@
+"""Layer slices (mergekit's `slices:`): the output's layers built slice by slice from ranges of
+its sources' layers. Outputs are checked against state dicts put together here by hand, and
+load with transformers."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_folder
+from reference_merge import reference_merge
+
+from mergeflow.config import parse_config
+from mergeflow.engine import merge
+from mergeflow.errors import ConfigError, IncompatibleModelsError
+from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo
+
+LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory) -> dict[str, str]:
+    """base + 2 experts of 4 layers each, sharded."""
+    spec = GeneratedZooSpec(num_layers=4, num_experts=2, shard_bytes=60_000, seed=4)
+    return build_generated_zoo(tmp_path_factory.mktemp("deep"), spec)
+
+
+def layer_of(name: str) -> int | None:
+    match = LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def stacked(parts: list[tuple[dict, int]], first: dict, last: dict) -> dict[str, torch.Tensor]:
+    """A state dict whose k-th layer is layer parts[k][1] of state dict parts[k][0], with the
+    embeddings of `first` and the other tensors outside the layers of `last`."""
+    out = {name: t for name, t in first.items() if layer_of(name) is None and "embed" in name}
+    for k, (state, layer) in enumerate(parts):
+        for name, tensor in state.items():
+            if layer_of(name) == layer:
+                out[LAYER.sub(f".layers.{k}.", name)] = tensor
+    out |= {name: t for name, t in last.items() if layer_of(name) is None and "embed" not in name}
+    return out
+
+
+def slices(*ranges: tuple[str, int, int], **parameters) -> list[dict]:
+    return [
+        {"sources": [{"model": model, "layer_range": [start, end]} | parameters.get(model, {})]}
+        for model, start, end in ranges
+    ]
+
+
+def assert_same_tensors(got: dict, expected: dict) -> None:
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_passthrough_stacks_layers_of_two_models(deep, tmp_path):
+    config = {
+        "merge_method": "passthrough",
+        "slices": slices((deep["expert_0"], 0, 3), (deep["expert_1"], 1, 4)),
+    }
+    result = merge(parse_config(config), str(tmp_path / "out"))
+    a, b = load_folder(deep["expert_0"]), load_folder(deep["expert_1"])
+    expected = stacked([(a, 0), (a, 1), (a, 2), (b, 1), (b, 2), (b, 3)], first=a, last=b)
+    assert_same_tensors(load_folder(tmp_path / "out"), expected)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 6
+    assert [m["ref"] for m in result.manifest["inputs"]["models"]] == [deep["expert_0"], deep["expert_1"]]
+    assert result.manifest["inputs"]["base"] is None
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert len(model.model.layers) == 6
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert logits.shape == (1, 4, 256) and torch.isfinite(logits).all()
+
+
+def test_depth_up_scaling_repeats_layers_of_one_model_and_scales_by_filter(deep, tmp_path):
+    # SOLAR-style: the model's first three layers, then its last three, the repeated ones'
+    # output projections halved
+    halved = {"parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}
+    config = {
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": deep["base"], "layer_range": [0, 3]}]},
+            {"sources": [{"model": deep["base"], "layer_range": [1, 4]} | halved]},
+        ],
+    }
+    result = merge(parse_config(config), str(tmp_path / "out"))
+    base = load_folder(deep["base"])
+    expected = stacked([(base, 0), (base, 1), (base, 2), (base, 1), (base, 2), (base, 3)], base, base)
+    for name in expected:
+        if "o_proj" in name and layer_of(name) >= 3:
+            expected[name] = expected[name] * 0.5
+    assert_same_tensors(load_folder(tmp_path / "out"), expected)
+    assert [m["ref"] for m in result.manifest["inputs"]["models"]] == [deep["base"]]  # once
+
+
+def test_ties_over_slices_takes_each_models_own_layers_and_the_base_listed(deep, tmp_path):
+    # the base's layers 0-1 with the experts' layers 2-3 and 0-1, then all of layers 2-3
+    e0, e1 = deep["expert_0"], deep["expert_1"]
+    config = {
+        "merge_method": "ties",
+        "base_model": deep["base"],
+        "parameters": {"density": 0.5},
+        "slices": [
+            {
+                "sources": [
+                    {"model": deep["base"], "layer_range": [0, 2]},
+                    {"model": e0, "layer_range": [2, 4]},
+                    {"model": e1, "layer_range": [0, 2]},
+                ]
+            },
+            {"sources": [{"model": m, "layer_range": [2, 4]} for m in (e0, e1)]},  # base: same layers
+        ],
+    }
+    merge(parse_config(config), str(tmp_path / "out"))
+    base, a, b = (load_folder(deep[k]) for k in ("base", "expert_0", "expert_1"))
+    base_in = stacked([(base, 0), (base, 1), (base, 2), (base, 3)], base, base)
+    a_in = stacked([(a, 2), (a, 3), (a, 2), (a, 3)], a, a)
+    b_in = stacked([(b, 0), (b, 1), (b, 2), (b, 3)], b, b)
+    expected = reference_merge("ties", base_in, [a_in, b_in], density=0.5)
+    got = load_folder(tmp_path / "out")
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-7, msg=name)
+
+
+def test_a_gradient_runs_over_each_slice_on_its_own(deep, tmp_path):
+    # mergekit's position t restarts in each slice: with two layers a slice has t = 0 and 1
+    e0, e1 = deep["expert_0"], deep["expert_1"]
+    rising = {"parameters": {"weight": [1.0, 3.0]}}
+    config = {
+        "merge_method": "linear",
+        "slices": [
+            {
+                "sources": [
+                    {"model": e0, "layer_range": [0, 2]} | rising,
+                    {"model": e1, "layer_range": [2, 4]},
+                ]
+            },
+            {
+                "sources": [
+                    {"model": e0, "layer_range": [2, 4]} | rising,
+                    {"model": e1, "layer_range": [0, 2]},
+                ]
+            },
+        ],
+    }
+    merge(parse_config(config), str(tmp_path / "out"))
+    a, b = load_folder(e0), load_folder(e1)
+    got = load_folder(tmp_path / "out")
+    for k, (la, lb) in enumerate([(0, 2), (1, 3), (2, 0), (3, 1)]):
+        weight = 1.0 if k % 2 == 0 else 3.0
+        for name in (n for n in a if layer_of(n) == la):
+            other = b[LAYER.sub(f".layers.{lb}.", name)]
+            expected = (weight * a[name] + other) / (weight + 1)
+            torch.testing.assert_close(got[LAYER.sub(f".layers.{k}.", name)], expected, rtol=0, atol=1e-7)
+    # outside the layers t = 0: weight 1 for both
+    for name in (n for n in a if layer_of(n) is None):
+        torch.testing.assert_close(got[name], (a[name] + b[name]) / 2, rtol=0, atol=1e-7)
+
+
+def test_layer_ranges_past_the_last_layer_are_refused_naming_the_source(deep, tmp_path):
+    config = {
+        "merge_method": "passthrough",
+        "slices": slices((deep["expert_0"], 0, 2), (deep["expert_1"], 2, 5)),
+    }
+    with pytest.raises(ConfigError) as refused:
+        merge(parse_config(config), str(tmp_path / "out"))
+    assert str(refused.value) == (
+        f"slices[1].sources[0].layer_range: [2, 5] reaches past the last layer of '{deep['expert_1']}', "
+        "which has 4 layers (0 to 3)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_layer_without_a_tensor_the_others_have_is_refused(deep, tmp_path):
+    import shutil
+
+    from conftest import rewrite_safetensors
+
+    odd = tmp_path / "odd"
+    shutil.copytree(deep["expert_1"], odd)
+    (odd / "mergeflow-manifest.json").unlink(missing_ok=True)
+    index = json.loads((odd / "model.safetensors.index.json").read_text())
+    dropped = "model.layers.1.mlp.up_proj.weight"
+    file = odd / index["weight_map"].pop(dropped)
+    (odd / "model.safetensors.index.json").write_text(json.dumps(index))
+    rewrite_safetensors(file, lambda tensors: tensors.pop(dropped))
+    sources = [{"model": m, "layer_range": [0, 2]} for m in (deep["expert_0"], str(odd))]
+    config = {"merge_method": "linear", "slices": [{"sources": sources}]}
+    with pytest.raises(IncompatibleModelsError) as refused:
+        merge(parse_config(config), str(tmp_path / "out"))
+    assert str(refused.value) == (
+        f"slices[0].sources[1] ('{odd}'): layer 1 lacks 'mlp.up_proj.weight', which layer 1 of "
+        f"slices[0].sources[0] ('{deep['expert_0']}') has"
+    )
+    assert not Path(tmp_path / "out").exists()
+
+
+def test_a_model_with_two_stacks_of_layers_is_refused(deep, tmp_path):
+    # a vision tower's layers beside the decoder's: mergekit asks for its `modules:` syntax
+    import shutil
+
+    from conftest import rewrite_safetensors
+
+    two = tmp_path / "two-stacks"
+    shutil.copytree(deep["expert_0"], two)
+    (two / "mergeflow-manifest.json").unlink(missing_ok=True)
+    index = json.loads((two / "model.safetensors.index.json").read_text())
+    file = next(iter(index["weight_map"].values()))
+    index["weight_map"]["vision.layers.0.proj.weight"] = file
+    (two / "model.safetensors.index.json").write_text(json.dumps(index))
+    rewrite_safetensors(
+        two / file, lambda tensors: tensors.update({"vision.layers.0.proj.weight": torch.ones(2, 2)})
+    )
+    config = {"merge_method": "passthrough", "slices": slices((str(two), 0, 2), (deep["expert_1"], 2, 4))}
+    with pytest.raises(ConfigError) as refused:
+        merge(parse_config(config), str(tmp_path / "out"))
+    assert str(refused.value) == (
+        f"slices[0].sources[0] ('{two}'): its layers are numbered under more than one name "
+        "('model.layers.', 'vision.layers.'); mergeflow slices models with one stack of layers"
+    )
