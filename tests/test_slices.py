@@ -28,6 +28,12 @@ def deep(tmp_path_factory) -> dict[str, str]:
     return build_generated_zoo(tmp_path_factory.mktemp("deep"), spec)
 
 
+@pytest.fixture(scope="module")
+def deep_bf16(tmp_path_factory) -> dict[str, str]:
+    spec = GeneratedZooSpec(num_layers=4, num_experts=1, dtype="bfloat16", seed=5)
+    return build_generated_zoo(tmp_path_factory.mktemp("deep-bf16"), spec)
+
+
 def layer_of(name: str) -> int | None:
     match = LAYER.search(name)
     return int(match.group(1)) if match else None
@@ -100,6 +106,26 @@ def test_depth_up_scaling_repeats_layers_of_one_model_and_scales_by_filter(deep,
             expected[name] = expected[name] * 0.5
     assert_same_tensors(load_folder(tmp_path / "out"), expected)
     assert [m["ref"] for m in result.manifest["inputs"]["models"]] == [deep["base"]]  # once
+
+
+def test_bfloat16_layers_are_copied_bit_for_bit_and_scaled_with_one_rounding(deep_bf16, tmp_path):
+    scaled = {"parameters": {"scale": [{"filter": "down_proj", "value": 0.3}, {"value": 1.0}]}}
+    config = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": deep_bf16["base"], "layer_range": [0, 4]}]},
+            {"sources": [{"model": deep_bf16["base"], "layer_range": [2, 4]} | scaled]},
+        ],
+    }
+    merge(parse_config(config), str(tmp_path / "out"))
+    base = load_folder(deep_bf16["base"])
+    expected = stacked([(base, i) for i in (0, 1, 2, 3, 2, 3)], base, base)
+    for name in expected:
+        if "down_proj" in name and layer_of(name) >= 4:  # float32 product, rounded to bf16 once
+            expected[name] = (expected[name].float() * torch.tensor(0.3, dtype=torch.float32)).bfloat16()
+    got = load_folder(tmp_path / "out")
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    assert_same_tensors(got, expected)
 
 
 def test_ties_over_slices_takes_each_models_own_layers_and_the_base_listed(deep, tmp_path):

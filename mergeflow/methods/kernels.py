@@ -276,6 +276,18 @@ def copy_float32_(out, src):
     return bad
 
 
+@njit(parallel=True, cache=True)
+def copy_bfloat16_(out, src):
+    """out = src, bfloat16 bit patterns as they are; returns how many are NaN or ±Inf (every
+    exponent bit set)."""
+    bad = 0
+    for j in prange(src.size):
+        x = src[j]
+        bad += (x & 0x7F80) == 0x7F80
+        out[j] = x
+    return bad
+
+
 @njit(cache=True, inline="always")
 def _magnitude(model, base, has_base, j):
     """|τ| at element j: |model − base|, or |model| when the model already is a task vector."""

@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import numpy as np
 
+from mergeflow.methods import kernels as K
+from mergeflow.methods import primitives as P
 from mergeflow.methods.base import Chunk, MergeMethod, Param
 
 
 def _merge(chunk: Chunk) -> np.ndarray:
-    model, scale = chunk.models[0], chunk.params["scale"][0]
-    if scale != 1:  # scaling by 1 would be exact too; this spares the pass
-        model *= scale
-    return model
+    model, scale = chunk.models[0], np.float32(chunk.params["scale"][0])
+    out = np.empty(model.size, chunk.storage)
+    if model.dtype == out.dtype == np.uint16 and scale == 1:
+        # bfloat16 in and out: the bits as stored, one pass (widening and rounding back took
+        # ~45% of a frankenmerge's time)
+        non_finite = K.copy_bfloat16_(out, model)
+    else:
+        values = P.to_float32(model) if model.dtype == np.uint16 else model
+        if scale != 1:
+            values *= scale
+        non_finite = (K.narrow_to_bfloat16_ if out.dtype == np.uint16 else K.copy_float32_)(out, values)
+    P.refuse_non_finite(0, non_finite)
+    return out
 
 
 PASSTHROUGH = MergeMethod(
@@ -24,4 +35,6 @@ PASSTHROUGH = MergeMethod(
     needs_base=False,
     min_models=1,
     max_models=1,
+    reads_bfloat16=True,
+    writes_storage=True,
 )

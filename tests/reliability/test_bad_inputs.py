@@ -201,6 +201,18 @@ def test_non_finite_weights_are_named(zoo, tmp_path, bad_value, request):
         )
 
 
+@pytest.mark.parametrize("zoo", ["small", "small_bf16"])
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_named_when_copied_by_passthrough(zoo, tmp_path, bad_value, request):
+    small = request.getfixturevalue(zoo)
+    broken = copy_expert(small, tmp_path)
+    edit_tensors(broken, lambda t: t["model.layers.0.self_attn.o_proj.weight"].__setitem__((2, 1), bad_value))
+    config = {"merge_method": "passthrough", "models": [{"model": str(broken)}]}
+    assert_fails_cleanly(
+        config, tmp_path, NonFiniteError, "model.layers.0.self_attn.o_proj.weight", str(broken), "NaN/Inf"
+    )
+
+
 def test_truncated_safetensors(small, tmp_path):
     broken = copy_expert(small, tmp_path)
     file = broken / "model.safetensors"
