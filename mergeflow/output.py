@@ -53,9 +53,9 @@ class ShardedWriter:
     """Lays tensors out in order into shards of at most `max_shard_bytes` (a tensor larger
     than that gets a shard of its own) and writes them sequentially.
 
-    With `background`, writing and hashing happen on a thread of their own, in order, while the
-    caller computes the next piece (both release the GIL; a merge spent a quarter of its time
-    writing). At most `QUEUED` pieces wait, so memory stays bounded; an error of a queued write
+    With `background`, writing happens on a thread of its own and hashing on another, in order,
+    while the caller computes the next piece (both release the GIL; a merge spent a quarter of
+    its time writing). At most `QUEUED` pieces wait, so memory stays bounded; an error of a queued write
     is raised by a later `write` or by `finish`."""
 
     # A merge's pieces are chunks: 16 of them in the output dtype hold at most about the working
@@ -86,6 +86,9 @@ class ShardedWriter:
         self._current: tuple[int, ShardFileWriter] | None = None
         self.files: list[WrittenFile] = []
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="mergeflow-write") if background else None
+        self._hasher = (
+            ThreadPoolExecutor(1, thread_name_prefix="mergeflow-hash-output") if background else None
+        )
         self._queued: deque[Future] = deque()
 
     def write(self, name: str, data: np.ndarray) -> None:
@@ -103,7 +106,7 @@ class ShardedWriter:
         if self._current is None or self._current[0] != index:
             self._close_current()
             path = self._folder / self.names[index]
-            self._current = (index, ShardFileWriter(str(path), self._groups[index]))
+            self._current = (index, ShardFileWriter(str(path), self._groups[index], hasher=self._hasher))
         self._current[1].write(name, data)
 
     def finish(self) -> list[WrittenFile]:
@@ -112,6 +115,7 @@ class ShardedWriter:
             self._queued.popleft().result()
         self._stop_thread()
         self._close_current()
+        self._stop_hasher()
         if len(self.files) != len(self.names):
             raise RuntimeError("not every shard was written")
         if len(self.names) > 1:
@@ -128,11 +132,17 @@ class ShardedWriter:
         self._stop_thread()  # waits for a write in progress, so the file is closed after it
         if self._current is not None:
             self._current[1].abort()
+        self._stop_hasher()
 
     def _stop_thread(self) -> None:
         if self._thread is not None:
             self._thread.shutdown(wait=True)
             self._thread = None
+
+    def _stop_hasher(self) -> None:
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True, cancel_futures=True)
+            self._hasher = None
 
     def _close_current(self) -> None:
         if self._current is None:

@@ -18,6 +18,8 @@ import math
 import mmap
 import os
 import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -226,14 +228,28 @@ def header_bytes(tensors: list[PlannedTensor]) -> bytes:
 
 class ShardFileWriter:
     """Writes one safetensors file sequentially, tensor after tensor, hashing as it goes unless
-    `hashed` is off (a scratch file whose identity is that of its inputs)."""
+    `hashed` is off (a scratch file whose identity is that of its inputs).
 
-    def __init__(self, path: str, tensors: list[PlannedTensor], hashed: bool = True) -> None:
+    With a `hasher` (one thread), the hash is computed there, in order, while this writes: a
+    write to the disk waits for the device, and hashing the same bytes meanwhile took the
+    writer's time for large outputs. Pieces given to `write` must then stay unchanged."""
+
+    HASH_QUEUE = 16  # pieces waiting for the hasher at most
+
+    def __init__(
+        self,
+        path: str,
+        tensors: list[PlannedTensor],
+        hashed: bool = True,
+        hasher: ThreadPoolExecutor | None = None,
+    ) -> None:
         self.path = path
         self._pending = list(reversed(tensors))
         self._remaining = self._pending[-1].nbytes if self._pending else 0
         self._file = SequentialFileWriter(path)
         self._sha = hashlib.sha256() if hashed else None
+        self._hasher = hasher
+        self._hashing: deque[Future] = deque()
         self._write(header_bytes(tensors))
 
     def write(self, name: str, data: np.ndarray) -> None:
@@ -261,12 +277,22 @@ class ShardFileWriter:
         if self._pending:
             raise RuntimeError(f"{self.path}: tensor '{self._pending[-1].name}' was not written")
         self._file.close()
+        while self._hashing:
+            self._hashing.popleft().result()
         return self._sha.hexdigest() if self._sha else None
 
     def abort(self) -> None:
+        for hashing in self._hashing:
+            hashing.cancel()
         self._file.abort()
 
     def _write(self, data) -> None:
         self._file.write(data)
-        if self._sha:
+        if self._sha is None:
+            return
+        if self._hasher is None:
             self._sha.update(data)
+            return
+        while len(self._hashing) >= self.HASH_QUEUE:
+            self._hashing.popleft().result()
+        self._hashing.append(self._hasher.submit(self._sha.update, data))
