@@ -139,6 +139,32 @@ def test_cached_base_answers_a_chat_question(loaded):
     assert "Paris" in answer
 
 
+def test_depth_up_scaled_base_has_36_layers_and_still_answers_paris(base, tmp_path):
+    # SOLAR's recipe on real weights: layers 0-23, then 18-29 again (mergekit's passthrough)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergeflow.config import parse_config
+    from mergeflow.engine import merge
+
+    ranges = ([0, 24], [18, 30])
+    config = {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": str(base), "layer_range": r}]} for r in ranges],
+    }
+    merge(parse_config(config), str(tmp_path / "dus"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dus", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "dus")
+    assert model.config.num_hidden_layers == 36 and len(model.model.layers) == 36
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
 @pytest.mark.slow
 def test_conversion_is_deterministic(tmp_path, base):
     first = convert_smollm2(tmp_path / "a")
