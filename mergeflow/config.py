@@ -3,7 +3,8 @@
 Supported keys: merge_method, base_model, models[].model, models[].parameters, parameters,
 dtype, out_dtype, tokenizer_source or the tokenizer block (its source; pad_to_multiple_of when
 the vocabulary already is a multiple), chat_template ('auto', a named format or Jinja), and
-slices[].sources[] (model, layer_range, parameters): the output's layers, slice by slice.
+slices[] (sources[] of model, layer_range, parameters; the slice's parameters): the output's
+layers, slice by slice.
 A parameter value is a number or flag, a list of numbers (a gradient interpolated over layers)
 or a list of {filter, value} entries whose first entry with a filter contained in the tensor
 name (or no filter) applies - mergekit's rules.
@@ -12,7 +13,7 @@ Relative model paths are resolved from the working directory, as mergekit does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -88,6 +89,7 @@ class LayerSlice(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     sources: list[SliceSource]
+    parameters: Parameters = {}  # between the sources' own and the global ones
 
     @model_validator(mode="after")
     def _check_lengths(self) -> LayerSlice:
@@ -106,13 +108,14 @@ class LayerSlice(BaseModel):
 class ModelGroup:
     """Models merged together: the experts of `models`, or the sources of one slice less the
     base. `positions` are their places in `field`; `layer_ranges` (slices only) the layers each
-    gives, and `base_range` the base's."""
+    gives, and `base_range` the base's; `parameters` the slice's own settings."""
 
     field: str
     positions: list[int]
     entries: list[ModelEntry | SliceSource]
     layer_ranges: list[tuple[int, int]] | None = None
     base_range: tuple[int, int] | None = None
+    parameters: dict = field(default_factory=dict)
 
     def entry_field(self, i: int) -> str:
         return f"{self.field}[{self.positions[i]}]"
@@ -180,7 +183,13 @@ class MergeConfig(BaseModel):
         sources = self.slices[s].sources
         positions = self._expert_positions(sources)
         ranges = [sources[k].layer_range for k in positions]
-        group = ModelGroup(f"slices[{s}].sources", positions, [sources[k] for k in positions], ranges)
+        group = ModelGroup(
+            f"slices[{s}].sources",
+            positions,
+            [sources[k] for k in positions],
+            ranges,
+            parameters=self.slices[s].parameters,
+        )
         if not self.takes_base():
             return group
         listed = next((source for source in sources if source.model == self.base_model), None)
@@ -235,9 +244,10 @@ class MergeConfig(BaseModel):
             )
         check_parameters(method, self.parameters, "parameters", per_model_only=False)
         listed = [e.model for group in self.groups() for e in group.entries]
-        if (
+        if (  # mergekit adds the base to `models`, not to slices
             method.name == "average"
             and "weight" in self.parameters
+            and not self.slices
             and self.base_model not in (None, *listed)
         ):
             raise ConfigError(
@@ -252,8 +262,13 @@ class MergeConfig(BaseModel):
         ]
         for where, entry in entries:
             check_parameters(method, entry.parameters, f"{where}.parameters", per_model_only=True)
+        for s, one in enumerate(self.slices):
+            check_parameters(method, one.parameters, f"slices[{s}].parameters", per_model_only=False)
         for param in method.params:
-            if param.default is None and param.name not in self.parameters:
+            given = param.name in self.parameters or (
+                self.slices and all(param.name in one.parameters for one in self.slices)
+            )
+            if param.default is None and not given:
                 raise ConfigError(f"parameters.{param.name}: required by method '{method.name}'")
         return self
 

@@ -71,19 +71,17 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
 
 def resolve_parameters(config: MergeConfig, group: ModelGroup, tensor_name: str, t: float) -> dict[str, Any]:
     """Parameter values for one output tensor at gradient position `t`, made from the models of
-    `group`: shared ones as numbers or flags, per-model ones as [N] float32 arrays. Model
-    settings win over global ones, which win over defaults."""
+    `group`: shared ones as numbers or flags, per-model ones as [N] float32 arrays. A model's
+    settings win over its slice's, which win over the global ones, which win over defaults."""
     method = config.method
+    shared = [group.parameters, config.parameters]
     resolved: dict[str, Any] = {}
     for param in method.params:
         if param.per_model:
-            values = [
-                _first(param, [entry.parameters, config.parameters], tensor_name, t)
-                for entry in group.entries
-            ]
+            values = [_first(param, [entry.parameters, *shared], tensor_name, t) for entry in group.entries]
             resolved[param.name] = np.array(values, dtype=np.float32)
         else:
-            resolved[param.name] = _first(param, [config.parameters], tensor_name, t)
+            resolved[param.name] = _first(param, shared, tensor_name, t)
     return resolved
 
 

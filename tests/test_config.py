@@ -228,3 +228,48 @@ def test_mergekits_long_form_of_a_model_reference_reads_as_its_short_form():
     sources = [{"model": {"model": path(name)}, "layer_range": [0, 2]} for name in ("b", "c")]
     sliced["slices"] = [{"sources": sources}]
     assert [s.model for s in parse_config(sliced).slices[0].sources] == ["b", "c"]
+
+
+def test_a_slices_parameters_sit_between_its_sources_and_the_global_ones():
+    from mergeflow.config import parse_config
+
+    def source(model, start, **parameters):
+        return {"model": model, "layer_range": [start, start + 2], "parameters": parameters}
+
+    config = parse_config(
+        {
+            "merge_method": "ties",
+            "base_model": "base",
+            "parameters": {"density": 0.5, "lambda": 0.8},
+            "slices": [
+                {"sources": [source("base", 0), source("a", 0), source("b", 2)]},
+                {
+                    "sources": [source("base", 2), source("a", 2, density=0.9), source("b", 0)],
+                    "parameters": {"density": 0.3, "lambda": 1.5},
+                },
+            ],
+        }
+    )
+    first, second = config.groups()
+    name = "model.layers.3.mlp.up_proj.weight"
+    assert resolve_parameters(config, first, name, 1.0)["density"].tolist() == [0.5, 0.5]
+    assert resolve_parameters(config, first, name, 1.0)["lambda"] == 0.8
+    assert resolve_parameters(config, second, name, 1.0)["density"].tolist() == pytest.approx([0.9, 0.3])
+    assert resolve_parameters(config, second, name, 1.0)["lambda"] == 1.5
+    assert [e.model for e in config.experts()] == ["a", "b"]
+
+
+def test_a_required_parameter_may_be_given_by_every_slice_instead():
+    from mergeflow.config import parse_config
+    from mergeflow.errors import ConfigError
+
+    def slice_(t=None):
+        sources = [{"model": m, "layer_range": [0, 2]} for m in ("base", "a")]
+        return {"sources": sources} | ({"parameters": {"t": t}} if t is not None else {})
+
+    config = {"merge_method": "slerp", "base_model": "base"}
+    parse_config(config | {"slices": [slice_(0.2), slice_([0.1, 0.9])]})
+    with pytest.raises(ConfigError, match="parameters.t: required by method 'slerp'"):
+        parse_config(config | {"slices": [slice_(0.2), slice_()]})
+    with pytest.raises(ConfigError, match=r"slices\[1\].parameters.t: must be in \[0, 1\], got nan"):
+        parse_config(config | {"slices": [slice_(0.2), slice_(float("nan"))]})
