@@ -115,10 +115,17 @@ class ModelGroup:
     entries: list[ModelEntry | SliceSource]
     layer_ranges: list[tuple[int, int]] | None = None
     base_range: tuple[int, int] | None = None
+    base_position: int | None = None  # where the slice lists the base, if it does
     parameters: dict = field(default_factory=dict)
 
     def entry_field(self, i: int) -> str:
         return f"{self.field}[{self.positions[i]}]"
+
+    def base_field(self) -> str:
+        """Where the base's layers for this group are given."""
+        if self.base_position is None:
+            return f"base_model (the layers of {self.field})"
+        return f"{self.field}[{self.base_position}]"
 
 
 class TokenizerSettings(BaseModel):
@@ -192,9 +199,9 @@ class MergeConfig(BaseModel):
         )
         if not self.takes_base():
             return group
-        listed = next((source for source in sources if source.model == self.base_model), None)
+        listed = next((k for k, source in enumerate(sources) if source.model == self.base_model), None)
         if listed is not None:
-            return replace(group, base_range=listed.layer_range)
+            return replace(group, base_range=sources[listed].layer_range, base_position=listed)
         if len(set(ranges)) > 1:
             raise ConfigError(
                 f"slices[{s}].sources: base_model '{self.base_model}' is not among them and they take "

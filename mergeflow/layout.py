@@ -82,7 +82,7 @@ def sliced_layout(
         reference, [experts[e.model] for g in groups for e in g.entries] + ([base] if base else [])
     )
     outside = [name for name in reference.tensors if not LAYER_PATTERN.search(name)]
-    embeddings = [name for name in outside if "embed" in name]
+    embeddings = [name for name in outside if "embed" in name and "embed_out" not in name]  # GPT-NeoX's head
     tensors = _outside_layers(embeddings, groups[0], base, experts)
     layers: list[tuple[Checkpoint, int]] = []
     by_layer: dict[int, dict[int, dict[str, TensorEntry]]] = {}
@@ -107,7 +107,7 @@ def sliced_layout(
             for i, (c, r) in enumerate(zip(models, group.layer_ranges, strict=True))
         ]
         if base is not None:
-            owners.append((f"base_model '{base.ref}'", base, group.base_range[0]))
+            owners.append((f"{group.base_field()} ('{base.ref}')", base, group.base_range[0]))
         length = group.layer_ranges[0][1] - group.layer_ranges[0][0]
         for j in range(length):
             # mergekit's gradient position within a slice; a one-layer slice sits at its end
@@ -156,12 +156,12 @@ def _check_ranges(group: ModelGroup, models: list[Checkpoint], base: Checkpoint 
         zip(models, group.layer_ranges, [group.entry_field(i) for i in range(len(models))], strict=True)
     )
     if base is not None and group.base_range is not None:
-        checks.append((base, group.base_range, f"{group.field} (base_model)"))
+        checks.append((base, group.base_range, group.base_field()))
     for model, (start, end), where in checks:
         layers = num_layers(model)
         if end > layers:
             raise ConfigError(
-                f"{where}.layer_range: [{start}, {end}] reaches past the last layer of '{model.ref}', "
+                f"{where}: layer_range [{start}, {end}] reaches past the last layer of '{model.ref}', "
                 f"which has {layers} layers (0 to {layers - 1})"
             )
 
@@ -176,6 +176,11 @@ def _tensors_by_layer(checkpoint: Checkpoint, where: str) -> dict[int, dict[str,
         if match := LAYER_PATTERN.search(name):
             layers.setdefault(int(match.group(1)), {})[name[match.end() :]] = entry
             stacks.add(name[: match.start(1)].lstrip("."))
+    if not stacks:
+        raise ConfigError(
+            f"{where}: none of its tensor names has 'layers.<i>.' in it, so mergeflow cannot tell its "
+            "layers apart to slice them"
+        )
     if len(stacks) > 1:
         named = ", ".join(f"'{stack}'" for stack in sorted(stacks))
         raise ConfigError(

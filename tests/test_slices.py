@@ -201,7 +201,7 @@ def test_layer_ranges_past_the_last_layer_are_refused_naming_the_source(deep, tm
     with pytest.raises(ConfigError) as refused:
         merge(parse_config(config), str(tmp_path / "out"))
     assert str(refused.value) == (
-        f"slices[1].sources[0].layer_range: [2, 5] reaches past the last layer of '{deep['expert_1']}', "
+        f"slices[1].sources[0]: layer_range [2, 5] reaches past the last layer of '{deep['expert_1']}', "
         "which has 4 layers (0 to 3)"
     )
     assert not (tmp_path / "out").exists()
@@ -253,4 +253,55 @@ def test_a_model_with_two_stacks_of_layers_is_refused(deep, tmp_path):
     assert str(refused.value) == (
         f"slices[0].sources[0] ('{two}'): its layers are numbered under more than one name "
         "('model.layers.', 'vision.layers.'); mergeflow slices models with one stack of layers"
+    )
+
+
+def test_a_base_listed_with_layers_it_lacks_is_refused_naming_where_it_is_listed(deep, tmp_path):
+    sources = [
+        {"model": deep["expert_0"], "layer_range": [0, 2]},
+        {"model": deep["base"], "layer_range": [3, 5]},
+    ]
+    config = {"merge_method": "task_arithmetic", "base_model": deep["base"], "slices": [{"sources": sources}]}
+    with pytest.raises(ConfigError) as refused:
+        merge(parse_config(config), str(tmp_path / "out"))
+    assert str(refused.value) == (
+        f"slices[0].sources[1]: layer_range [3, 5] reaches past the last layer of '{deep['base']}', "
+        "which has 4 layers (0 to 3)"
+    )
+
+
+def test_a_model_whose_layers_are_not_named_layers_is_refused(deep, tmp_path):
+    # GPT-2 numbers its blocks as h.<i>: mergeflow cannot tell where a layer starts
+    import shutil
+
+    from conftest import rewrite_safetensors
+
+    other = tmp_path / "h-named"
+    shutil.copytree(deep["expert_0"], other)
+    (other / "mergeflow-manifest.json").unlink(missing_ok=True)
+    index = json.loads((other / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k.replace(".layers.", ".h."): v for k, v in index["weight_map"].items()}
+    (other / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    def rename(tensors):
+        for name in [n for n in tensors if ".layers." in n]:
+            tensors[name.replace(".layers.", ".h.")] = tensors.pop(name)
+
+    for file in set(index["weight_map"].values()):
+        rewrite_safetensors(other / file, rename)
+    (other / "config.json").write_text(
+        json.dumps(
+            {
+                k: v
+                for k, v in json.loads((other / "config.json").read_text()).items()
+                if k != "num_hidden_layers"
+            }
+        )
+    )
+    config = {"merge_method": "passthrough", "slices": slices((str(other), 0, 1))}
+    with pytest.raises(ConfigError) as refused:
+        merge(parse_config(config), str(tmp_path / "out"))
+    assert str(refused.value) == (
+        f"slices[0].sources[0] ('{other}'): none of its tensor names has 'layers.<i>.' in it, so mergeflow "
+        "cannot tell its layers apart to slice them"
     )
