@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint
 from mergeflow.errors import ConfigError, IncompatibleModelsError
+from mergeflow.safetensors_io import TensorEntry
 
 
 def check_same_kind(reference: Checkpoint, others: list[Checkpoint]) -> None:
@@ -35,17 +36,29 @@ def check_compatible(reference: Checkpoint, experts: list[Checkpoint]) -> None:
                 f"({len(missing)} missing, {len(extra)} extra)"
             )
         for name, entry in reference.tensors.items():
-            theirs = other.tensors[name]
-            if theirs.shape != entry.shape:
-                raise IncompatibleModelsError(
-                    f"tensor '{name}': shape {list(theirs.shape)} in '{other.ref}' but "
-                    f"{list(entry.shape)} in '{reference.ref}'"
-                )
-            if theirs.dtype.is_float != entry.dtype.is_float:
-                raise IncompatibleModelsError(
-                    f"tensor '{name}': dtype {theirs.dtype} in '{other.ref}' "
-                    f"but {entry.dtype} in '{reference.ref}'"
-                )
+            check_same_shapes(name, [entry, other.tensors[name]], [reference, other])
+
+
+def check_same_shapes(name: str, entries: list[TensorEntry], owners: list[Checkpoint]) -> None:
+    """The input tensors merged into output tensor `name` (`entries`, of models `owners`) have
+    the first one's shape and are float where it is. A source named otherwise than the output
+    (a layer slice's) is named too."""
+
+    def where(entry: TensorEntry, owner: Checkpoint) -> str:
+        return f"'{owner.ref}'" if entry.name == name else f"'{owner.ref}' (its '{entry.name}')"
+
+    first, first_owner = entries[0], owners[0]
+    for entry, owner in zip(entries[1:], owners[1:], strict=True):
+        if entry.shape != first.shape:
+            raise IncompatibleModelsError(
+                f"tensor '{name}': shape {list(entry.shape)} in {where(entry, owner)} but "
+                f"{list(first.shape)} in {where(first, first_owner)}"
+            )
+        if entry.dtype.is_float != first.dtype.is_float:
+            raise IncompatibleModelsError(
+                f"tensor '{name}': dtype {entry.dtype} in {where(entry, owner)} "
+                f"but {first.dtype} in {where(first, first_owner)}"
+            )
 
 
 def check_tokenizer(reference: Checkpoint, tokenizer: Checkpoint, pad_to_multiple_of: int | None) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mergeflow.checkpoint import Checkpoint, num_layers
-from mergeflow.compatibility import check_same_kind
+from mergeflow.compatibility import check_same_kind, check_same_shapes
 from mergeflow.config import MergeConfig, ModelGroup
 from mergeflow.errors import ConfigError, IncompatibleModelsError
 from mergeflow.parameters import LAYER_PATTERN, layer_position
@@ -117,7 +117,7 @@ def sliced_layout(
             for suffix, first in found[0].items():
                 name = _renumbered(first.name, len(layers))
                 entries = [tensors_of_layer[suffix] for tensors_of_layer in found]
-                _check_same_shape(name, entries, [owner for _, owner, _ in owners])
+                check_same_shapes(name, entries, [owner for _, owner, _ in owners])
                 base_entry = entries[len(models)] if base is not None else None
                 tensors.append(
                     OutputTensor(name, first, base_entry, entries[: len(models)], deltas, group, t)
@@ -143,7 +143,7 @@ def _outside_layers(
             raise IncompatibleModelsError(f"base_model '{base.ref}': has no tensor '{name}'")
         found = [model.tensors[name] for model in models]
         base_entry = base.tensors[name] if base else None
-        _check_same_shape(
+        check_same_shapes(
             name, [*found, *([base_entry] if base_entry else [])], [*models, *([base] if base else [])]
         )
         tensors.append(OutputTensor(name, found[0], base_entry, found, deltas, group, 0.0))
@@ -208,18 +208,3 @@ def _check_same_tensors(found: list[dict[str, TensorEntry]], owners: list, j: in
 def _renumbered(name: str, index: int) -> str:
     match = LAYER_PATTERN.search(name)
     return f"{name[: match.start(1)]}{index}{name[match.end(1) :]}"
-
-
-def _check_same_shape(name: str, entries: list[TensorEntry], owners: list[Checkpoint]) -> None:
-    first, first_owner = entries[0], owners[0]
-    for entry, owner in zip(entries[1:], owners[1:], strict=True):
-        if entry.shape != first.shape:
-            raise IncompatibleModelsError(
-                f"tensor '{name}': its source '{entry.name}' has shape {list(entry.shape)} in '{owner.ref}' "
-                f"but '{first.name}' has {list(first.shape)} in '{first_owner.ref}'"
-            )
-        if entry.dtype.is_float != first.dtype.is_float:
-            raise IncompatibleModelsError(
-                f"tensor '{name}': its source '{entry.name}' has dtype {entry.dtype} in '{owner.ref}' "
-                f"but '{first.name}' has {first.dtype} in '{first_owner.ref}'"
-            )

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_folder
+from conftest import load_folder, rewrite_safetensors
 from reference_merge import reference_merge
 
 from mergeflow.config import parse_config
@@ -23,8 +24,8 @@ LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 @pytest.fixture(scope="module")
 def deep(tmp_path_factory) -> dict[str, str]:
-    """base + 2 experts of 4 layers each, sharded."""
-    spec = GeneratedZooSpec(num_layers=4, num_experts=2, shard_bytes=60_000, seed=4)
+    """base + 2 experts of 4 layers each, one file each (so tests can edit them)."""
+    spec = GeneratedZooSpec(num_layers=4, num_experts=2, seed=4)
     return build_generated_zoo(tmp_path_factory.mktemp("deep"), spec)
 
 
@@ -56,6 +57,14 @@ def slices(*ranges: tuple[str, int, int], **parameters) -> list[dict]:
         {"sources": [{"model": model, "layer_range": [start, end]} | parameters.get(model, {})]}
         for model, start, end in ranges
     ]
+
+
+def edited_copy(model: str, target: Path, edit) -> Path:
+    """A copy of a model whose tensors `edit` changed in place (a dict of name to tensor)."""
+    shutil.copytree(model, target)
+    (target / "mergeflow-manifest.json").unlink(missing_ok=True)  # its hashes no longer hold
+    rewrite_safetensors(target / "model.safetensors", edit)
+    return target
 
 
 def assert_same_tensors(got: dict, expected: dict) -> None:
@@ -208,18 +217,9 @@ def test_layer_ranges_past_the_last_layer_are_refused_naming_the_source(deep, tm
 
 
 def test_a_layer_without_a_tensor_the_others_have_is_refused(deep, tmp_path):
-    import shutil
-
-    from conftest import rewrite_safetensors
-
-    odd = tmp_path / "odd"
-    shutil.copytree(deep["expert_1"], odd)
-    (odd / "mergeflow-manifest.json").unlink(missing_ok=True)
-    index = json.loads((odd / "model.safetensors.index.json").read_text())
-    dropped = "model.layers.1.mlp.up_proj.weight"
-    file = odd / index["weight_map"].pop(dropped)
-    (odd / "model.safetensors.index.json").write_text(json.dumps(index))
-    rewrite_safetensors(file, lambda tensors: tensors.pop(dropped))
+    odd = edited_copy(
+        deep["expert_1"], tmp_path / "odd", lambda t: t.pop("model.layers.1.mlp.up_proj.weight")
+    )
     sources = [{"model": m, "layer_range": [0, 2]} for m in (deep["expert_0"], str(odd))]
     config = {"merge_method": "linear", "slices": [{"sources": sources}]}
     with pytest.raises(IncompatibleModelsError) as refused:
@@ -233,19 +233,8 @@ def test_a_layer_without_a_tensor_the_others_have_is_refused(deep, tmp_path):
 
 def test_a_model_with_two_stacks_of_layers_is_refused(deep, tmp_path):
     # a vision tower's layers beside the decoder's: mergekit asks for its `modules:` syntax
-    import shutil
-
-    from conftest import rewrite_safetensors
-
-    two = tmp_path / "two-stacks"
-    shutil.copytree(deep["expert_0"], two)
-    (two / "mergeflow-manifest.json").unlink(missing_ok=True)
-    index = json.loads((two / "model.safetensors.index.json").read_text())
-    file = next(iter(index["weight_map"].values()))
-    index["weight_map"]["vision.layers.0.proj.weight"] = file
-    (two / "model.safetensors.index.json").write_text(json.dumps(index))
-    rewrite_safetensors(
-        two / file, lambda tensors: tensors.update({"vision.layers.0.proj.weight": torch.ones(2, 2)})
+    two = edited_copy(
+        deep["expert_0"], tmp_path / "two-stacks", lambda t: t.update({"vision.layers.0.w": torch.ones(2)})
     )
     config = {"merge_method": "passthrough", "slices": slices((str(two), 0, 2), (deep["expert_1"], 2, 4))}
     with pytest.raises(ConfigError) as refused:
@@ -272,36 +261,30 @@ def test_a_base_listed_with_layers_it_lacks_is_refused_naming_where_it_is_listed
 
 def test_a_model_whose_layers_are_not_named_layers_is_refused(deep, tmp_path):
     # GPT-2 numbers its blocks as h.<i>: mergeflow cannot tell where a layer starts
-    import shutil
-
-    from conftest import rewrite_safetensors
-
-    other = tmp_path / "h-named"
-    shutil.copytree(deep["expert_0"], other)
-    (other / "mergeflow-manifest.json").unlink(missing_ok=True)
-    index = json.loads((other / "model.safetensors.index.json").read_text())
-    index["weight_map"] = {k.replace(".layers.", ".h."): v for k, v in index["weight_map"].items()}
-    (other / "model.safetensors.index.json").write_text(json.dumps(index))
-
     def rename(tensors):
         for name in [n for n in tensors if ".layers." in n]:
             tensors[name.replace(".layers.", ".h.")] = tensors.pop(name)
 
-    for file in set(index["weight_map"].values()):
-        rewrite_safetensors(other / file, rename)
-    (other / "config.json").write_text(
-        json.dumps(
-            {
-                k: v
-                for k, v in json.loads((other / "config.json").read_text()).items()
-                if k != "num_hidden_layers"
-            }
-        )
-    )
+    other = edited_copy(deep["expert_0"], tmp_path / "h-named", rename)
     config = {"merge_method": "passthrough", "slices": slices((str(other), 0, 1))}
     with pytest.raises(ConfigError) as refused:
         merge(parse_config(config), str(tmp_path / "out"))
     assert str(refused.value) == (
         f"slices[0].sources[0] ('{other}'): none of its tensor names has 'layers.<i>.' in it, so mergeflow "
         "cannot tell its layers apart to slice them"
+    )
+
+
+def test_layers_of_other_shapes_are_refused_naming_both_sources(deep, tmp_path):
+    def shrink(tensors):
+        tensors["model.layers.3.mlp.up_proj.weight"] = torch.zeros(64, 64)
+
+    odd = edited_copy(deep["expert_1"], tmp_path / "odd", shrink)
+    sources = [{"model": deep["expert_0"], "layer_range": [0, 2]}, {"model": str(odd), "layer_range": [2, 4]}]
+    config = {"merge_method": "linear", "slices": [{"sources": sources}]}
+    with pytest.raises(IncompatibleModelsError) as refused:
+        merge(parse_config(config), str(tmp_path / "out"))
+    assert str(refused.value) == (
+        f"tensor 'model.layers.1.mlp.up_proj.weight': shape [64, 64] in '{odd}' (its "
+        f"'model.layers.3.mlp.up_proj.weight') but [128, 64] in '{deep['expert_0']}'"
     )
