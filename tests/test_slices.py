@@ -67,6 +67,14 @@ def edited_copy(model: str, target: Path, edit) -> Path:
     return target
 
 
+def refusal(config: dict, tmp_path: Path, error: type[Exception] = ConfigError) -> str:
+    """The one-line error a merge of `config` stops with, having written nothing."""
+    with pytest.raises(error) as refused:
+        merge(parse_config(config), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    return str(refused.value)
+
+
 def assert_same_tensors(got: dict, expected: dict) -> None:
     assert sorted(got) == sorted(expected)
     for name, tensor in expected.items():
@@ -207,13 +215,10 @@ def test_layer_ranges_past_the_last_layer_are_refused_naming_the_source(deep, tm
         "merge_method": "passthrough",
         "slices": slices((deep["expert_0"], 0, 2), (deep["expert_1"], 2, 5)),
     }
-    with pytest.raises(ConfigError) as refused:
-        merge(parse_config(config), str(tmp_path / "out"))
-    assert str(refused.value) == (
+    assert refusal(config, tmp_path) == (
         f"slices[1].sources[0]: layer_range [2, 5] reaches past the last layer of '{deep['expert_1']}', "
         "which has 4 layers (0 to 3)"
     )
-    assert not (tmp_path / "out").exists()
 
 
 def test_a_layer_without_a_tensor_the_others_have_is_refused(deep, tmp_path):
@@ -222,13 +227,10 @@ def test_a_layer_without_a_tensor_the_others_have_is_refused(deep, tmp_path):
     )
     sources = [{"model": m, "layer_range": [0, 2]} for m in (deep["expert_0"], str(odd))]
     config = {"merge_method": "linear", "slices": [{"sources": sources}]}
-    with pytest.raises(IncompatibleModelsError) as refused:
-        merge(parse_config(config), str(tmp_path / "out"))
-    assert str(refused.value) == (
+    assert refusal(config, tmp_path, IncompatibleModelsError) == (
         f"slices[0].sources[1] ('{odd}'): layer 1 lacks 'mlp.up_proj.weight', which layer 1 of "
         f"slices[0].sources[0] ('{deep['expert_0']}') has"
     )
-    assert not Path(tmp_path / "out").exists()
 
 
 def test_a_model_with_two_stacks_of_layers_is_refused(deep, tmp_path):
@@ -237,9 +239,7 @@ def test_a_model_with_two_stacks_of_layers_is_refused(deep, tmp_path):
         deep["expert_0"], tmp_path / "two-stacks", lambda t: t.update({"vision.layers.0.w": torch.ones(2)})
     )
     config = {"merge_method": "passthrough", "slices": slices((str(two), 0, 2), (deep["expert_1"], 2, 4))}
-    with pytest.raises(ConfigError) as refused:
-        merge(parse_config(config), str(tmp_path / "out"))
-    assert str(refused.value) == (
+    assert refusal(config, tmp_path) == (
         f"slices[0].sources[0] ('{two}'): its layers are numbered under more than one name "
         "('model.layers.', 'vision.layers.'); mergeflow slices models with one stack of layers"
     )
@@ -251,9 +251,7 @@ def test_a_base_listed_with_layers_it_lacks_is_refused_naming_where_it_is_listed
         {"model": deep["base"], "layer_range": [3, 5]},
     ]
     config = {"merge_method": "task_arithmetic", "base_model": deep["base"], "slices": [{"sources": sources}]}
-    with pytest.raises(ConfigError) as refused:
-        merge(parse_config(config), str(tmp_path / "out"))
-    assert str(refused.value) == (
+    assert refusal(config, tmp_path) == (
         f"slices[0].sources[1]: layer_range [3, 5] reaches past the last layer of '{deep['base']}', "
         "which has 4 layers (0 to 3)"
     )
@@ -267,9 +265,7 @@ def test_a_model_whose_layers_are_not_named_layers_is_refused(deep, tmp_path):
 
     other = edited_copy(deep["expert_0"], tmp_path / "h-named", rename)
     config = {"merge_method": "passthrough", "slices": slices((str(other), 0, 1))}
-    with pytest.raises(ConfigError) as refused:
-        merge(parse_config(config), str(tmp_path / "out"))
-    assert str(refused.value) == (
+    assert refusal(config, tmp_path) == (
         f"slices[0].sources[0] ('{other}'): none of its tensor names has 'layers.<i>.' in it, so mergeflow "
         "cannot tell its layers apart to slice them"
     )
@@ -282,9 +278,7 @@ def test_layers_of_other_shapes_are_refused_naming_both_sources(deep, tmp_path):
     odd = edited_copy(deep["expert_1"], tmp_path / "odd", shrink)
     sources = [{"model": deep["expert_0"], "layer_range": [0, 2]}, {"model": str(odd), "layer_range": [2, 4]}]
     config = {"merge_method": "linear", "slices": [{"sources": sources}]}
-    with pytest.raises(IncompatibleModelsError) as refused:
-        merge(parse_config(config), str(tmp_path / "out"))
-    assert str(refused.value) == (
+    assert refusal(config, tmp_path, IncompatibleModelsError) == (
         f"tensor 'model.layers.1.mlp.up_proj.weight': shape [64, 64] in '{odd}' (its "
         f"'model.layers.3.mlp.up_proj.weight') but [128, 64] in '{deep['expert_0']}'"
     )
