@@ -12,6 +12,7 @@ field, the model and the layer or tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from mergeflow.checkpoint import Checkpoint, num_layers
 from mergeflow.compatibility import check_same_kind, check_same_shapes
@@ -35,6 +36,14 @@ class OutputTensor:
     deltas: list[bool]  # which sources are task vectors (the base is added back)
     group: ModelGroup
     t: float
+
+
+class _LayerSource(NamedTuple):
+    """A model whose layers from `start` on go into a slice, and where the config names it."""
+
+    where: str
+    model: Checkpoint
+    start: int
 
 
 @dataclass(frozen=True)
@@ -103,26 +112,26 @@ def sliced_layout(
                     f"base's layers: give it the base's layer_range {list(group.base_range or ())}"
                 )
         owners = [
-            (f"{group.entry_field(i)} ('{c.ref}')", c, r[0])
+            _LayerSource(f"{group.entry_field(i)} ('{c.ref}')", c, r[0])
             for i, (c, r) in enumerate(zip(models, group.layer_ranges, strict=True))
         ]
         if base is not None:
-            owners.append((f"{group.base_field()} ('{base.ref}')", base, group.base_range[0]))
+            owners.append(_LayerSource(f"{group.base_field()} ('{base.ref}')", base, group.base_range[0]))
         length = group.layer_ranges[0][1] - group.layer_ranges[0][0]
         for j in range(length):
             # mergekit's gradient position within a slice; a one-layer slice sits at its end
             t = j / (length - 1) if length > 1 else 1.0
-            found = [layer(where, c, start + j) for where, c, start in owners]
+            found = [layer(o.where, o.model, o.start + j) for o in owners]
             _check_same_tensors(found, owners, j)
             for suffix, first in found[0].items():
                 name = _renumbered(first.name, len(layers))
                 entries = [tensors_of_layer[suffix] for tensors_of_layer in found]
-                check_same_shapes(name, entries, [owner for _, owner, _ in owners])
+                check_same_shapes(name, entries, [o.model for o in owners])
                 base_entry = entries[len(models)] if base is not None else None
                 tensors.append(
                     OutputTensor(name, first, base_entry, entries[: len(models)], deltas, group, t)
                 )
-            layers.append((models[0], owners[0][2] + j))
+            layers.append((models[0], owners[0].start + j))
     tensors += _outside_layers([n for n in outside if n not in embeddings], groups[-1], base, experts)
     return Layout(tensors, layers)
 
@@ -190,8 +199,8 @@ def _tensors_by_layer(checkpoint: Checkpoint, where: str) -> dict[int, dict[str,
     return layers
 
 
-def _check_same_tensors(found: list[dict[str, TensorEntry]], owners: list, j: int) -> None:
-    """The layers merged into one have the same tensors."""
+def _check_same_tensors(found: list[dict[str, TensorEntry]], owners: list[_LayerSource], j: int) -> None:
+    """The layers merged into one (the j-th of each owner's range) have the same tensors."""
     first_where, _, first_start = owners[0]
     for layer, (where, _, start) in zip(found[1:], owners[1:], strict=True):
         for differing, theirs, ours in (
