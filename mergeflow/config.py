@@ -316,18 +316,24 @@ _MERGEKIT_ONLY = {
 }
 
 
-def load_config(path: str | Path) -> MergeConfig:
-    """Read a mergekit-style YAML file; every problem becomes one ConfigError line."""
+def read_documents(path: str | Path) -> list:
+    """The YAML documents of a config file: one per merge (mergekit-multi's files hold several)."""
     try:
-        documents = list(yaml.safe_load_all(Path(path).read_text()))
+        return list(yaml.safe_load_all(Path(path).read_text()))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from exc
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read a mergekit-style YAML file of one merge; every problem becomes one ConfigError line."""
+    documents = read_documents(path)
     if len(documents) > 1:
         raise ConfigError(
-            f"{path}: {len(documents)} YAML documents, as in a mergekit-mega file of several merges; "
-            "mergeflow takes one merge per file: split it, each later file naming an earlier output"
+            f"{path}: {len(documents)} YAML documents, as in a mergekit-multi file of several merges: "
+            "run it with an intermediate folder for the named ones (mergeflow merge -I DIR, or "
+            "mergeflow.multimerge)"
         )
     raw = documents[0] if documents else None
     if not isinstance(raw, dict):

@@ -113,17 +113,18 @@ def _hash_quietly(files: list[str]) -> None:
 
 
 def _local_model_files(config_path: str | Path) -> list[str]:
-    """config.json and weight files of each local model folder named in a mergekit YAML."""
+    """config.json and weight files of each local model folder named in a mergekit YAML (each
+    of its documents, for a file of several merges)."""
     try:
-        raw = yaml.safe_load(Path(config_path).read_text())
+        documents = list(yaml.safe_load_all(Path(config_path).read_text()))
     except (OSError, yaml.YAMLError):
         return []
-    if not isinstance(raw, dict):
-        return []
-    entries = _list(raw.get("models"))
-    for layer_slice in _list(raw.get("slices")):  # mergekit's slerp examples list models there
-        entries += _list(layer_slice.get("sources")) if isinstance(layer_slice, dict) else []
-    refs = [raw.get("base_model")] + [m.get("model") for m in entries if isinstance(m, dict)]
+    refs = []
+    for raw in (d for d in documents if isinstance(d, dict)):
+        entries = _list(raw.get("models"))
+        for layer_slice in _list(raw.get("slices")):
+            entries += _list(layer_slice.get("sources")) if isinstance(layer_slice, dict) else []
+        refs += [raw.get("base_model")] + [m.get("model") for m in entries if isinstance(m, dict)]
     files: list[str] = []
     for ref in dict.fromkeys(r.removeprefix("file://") for r in refs if isinstance(r, str)):
         if "://" in ref:

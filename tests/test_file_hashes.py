@@ -105,9 +105,15 @@ def test_a_merge_config_names_the_local_files_to_hash(sharded_zoo, tmp_path, mon
     sources = [{"model": sharded_zoo[name], "layer_range": [0, 2]} for name in ("base", "expert_0")]
     sliced = {"merge_method": "slerp", "base_model": sharded_zoo["base"], "slices": [{"sources": sources}]}
     (tmp_path / "slerp.yaml").write_text(yaml.safe_dump(sliced))
-    assert _local_model_files("slerp.yaml") == [
-        f for f in files if "expert_1" not in f and "expert_2" not in f
-    ]
+    base_and_first = [f for f in files if "expert_1" not in f and "expert_2" not in f]
+    assert _local_model_files("slerp.yaml") == base_and_first
+
+    # a file of several merges (mergekit-multi's): every document's models, a merge's name not
+    later = {"name": "stage", "merge_method": "linear", "models": [{"model": sharded_zoo["expert_1"]}]}
+    final = {"merge_method": "linear", "models": [{"model": "stage"}, {"model": sharded_zoo["base"]}]}
+    (tmp_path / "multi.yaml").write_text(yaml.safe_dump_all([sliced, later, final]))
+    expert_1 = [f for f in files if "expert_1" in f]
+    assert _local_model_files("multi.yaml") == base_and_first + expert_1
 
     (tmp_path / "broken.yaml").write_text("models: [")
     assert _local_model_files("broken.yaml") == []

@@ -192,3 +192,27 @@ def test_an_adapter_expert_published_to_s3_merges_as_its_adapted_model(s3, local
     assert but_the_model_card(outputs["s3"]) == but_the_model_card(outputs["local"])
     assert outputs["s3"]["inputs"]["models"][1]["sha256"] == published.sha256
     assert outputs["local"]["inputs"]["models"][1]["sha256"] == published.sha256
+
+
+def test_a_file_of_several_merges_keeps_its_named_ones_in_s3_and_reuses_them(s3, s3_zoo, tmp_path):
+    import yaml
+
+    from mergeflow.multimerge import plan_merges, run_merges
+
+    stage = {
+        "name": "stage",
+        "merge_method": "slerp",
+        "base_model": s3_zoo["base"],
+        "models": [{"model": s3_zoo["expert_0"]}],
+        "parameters": {"t": 0.4},
+    }
+    final = {"merge_method": "linear", "models": [{"model": "stage"}, {"model": s3_zoo["expert_1"]}]}
+    path = tmp_path / "multi.yaml"
+    path.write_text(yaml.safe_dump_all([stage, final]))
+    plan = plan_merges(path, str(tmp_path / "out"), s3.uri("mid"))
+    assert plan[0].out == s3.uri("mid/stage")
+    assert all(run_merges(plan))
+    assert_complete_s3_model(s3, "mid/stage")
+    final_manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert final_manifest["inputs"]["models"][0]["ref"] == s3.uri("mid/stage")
+    assert run_merges(plan_merges(path, str(tmp_path / "out"), s3.uri("mid"))) == [None, None]

@@ -35,8 +35,18 @@ def merge_command(
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 500MB, 2GB.")] = "2GB",
     work_memory: Annotated[str, typer.Option(help="Working memory for chunks of all models.")] = "16MB",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or notes.")] = False,
+    intermediate_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--intermediate-dir",
+            "-I",
+            help="For a file of several merges (mergekit-multi's): where the named ones go.",
+        ),
+    ] = None,
 ) -> None:
-    """Merge the models in CONFIG into OUT, streaming tensor by tensor."""
+    """Merge the models in CONFIG into OUT, streaming tensor by tensor.
+
+    With --intermediate-dir, a file of several merges runs as mergekit-multi runs it."""
     from mergeflow.file_hashes import start_hashing_inputs
 
     start_hashing_inputs(config)  # while the engine loads
@@ -47,26 +57,45 @@ def merge_command(
     from mergeflow.engine import merge
     from mergeflow.errors import ConfigError
 
+    options = dict(
+        threads=threads,
+        allow_pickle=allow_pickle,
+        max_shard_bytes=parse_size(shard_size),
+        work_bytes=parse_size(work_memory),
+        progress=not quiet,
+    )
+    if intermediate_dir is not None:
+        from mergeflow.multimerge import plan_merges, run_merges
+
+        plan = plan_merges(config, out, intermediate_dir)
+        try:
+            run_merges(plan, overwrite=overwrite, on_step=_say_step, **options)
+        except ConfigError as exc:
+            raise ConfigError(f"{config}: {exc}") from None
+        return
     merge_config = load_config(config)
     try:
-        result = merge(
-            merge_config,
-            out,
-            threads=threads,
-            allow_pickle=allow_pickle,
-            overwrite=overwrite,
-            max_shard_bytes=parse_size(shard_size),
-            work_bytes=parse_size(work_memory),
-            progress=not quiet,
-        )
+        result = merge(merge_config, out, overwrite=overwrite, **options)
     except ConfigError as exc:
         # The checks that need the models (a slice's layer range, the tokenizer block) name the
         # field; load_config's name the file too, so these do here as well.
         raise ConfigError(f"{config}: {exc}") from None
+    _say_merged(result)
+
+
+def _say_merged(result) -> None:
     typer.echo(
         f"merged {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) with "
         f"{result.manifest['method']} into {result.output} in {result.seconds:.1f}s"
     )
+
+
+def _say_step(step, result) -> None:
+    if result is None:
+        typer.echo(f"{step.label}: reused {step.out} (it holds this merge of the same inputs)")
+    else:
+        typer.echo(f"{step.label}: ", nl=False)
+        _say_merged(result)
 
 
 @functools.cache

@@ -219,15 +219,5 @@ def test_unreadable_yaml(tmp_path):
     assert result.output.strip() == (
         f"error: {path}: not valid YAML: line 1, column 24: expected ',' or ']', but got '<stream end>'"
     )
-    mega = tmp_path / "mega.yaml"  # mergekit-mega: several merges, one YAML document each
-    mega.write_text(
-        "merge_method: linear\nmodels: [{model: a}]\n---\nmerge_method: linear\nmodels: [{model: b}]\n"
-    )
-    result = CliRunner().invoke(app, ["merge", str(mega), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2
-    assert result.output.strip() == (
-        f"error: {mega}: 2 YAML documents, as in a mergekit-mega file of several merges; "
-        "mergeflow takes one merge per file: split it, each later file naming an earlier output"
-    )
     result = CliRunner().invoke(app, ["merge", str(tmp_path / "absent.yaml"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "absent.yaml" in result.output
