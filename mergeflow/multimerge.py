@@ -39,6 +39,7 @@ class PlannedMerge:
 def plan_merges(path: str | Path, out: str, intermediate_dir: str) -> list[PlannedMerge]:
     """The file's merges in an order in which each comes after those it reads."""
     configs: dict[str | None, MergeConfig] = {}
+    wheres: dict[str | None, str] = {}
     for k, raw in enumerate(read_documents(path), 1):
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: document {k}: expected a mapping with merge_method and models")
@@ -50,7 +51,7 @@ def plan_merges(path: str | Path, out: str, intermediate_dir: str) -> list[Plann
         if name in configs:
             detail = f"another merge is named '{name}'" if name else "only the final merge goes unnamed"
             raise ConfigError(f"{where}: {detail}")
-        configs[name] = parse_config(raw, source=where)
+        configs[name], wheres[name] = parse_config(raw, source=where), where
     if None not in configs:
         raise ConfigError(
             f"{path}: every merge has a name; leave the final one unnamed (it goes to the output)"
@@ -58,7 +59,7 @@ def plan_merges(path: str | Path, out: str, intermediate_dir: str) -> list[Plann
     outs = {name: out if name is None else _child(intermediate_dir, name) for name in configs}
     planned = {}
     for name, config in configs.items():
-        patched, reads = _reading_outputs(name, config, outs)
+        patched, reads = _reading_outputs(config, outs, wheres[name])
         planned[name] = PlannedMerge(name, patched, outs[name], reads)
     return _in_order(planned, path)
 
@@ -110,7 +111,7 @@ def _child(folder: str, name: str) -> str:
 
 
 def _reading_outputs(
-    name: str | None, config: MergeConfig, outs: dict[str | None, str]
+    config: MergeConfig, outs: dict[str | None, str], where: str
 ) -> tuple[MergeConfig, tuple[str, ...]]:
     """`config` with every model named like a merge replaced by that merge's output (its
     adapter, if any, kept), and the merges it reads."""
@@ -133,9 +134,7 @@ def _reading_outputs(
     source = (data.get("tokenizer") or {}).get("source")
     if source and source not in ("base", "union"):
         data["tokenizer"]["source"] = output_of(source.removeprefix("model:"))
-    return parse_config(data, source=f"merge '{name}'" if name else "final merge"), tuple(
-        dict.fromkeys(reads)
-    )
+    return parse_config(data, source=where), tuple(dict.fromkeys(reads))
 
 
 def _in_order(planned: dict[str | None, PlannedMerge], path) -> list[PlannedMerge]:
