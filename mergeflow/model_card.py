@@ -49,6 +49,7 @@ def model_card(config: MergeConfig, inputs: dict) -> str:
         "(and a LoRA adapter's files, for `model+adapter`); `mergeflow-manifest.json` lists every "
         "file of this folder with its sha256.",
         "",
+        *_layers_section(config),
         "## Configuration",
         "",
         "```yaml",
@@ -57,6 +58,28 @@ def model_card(config: MergeConfig, inputs: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _layers_section(config: MergeConfig) -> list[str]:
+    """For a `slices:` merge, which layers of which models make each range of output layers
+    (layers counted from 0, both ends included)."""
+    if not config.slices:
+        return []
+    rows, start = [], 0
+    for layer_slice in config.slices:
+        length = layer_slice.sources[0].layer_range[1] - layer_slice.sources[0].layer_range[0]
+        made_of = ", ".join(
+            f"{_code(s.model)} layer{'s' if s.layer_range[1] - s.layer_range[0] > 1 else ''} "
+            f"{_span(*s.layer_range)}"
+            for s in layer_slice.sources
+        )
+        rows.append(f"| {_span(start, start + length)} | {made_of} |")
+        start += length
+    return ["## Layers", "", "| output layers | from |", "|---|---|", *rows, ""]
+
+
+def _span(start: int, end: int) -> str:
+    return f"{start}" if end - start == 1 else f"{start}–{end - 1}"
 
 
 def _code(ref: str) -> str:

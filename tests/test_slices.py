@@ -93,6 +93,8 @@ def test_passthrough_stacks_layers_of_two_models(deep, tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 6
     assert [m["ref"] for m in result.manifest["inputs"]["models"]] == [deep["expert_0"], deep["expert_1"]]
     assert result.manifest["inputs"]["base"] is None
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"| 0–2 | `{deep['expert_0']}` layers 0–2 |\n| 3–5 | `{deep['expert_1']}` layers 1–3 |" in card
 
     from transformers import AutoModelForCausalLM
 
