@@ -250,12 +250,12 @@ class MergeConfig(BaseModel):
                 f"{', '.join(named)}; give the template itself"
             )
         check_parameters(method, self.parameters, "parameters", per_model_only=False)
-        listed = [e.model for group in self.groups() for e in group.entries]
         if (  # mergekit adds the base to `models`, not to slices
             method.name == "average"
             and "weight" in self.parameters
+            and self.base_model is not None
+            and self.base_model not in [m.model for m in self.models]
             and not self.slices
-            and self.base_model not in (None, *listed)
         ):
             raise ConfigError(
                 "parameters.weight: with a global weight, mergekit averages base_model too; "

@@ -264,10 +264,10 @@ def _merge_all(
                     _copy(reader, tensor.reference, target, writer, chunk, bar)
                     continue
                 params = resolve_parameters(config, tensor.group, tensor.name, tensor.t)
-                merge = TensorMerge(
+                tensor_merge = TensorMerge(
                     target, method, tensor.base, tensor.sources, tensor.deltas, params, reader, io, workspace
                 )
-                for merged in merge.run():
+                for merged in tensor_merge.run():
                     writer.write(target.name, merged)
                     bar.update(merged.nbytes)
     finally:

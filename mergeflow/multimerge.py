@@ -22,6 +22,7 @@ from mergeflow.engine import MergeResult, merge
 from mergeflow.errors import ConfigError, MergeflowError
 from mergeflow.hashing import model_sha256_at
 from mergeflow.storage import locate
+from mergeflow.task_vectors import is_complete
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,9 @@ def run_merges(
 
 def holds(step: PlannedMerge) -> bool:
     """The step's output is a committed merge of its config over inputs of the same content."""
-    manifest_file = locate(step.out).child(MANIFEST)
-    if not manifest_file.exists():
+    if not is_complete(step.out):
         return False
-    manifest = json.loads(manifest_file.read_bytes())
+    manifest = json.loads(locate(step.out).child(MANIFEST).read_bytes())
     config = step.config
     if manifest.get("config") != config.model_dump(mode="json", exclude_defaults=True):
         return False

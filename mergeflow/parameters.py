@@ -1,7 +1,8 @@
 """Method parameters as configs set them, their checks, and their values for one tensor, by
 mergekit's rules: a filter list's first entry whose filter is in the tensor name applies; a
 list of numbers is a gradient over the layers, layer i of L at position i/(L-1); a model's own
-setting wins over the global one, which wins over the method's default."""
+setting wins over its slice's, which wins over the global one, which wins over the method's
+default."""
 
 from __future__ import annotations
 
