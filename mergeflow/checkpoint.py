@@ -49,7 +49,7 @@ class Checkpoint:
     ref: str
     location: Location
     config: dict | None
-    tensors: dict[str, TensorEntry]
+    tensors: dict[str, TensorEntry]  # or mergeflow.lora.AdaptedTensor, for a tensor an adapter changes
     # The files the model's content hash is computed from, by the name its line gives them
     # (mergeflow.hashing): the weight files, or the pickles converted for this merge, and for
     # model+adapter the adapter's files too (as "adapter/<name>"), never the scratch files
@@ -57,7 +57,7 @@ class Checkpoint:
     identity_files: dict[str, Location]
     file_names: list[str]
     hub_commit: str | None = None  # the snapshot's commit, for a repo id found in the hub cache
-    # Files made for this merge: converted pickles, tensors an adapter changed. Gone on close.
+    # Files made for this merge: converted pickles. Gone on close.
     _scratch: Path | None = field(default=None, repr=False)
 
     def read_json(self, name: str) -> dict:
@@ -74,32 +74,6 @@ class Checkpoint:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
 
-@dataclass
-class Opening:
-    """A checkpoint located and checked, its LoRA adapter's `updates` (none for a plain model)
-    checked against it but not applied yet."""
-
-    checkpoint: Checkpoint
-    updates: list = field(default_factory=list)  # mergeflow.lora.TensorUpdate
-
-    def finish(self, progress: bool = False) -> Checkpoint:
-        """The checkpoint, with the adapter applied (mergeflow.lora): the tensors it changes are
-        rewritten to a scratch file, with a progress bar when `progress`."""
-        if not self.updates:
-            return self.checkpoint
-        from mergeflow.lora import ADAPTED_FILE, apply_updates
-
-        checkpoint = self.checkpoint
-        path = checkpoint.scratch_folder() / ADAPTED_FILE
-        try:
-            applied = apply_updates(checkpoint.ref, self.updates, checkpoint.tensors, str(path), progress)
-        except BaseException:
-            checkpoint.close()
-            raise
-        checkpoint.tensors.update({entry.name: entry for entry in applied})
-        return checkpoint
-
-
 def read_json(file: Location, where: str) -> dict:
     """A JSON file of a model folder; `where` names the model in the error when it is not JSON."""
     try:
@@ -108,21 +82,16 @@ def read_json(file: Location, where: str) -> dict:
         raise CheckpointError(f"{where}: {file.name} is not valid JSON: {exc}") from exc
 
 
-def open_checkpoint(ref: str, allow_pickle: bool = False, progress: bool = False) -> Checkpoint:
-    """start_opening(ref), then apply its adapter if it has one."""
-    return start_opening(ref, allow_pickle).finish(progress)
-
-
-def start_opening(ref: str, allow_pickle: bool = False) -> Opening:
-    """Locate a checkpoint, parse every shard header and check it; nothing heavy is read yet,
+def open_checkpoint(ref: str, allow_pickle: bool = False) -> Checkpoint:
+    """Locate a checkpoint, parse every shard header and check it; nothing heavy is read,
     except to convert pickles. `ref` is a local path, file:// or s3:// URI, or a Hugging Face
     repo id cached locally (hub_snapshot), or mergekit's MODEL+ADAPTER, whose adapter is read
-    and checked against the model here and applied by Opening.finish."""
+    and checked against the model here and applied as its tensors are read (mergeflow.lora)."""
     location, hub_commit = resolve(ref)
     try:
         if not location.is_dir():
             if "+" in ref:
-                return _start_with_adapter(ref, allow_pickle)
+                return _open_with_adapter(ref, allow_pickle)
             raise CheckpointError(
                 f"model '{ref}': not found or not a folder (give a local path, file:// or s3:// URI "
                 "of an HF checkpoint folder, or the repo id of a model in the local Hugging Face "
@@ -156,7 +125,7 @@ def start_opening(ref: str, allow_pickle: bool = False) -> Opening:
                 raise CheckpointError(
                     f"model '{ref}': {INDEX} puts tensor '{tensor}' in {shard}, which does not hold it"
                 )
-    return Opening(checkpoint)
+    return checkpoint
 
 
 def resolve(ref: str) -> tuple[Location, str | None]:
@@ -168,15 +137,15 @@ def resolve(ref: str) -> tuple[Location, str | None]:
     return location, None
 
 
-def _start_with_adapter(ref: str, allow_pickle: bool) -> Opening:
+def _open_with_adapter(ref: str, allow_pickle: bool) -> Checkpoint:
     """The model of mergekit's 'model+adapter' form, with the LoRA adapter read and checked
     against it (mergeflow.lora). Config and tokenizer are the model's."""
     # Imported here: mergeflow.lora loads numba, which reading checkpoints otherwise does not need.
-    from mergeflow.lora import adapter_files, read_adapter, split_adapter_reference
+    from mergeflow.lora import adapted_tensors, adapter_files, read_adapter, split_adapter_reference
 
     model_ref, adapter_ref = split_adapter_reference(ref)
     where = f"model '{ref}': adapter '{adapter_ref}'"
-    checkpoint = start_opening(model_ref, allow_pickle).checkpoint
+    checkpoint = open_checkpoint(model_ref, allow_pickle)
     checkpoint.ref = ref
     try:
         config, weights = adapter_files(where, resolve(adapter_ref)[0])
@@ -186,7 +155,9 @@ def _start_with_adapter(ref: str, allow_pickle: bool) -> Opening:
             converted = checkpoint.scratch_folder() / ADAPTER_WEIGHTS
             _pickle_to_safetensors(where, weights, converted)
             weights = locate(str(converted))
-        return Opening(checkpoint, read_adapter(where, config, weights, checkpoint.tensors))
+        updates = read_adapter(where, config, weights, checkpoint.tensors)
+        checkpoint.tensors |= adapted_tensors(ref, updates, checkpoint.tensors)
+        return checkpoint
     except BaseException:
         checkpoint.close()
         raise

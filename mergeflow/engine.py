@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import mergeflow
 from mergeflow.chat_template import chosen_chat_template, with_chat_template
-from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, start_opening
+from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
 from mergeflow.compatibility import check_compatible, check_tokenizer
 from mergeflow.config import MergeConfig
 from mergeflow.errors import ConfigError
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # fewer fresh pages: side by side, TIES with 2 experts took 1.43-1.56 s against 1.52-1.70 s with
 # 64 MB, dare_ties with 8 experts 2.09-2.17 s against 2.12-2.27 s; peak RSS ~55 MB lower.
 DEFAULT_WORK_BYTES = 16 << 20
-# Inputs opened at once (LoRA adapters applied in parallel): see merge's load().
+# Inputs opened at once: see merge's load().
 MAX_OPENING_AT_ONCE = 2
 
 
@@ -78,24 +78,18 @@ def merge(
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-hash-inputs")
 
     def load(refs: list[str]) -> list[Checkpoint]:
-        """Open `refs` on up to two threads: every one is located and checked first, so a bad
-        one is refused (the first in the order of `refs`) before any LoRA adapter is applied.
-        Applying one keeps a core busy for a while (numpy's product and the writes release the
-        GIL); each holds float32 copies of a whole tensor, so more at once would make peak
-        memory grow with --threads. Whatever did open is closed with the rest on failure."""
+        """Open `refs` on up to two threads (headers from S3 and converted pickles take a
+        while; a pickle is in memory whole while it converts). A bad one is refused, the first
+        in the order of `refs`; whatever did open is closed with the rest on failure."""
         pool = ThreadPoolExecutor(
             max_workers=min(threads, MAX_OPENING_AT_ONCE), thread_name_prefix="mergeflow-open"
         )
-        starts = [pool.submit(start_opening, ref, allow_pickle) for ref in refs]
+        futures = [pool.submit(open_checkpoint, ref, allow_pickle) for ref in refs]
         try:
-            openings = [start.result() for start in starts]
-            finishing = [pool.submit(opening.finish, progress) for opening in openings]
-            return [future.result() for future in finishing]
+            return [future.result() for future in futures]
         finally:
             pool.shutdown(cancel_futures=True)
-            opened.extend(
-                s.result().checkpoint for s in starts if not s.cancelled() and s.exception() is None
-            )
+            opened.extend(f.result() for f in futures if not f.cancelled() and f.exception() is None)
 
     try:
         base_refs = [config.base_model] if config.base_model else []

@@ -10,7 +10,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mergeflow.checkpoint import ADAPTER_PREFIX, CONFIG, MANIFEST, Checkpoint, read_json, start_opening
+from mergeflow.checkpoint import ADAPTER_PREFIX, CONFIG, MANIFEST, Checkpoint, open_checkpoint, read_json
 from mergeflow.file_hashes import HASH_BLOCK, local_file_sha256
 from mergeflow.storage import Location, locate
 
@@ -86,8 +86,8 @@ def _recorded(manifest: dict) -> dict[str, str]:
 
 def model_sha256_at(ref: str) -> str:
     """model_sha256 of the checkpoint at `ref` (path or URI, or model+adapter, whose adapter
-    need not be applied for it); reads headers and the manifest."""
-    checkpoint = start_opening(ref).checkpoint
+    is not applied for it); reads headers and the manifest."""
+    checkpoint = open_checkpoint(ref)
     try:
         return model_sha256(checkpoint)
     finally:

@@ -7,9 +7,9 @@ and `rank_pattern` override alpha and r per module as PEFT matches them. Tensors
 saves whole (modules_to_save, trained biases, a targeted embedding's base weights) replace the
 model's. mergeflow computes the same tensor by tensor, without torch: B·A in float32, then
 W + s·B·A rounded once to W's dtype, as PEFT adds its float32 delta into a bfloat16 weight
-(for an embedding PEFT rounds s·B·A to W's dtype before adding; so does mergeflow). Only the
-adapted tensors are rewritten, to one scratch file; the others are read from the model's own
-files. DoRA, LoRA biases and other adapter types are refused by name.
+(for an embedding PEFT rounds s·B·A to W's dtype before adding; so does mergeflow). Nothing is
+written: an adapted tensor is computed as the merge reads it (AdaptedTensor), the others are
+read from the model's own files. DoRA, LoRA biases and other adapter types are refused by name.
 """
 
 from __future__ import annotations
@@ -19,21 +19,15 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
+from numba import njit, prange
 
 from mergeflow.checkpoint import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS, read_json
 from mergeflow.errors import CheckpointError, NonFiniteError, StorageError
-from mergeflow.methods.primitives import from_float32, to_float32
-from mergeflow.safetensors_io import (
-    PlannedTensor,
-    ShardFileWriter,
-    TensorEntry,
-    TensorFileReader,
-    read_header,
-)
-from mergeflow.storage import Location, locate
+from mergeflow.methods.kernels import stored, widen
+from mergeflow.methods.primitives import KERNEL_DTYPES, from_float32, to_float32
+from mergeflow.safetensors_io import TensorEntry, TensorFileReader, read_header
+from mergeflow.storage import Location
 
-ADAPTED_FILE = "mergeflow-adapted-tensors.safetensors"
 PEFT_PREFIX = "base_model.model."
 # adapter tensor name suffix -> (factor, whether it is an embedding's)
 _FACTORS = {
@@ -106,6 +100,8 @@ def read_adapter(
     replacements: dict[str, TensorEntry] = {}
     for entry in read_header(weights):
         module, factor, embedding = _parse_adapter_tensor(where, entry.name)
+        if not entry.dtype.is_float:
+            raise CheckpointError(f"{where}: tensor '{entry.name}' is {entry.dtype}, not a float")
         if factor is None:
             replacements[module] = entry
         else:
@@ -137,65 +133,164 @@ def read_adapter(
     return sorted(updates.values(), key=lambda u: u.target)
 
 
-def apply_updates(
-    ref: str, updates: list[TensorUpdate], tensors: dict[str, TensorEntry], path: str, progress: bool = False
-) -> list[TensorEntry]:
-    """Write the updated tensors of model `ref`, in the model's dtypes, to one safetensors file
-    at `path`; return their entries there. The file is not hashed: the adapted model's identity
-    is the model's and the adapter's files. One tensor is in memory at a time (plus its float32
-    copy). NaN or Inf in a result is refused here, naming the tensor."""
-    planned = [PlannedTensor(u.target, tensors[u.target].dtype, tensors[u.target].shape) for u in updates]
-    writer, reader = ShardFileWriter(path, planned, hashed=False), TensorFileReader()
-    bar = tqdm(
-        total=sum(t.nbytes for t in planned),
-        unit="B",
-        unit_scale=True,
-        disable=not progress,
-        desc=f"applying the adapter of {ref}",
-        dynamic_ncols=True,
-    )
-    try:
-        for update in updates:
-            model_entry = tensors[update.target]
-            source = update.replacement or model_entry
-            weight = _read_float32(reader, source).reshape(model_entry.shape)
-            if update.replacement is not None:  # PEFT loads it into the model's weight: rounded
-                weight = _rounded(weight, model_entry)
-            if update.a is not None:
-                with np.errstate(all="ignore"):  # NaN/Inf from bad factors: refused just below
-                    delta = _read_float32(reader, update.b) @ _read_float32(reader, update.a)
-                    delta *= np.float32(update.scale)  # in place: the product is a fresh array
-                    delta = delta.T if update.transposed else delta
-                    if update.embedding:
-                        delta = _rounded(delta, model_entry)
-                    weight += delta
-            values, non_finite = from_float32(weight, model_entry.dtype)
-            if non_finite:
-                raise NonFiniteError(
-                    f"model '{ref}': tensor '{update.target}' holds {non_finite} NaN/Inf value(s) "
-                    "with the adapter applied"
-                )
-            writer.write(update.target, values.reshape(-1))
-            bar.update(model_entry.nbytes)
-        writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        reader.close()
-        bar.close()
-    return read_header(locate(path))
+@dataclass(frozen=True)
+class AdaptedTensor:
+    """A tensor of model `ref` with its adapter's update applied, computed whenever a range of
+    it is read (TensorFileReader.read hands such reads here): nothing is written, and the
+    product s·B·A is formed row block by row block, so memory stays at a few blocks however
+    large the tensor. Each entry of B·A is summed in the order of the rank index, with fused
+    multiply-adds, the way torch's product forms it: the same bits whichever rows are read
+    together, and the same as PEFT's merge_and_unload."""
+
+    ref: str
+    model: TensorEntry  # the model's own tensor
+    update: TensorUpdate
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def dtype(self):
+        return self.model.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.model.shape
+
+    @property
+    def numel(self) -> int:
+        return self.model.numel
+
+    @property
+    def nbytes(self) -> int:
+        return self.model.nbytes
+
+    def read(
+        self, reader: TensorFileReader, start: int, count: int, into: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Elements [start, start+count) of the adapted tensor in its storage dtype, as
+        TensorFileReader.read gives a stored tensor's. NaN or Inf in a result is refused here,
+        naming the model and tensor."""
+        nbytes = count * self.dtype.itemsize
+        buffer = np.empty(nbytes, dtype=np.uint8) if into is None else into[:nbytes]
+        values = buffer.view(self.dtype.storage)
+        cols = max(1, self.shape[-1]) if len(self.shape) >= 2 else max(1, self.numel)  # one row's elements
+        step = max(1, READ_BLOCK // cols) * cols  # whole rows per block
+        position, end = start, start + count
+        while position < end:
+            stop = min(end, (position // step + 1) * step)
+            self._block(reader, position, stop - position, cols, values[position - start : stop - start])
+            position = stop
+        return values
+
+    def _block(self, reader: TensorFileReader, start: int, count: int, cols: int, out: np.ndarray) -> None:
+        update, model = self.update, self.model
+        stored = reader.read(update.replacement or model, start, count)
+        with np.errstate(all="ignore"):  # NaN/Inf from bad factors: refused just below
+            delta = self._delta(reader, start, count, cols) if update.a is not None else None
+            if (
+                delta is not None
+                and update.replacement is None
+                and not update.embedding
+                and out.dtype in KERNEL_DTYPES
+            ):
+                non_finite = add_in_storage_(out, stored, delta)  # the usual case, in one pass
+            else:
+                weight = to_float32(stored)
+                if update.replacement is not None:  # PEFT loads it into the model's weight: rounded
+                    weight = _rounded(weight, model)
+                if delta is not None:
+                    weight += _rounded(delta, model) if update.embedding else delta
+                out[:], non_finite = from_float32(weight, model.dtype)
+        if non_finite:
+            raise NonFiniteError(
+                f"model '{self.ref}': tensor '{self.name}' holds {non_finite} NaN/Inf value(s) "
+                "with the adapter applied"
+            )
+
+    def _delta(self, reader: TensorFileReader, start: int, count: int, cols: int) -> np.ndarray:
+        """s·B·A (or its transpose) at elements [start, start+count), float32: the product's
+        rows that hold them, from the rows of B (or columns of A) they need."""
+        update = self.update
+        a, b = update.a, update.b
+        first, last = start // cols, -(-(start + count) // cols)
+        if update.transposed:  # rows of (B·A)ᵀ: columns first..last of A against all of B
+            rank, width = a.shape
+            left = np.empty((last - first, rank), dtype=np.float32)
+            for k in range(rank):
+                left[:, k] = to_float32(reader.read(a, k * width + first, last - first))
+            right = np.ascontiguousarray(to_float32(reader.read(b, 0, b.numel)).reshape(b.shape).T)
+        else:  # rows first..last of B against all of A
+            rank = b.shape[1]
+            left = to_float32(reader.read(b, first * rank, (last - first) * rank)).reshape(-1, rank)
+            right = to_float32(reader.read(a, 0, a.numel)).reshape(a.shape)
+        product = np.empty((last - first, cols), dtype=np.float32)
+        scaled_product_in_rank_order_(left, right, np.float32(update.scale), product)
+        offset = start - first * cols
+        return product.reshape(-1)[offset : offset + count]
+
+
+# Elements of an adapted tensor computed at once (whole rows, at least one): a few float32
+# buffers of this size are what applying an adapter holds.
+READ_BLOCK = 1 << 20
+
+
+@njit(parallel=True, cache=True, fastmath={"contract"})
+def scaled_product_in_rank_order_(left, right, scale, out):
+    """out = (left · right) · scale, each entry of the product summed over the rank index k in
+    order, one fused multiply-add per step, then multiplied by `scale` (PEFT's s·B·A: torch's
+    CPU product gives the same bits for LoRA factors; numpy's BLAS changes its order with the
+    number of rows). Four steps per pass over a row keep the partial sums in registers."""
+    rows, rank = left.shape
+    cols = out.shape[1]
+    for i in prange(rows):
+        row = out[i]
+        k = 0
+        if rank >= 4:
+            x0, x1, x2, x3 = left[i, 0], left[i, 1], left[i, 2], left[i, 3]
+            r0, r1, r2, r3 = right[0], right[1], right[2], right[3]
+            for j in range(cols):
+                row[j] = x3 * r3[j] + (x2 * r2[j] + (x1 * r1[j] + x0 * r0[j]))
+            k = 4
+        else:
+            for j in range(cols):
+                row[j] = 0.0
+        while k + 4 <= rank:
+            x0, x1, x2, x3 = left[i, k], left[i, k + 1], left[i, k + 2], left[i, k + 3]
+            r0, r1, r2, r3 = right[k], right[k + 1], right[k + 2], right[k + 3]
+            for j in range(cols):
+                row[j] = x3 * r3[j] + (x2 * r2[j] + (x1 * r1[j] + (x0 * r0[j] + row[j])))
+            k += 4
+        while k < rank:
+            x, r = left[i, k], right[k]
+            for j in range(cols):
+                row[j] += x * r[j]
+            k += 1
+        for j in range(cols):
+            row[j] *= scale
+
+
+@njit(parallel=True, cache=True)
+def add_in_storage_(out, values, delta):
+    """out = values + delta, computed in float32 and stored as `out` stores it (float32, or
+    bfloat16 bit patterns: `values` too); returns how many results are NaN or ±Inf."""
+    bad = 0
+    for j in prange(out.size):
+        x = widen(values[j]) + delta[j]
+        bad += x - x != 0
+        out[j] = stored(x, out)
+    return bad
+
+
+def adapted_tensors(ref: str, updates: list[TensorUpdate], tensors: dict[str, TensorEntry]) -> dict:
+    """The model's `tensors` that `updates` change, as AdaptedTensor entries of model `ref`."""
+    return {u.target: AdaptedTensor(ref, tensors[u.target], u) for u in updates}
 
 
 def _rounded(values: np.ndarray, entry: TensorEntry) -> np.ndarray:
     """float32 `values` rounded to `entry`'s dtype, as float32 again."""
     return to_float32(from_float32(values, entry.dtype)[0])
-
-
-def _read_float32(reader: TensorFileReader, entry: TensorEntry) -> np.ndarray:
-    if not entry.dtype.is_float:
-        raise CheckpointError(f"{entry.file.uri}: tensor '{entry.name}' is {entry.dtype}, not a float")
-    return to_float32(reader.read(entry, 0, entry.numel)).reshape(entry.shape)
 
 
 def _adapter_settings(where: str, file: Location) -> dict:
@@ -254,6 +349,10 @@ def _target(
 ) -> str:
     if name not in tensors:
         raise CheckpointError(f"{where}: '{source}' changes tensor '{name}', which the model does not have")
+    if not tensors[name].dtype.is_float:
+        raise CheckpointError(
+            f"{where}: '{source}' changes tensor '{name}', which is {tensors[name].dtype}, not a float"
+        )
     if tuple(tensors[name].shape) != tuple(shape):
         raise CheckpointError(
             f"{where}: '{source}' gives tensor '{name}' shape {list(shape)}, the model's is "

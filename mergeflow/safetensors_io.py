@@ -158,6 +158,8 @@ class TensorFileReader:
     def read(self, entry: TensorEntry, start: int, count: int, into: np.ndarray | None = None) -> np.ndarray:
         """Elements [start, start+count) of the flattened tensor, in its storage dtype; read
         into the front of the uint8 array `into` when given (reusing a buffer saves page faults)."""
+        if not isinstance(entry, TensorEntry):  # computed as it is read (mergeflow.lora.AdaptedTensor)
+            return entry.read(self, start, count, into)
         itemsize = entry.dtype.itemsize
         offset, nbytes = entry.offset + start * itemsize, count * itemsize
         buffer = np.empty(nbytes, dtype=np.uint8) if into is None else into[:nbytes]
@@ -177,8 +179,9 @@ class TensorFileReader:
 
     def map(self, entry: TensorEntry) -> np.ndarray | None:
         """The bytes of a whole tensor of a local file as a read-only view of the file's pages
-        (no copy), or None for a file in S3. The mapping goes when the last view of it does."""
-        if not entry.file.is_local:
+        (no copy), or None for a file in S3 or a tensor computed as it is read. The mapping goes
+        when the last view of it does."""
+        if not isinstance(entry, TensorEntry) or not entry.file.is_local:
             return None
         start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
         try:

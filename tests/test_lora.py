@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -27,22 +28,22 @@ from mergeflow.engine import merge
 from mergeflow.errors import CheckpointError, NonFiniteError
 from mergeflow.file_hashes import cache_dir
 from mergeflow.hashing import model_sha256_at
+from mergeflow.lora import READ_BLOCK, AdaptedTensor
 from mergeflow.methods.primitives import to_float32
 from mergeflow.safetensors_io import TensorFileReader
 from mergeflow.scratch import process_tagged
 
 
-def checkpoint_tensors(
-    ref: str, allow_pickle: bool = False
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of the opened checkpoint `ref` in float32, and the file each is read from."""
+def checkpoint_tensors(ref: str, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Every tensor of the opened checkpoint `ref` in float32, and the names of those its
+    adapter changes (computed as they are read)."""
     checkpoint, reader = open_checkpoint(ref, allow_pickle), TensorFileReader()
     try:
         values = {
             name: torch.from_numpy(to_float32(reader.read(e, 0, e.numel)).reshape(e.shape))
             for name, e in checkpoint.tensors.items()
         }
-        return values, {name: e.file.name for name, e in checkpoint.tensors.items()}
+        return values, {name for name, e in checkpoint.tensors.items() if isinstance(e, AdaptedTensor)}
     finally:
         reader.close()
         checkpoint.close()
@@ -88,7 +89,7 @@ def test_an_adapter_is_applied_exactly_as_peft_merge_and_unload_applies_it(tmp_p
     expected = save_model_and_adapter(
         tmp_path, lambda: random_llama(64), dtype, LoraConfig(**LLAMA_LORA), perturb_saved_head
     )
-    ours, files = checkpoint_tensors(f"{tmp_path}/model+{tmp_path}/adapter")
+    ours, adapted = checkpoint_tensors(f"{tmp_path}/model+{tmp_path}/adapter")
     original, _ = checkpoint_tensors(str(tmp_path / "model"))
     assert ours.keys() == expected.keys()
     for name in ours:
@@ -99,17 +100,19 @@ def test_an_adapter_is_applied_exactly_as_peft_merge_and_unload_applies_it(tmp_p
         "model.embed_tokens.weight",
         *(f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 1) for p in ("q", "v")),
     }
-    # Only the tensors the adapter changes are rewritten; the rest are read where they were.
-    assert {name for name, file in files.items() if file != "model.safetensors"} == changed
+    # Only the tensors the adapter changes are computed; the rest are read where they are.
+    assert adapted == changed
+
+
+def tiny_gpt2():
+    """A GPT-2 of random weights, whose attention is a Conv1D (fan-in-fan-out) layer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=16))
 
 
 def test_conv1d_layers_with_fan_in_fan_out_and_rslora_match_peft(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    def gpt2():
-        torch.manual_seed(0)
-        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=16))
-
     lora = LoraConfig(
         r=4,
         lora_alpha=16,
@@ -118,7 +121,7 @@ def test_conv1d_layers_with_fan_in_fan_out_and_rslora_match_peft(tmp_path):
         target_modules=["c_attn"],
         fan_in_fan_out=True,
     )
-    expected = save_model_and_adapter(tmp_path, gpt2, torch.bfloat16, lora)
+    expected = save_model_and_adapter(tmp_path, tiny_gpt2, torch.bfloat16, lora)
     ours, _ = checkpoint_tensors(f"{tmp_path}/model+{tmp_path}/adapter")
     original, _ = checkpoint_tensors(str(tmp_path / "model"))
     assert not torch.equal(
@@ -153,9 +156,9 @@ def test_a_merge_of_experts_given_as_model_plus_adapter(zoo, tmp_path):
     assert [m["ref"] for m in manifest["inputs"]["models"]] == refs
     # The two adapted models differ, and so do their recorded hashes.
     assert len({m["sha256"] for m in manifest["inputs"]["models"]}) == 2
-    # The adapted tensors were written to a scratch folder in the cache, removed after the
-    # merge, and never hashed: the recorded hash is over the model's and the adapter's files.
-    assert not list((cache_dir() / "scratch").iterdir())
+    # Nothing was written to a scratch folder, and the recorded hash is over the model's and
+    # the adapter's files.
+    assert not list((cache_dir() / "scratch").glob("*"))
     remembered = json.loads((cache_dir() / "file-hashes.json").read_text())
     assert not [path for path in remembered if "/scratch/" in path]
     for ref, adapter, recorded in zip(refs, adapters, manifest["inputs"]["models"], strict=True):
@@ -177,8 +180,8 @@ def adapted_model_hash(model: Path, adapter: Path) -> str:
 
 
 def test_a_merge_that_fails_opening_its_inputs_names_the_first_and_leaves_no_scratch(zoo, tmp_path):
-    # The inputs open on several threads (adapters apply in parallel); the error is still the
-    # first bad model's in the config's order, and the adapted tensors of those that opened go.
+    # The inputs open on two threads; the error is still the first bad model's in the config's
+    # order, and nothing of those that opened is left.
     adapters = [
         write_adapter(tmp_path / f"lora-{k}", zoo["base"], ["model.layers.0.mlp.up_proj"]) for k in (0, 1)
     ]
@@ -189,7 +192,7 @@ def test_a_merge_that_fails_opening_its_inputs_names_the_first_and_leaves_no_scr
     }
     with pytest.raises(CheckpointError, match="missing-a"):
         merge(parse_config(config), str(tmp_path / "merged"), threads=2)
-    assert not list((cache_dir() / "scratch").iterdir())
+    assert not list((cache_dir() / "scratch").glob("*"))
     assert not (tmp_path / "merged").exists()
 
 
@@ -198,8 +201,9 @@ def test_the_hash_of_model_plus_adapter_is_taken_without_applying_the_adapter(zo
     module = "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"
     rewrite_safetensors(adapter / "adapter_model.safetensors", lambda t: t[module].fill_(float("inf")))
     ref = f"{zoo['base']}+{adapter}"
-    with pytest.raises(NonFiniteError):  # applying it fails ...
-        open_checkpoint(ref)
+    with pytest.raises(NonFiniteError, match="with the adapter applied"):  # merging it fails ...
+        merge(parse_config({"merge_method": "linear", "models": [{"model": ref}]}), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
     assert model_sha256_at(ref) == adapted_model_hash(Path(zoo["base"]), adapter)  # ... hashing does not
 
 
@@ -209,32 +213,20 @@ def test_reading_checkpoints_loads_numba_only_to_apply_an_adapter():
     assert out.stdout.split() == ["False"]
 
 
-def test_scratch_folders_of_killed_processes_go_when_the_next_adapter_is_applied(zoo, tmp_path):
-    scratch = cache_dir() / "scratch"
-    scratch.mkdir(parents=True, exist_ok=True)
-    ended = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    abandoned = scratch / process_tagged("checkpoint", int(ended.stdout))
-    abandoned.mkdir()
-    (abandoned / "mergeflow-adapted-tensors.safetensors").write_bytes(b"left by a killed merge")
-    running = scratch / process_tagged("checkpoint", os.getppid())  # a live process's: kept
-    running.mkdir()
-    adapter = write_adapter(tmp_path / "lora", zoo["base"], ["model.layers.0.mlp.up_proj"])
-    try:
-        open_checkpoint(f"{zoo['base']}+{adapter}").close()
-        assert not abandoned.exists() and running.exists()
-    finally:
-        running.rmdir()
-
-
-def test_an_adapter_saved_as_a_pickle_by_older_peft_needs_allow_pickle(tmp_path):
+def pickled_adapter(tmp_path: Path) -> Path:
+    """A model and adapter saved by PEFT in tmp_path, and the adapter as older PEFT saved it
+    (adapter_model.bin) in tmp_path / "pickled-adapter"."""
     lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
     save_model_and_adapter(tmp_path, lambda: random_llama(64), torch.bfloat16, lora)
     pickled = tmp_path / "pickled-adapter"
     pickled.mkdir()
     (pickled / "adapter_config.json").write_bytes((tmp_path / "adapter" / "adapter_config.json").read_bytes())
     torch.save(load_file(tmp_path / "adapter" / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    return pickled
+
+
+def test_an_adapter_saved_as_a_pickle_by_older_peft_needs_allow_pickle(tmp_path):
+    pickled = pickled_adapter(tmp_path)
     ref = f"{tmp_path}/model+{pickled}"
     with pytest.raises(CheckpointError) as refused:
         open_checkpoint(ref)
@@ -247,3 +239,59 @@ def test_an_adapter_saved_as_a_pickle_by_older_peft_needs_allow_pickle(tmp_path)
     assert ours.keys() == expected.keys()
     for name in ours:
         assert torch.equal(ours[name], expected[name]), name
+
+
+def test_scratch_folders_of_killed_processes_go_when_the_next_pickle_is_converted(tmp_path):
+    scratch = cache_dir() / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    abandoned = scratch / process_tagged("checkpoint", int(ended.stdout))
+    abandoned.mkdir()
+    (abandoned / "adapter_model.safetensors").write_bytes(b"left by a killed merge")
+    running = scratch / process_tagged("checkpoint", os.getppid())  # a live process's: kept
+    running.mkdir()
+    pickled = pickled_adapter(tmp_path)
+    try:
+        checkpoint = open_checkpoint(f"{tmp_path}/model+{pickled}", allow_pickle=True)
+        assert not abandoned.exists() and running.exists()
+        checkpoint.close()
+        assert {p.name for p in scratch.iterdir()} == {running.name}  # its own folder went on close
+    finally:
+        running.rmdir()
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_an_adapted_tensor_has_the_same_bits_however_it_is_read(tmp_path, monkeypatch, fan_in_fan_out):
+    """Any range, read alone or in blocks of whole rows, gives the bits of the whole tensor: the
+    merge's chunking cannot change an adapted model. (Transposed: an embedding's delta, or a
+    fan-in-fan-out layer's.)"""
+    if fan_in_fan_out:
+        lora = LoraConfig(
+            r=4, lora_alpha=8, init_lora_weights=False, target_modules=["c_attn"], fan_in_fan_out=True
+        )
+        expected = save_model_and_adapter(tmp_path, tiny_gpt2, torch.bfloat16, lora)
+        name = "transformer.h.0.attn.c_attn.weight"
+    else:
+        lora = LoraConfig(
+            r=8, lora_alpha=16, init_lora_weights=False, target_modules=["embed_tokens", "q_proj"]
+        )
+        expected = save_model_and_adapter(tmp_path, lambda: random_llama(64), torch.bfloat16, lora)
+        name = "model.embed_tokens.weight"
+    checkpoint, reader = open_checkpoint(f"{tmp_path}/model+{tmp_path}/adapter"), TensorFileReader()
+    try:
+        entry = checkpoint.tensors[name]
+        assert isinstance(entry, AdaptedTensor) and entry.update.transposed
+        whole = reader.read(entry, 0, entry.numel).copy()
+        assert torch.equal(torch.from_numpy(to_float32(whole)).reshape(entry.shape), expected[name].float())
+        rng = np.random.default_rng(0)
+        for block in (1, entry.shape[-1] - 1, 3 * entry.shape[-1] + 5, READ_BLOCK):
+            monkeypatch.setattr("mergeflow.lora.READ_BLOCK", block)
+            for _ in range(20):
+                start = int(rng.integers(0, entry.numel))
+                count = int(rng.integers(1, entry.numel - start + 1))
+                assert np.array_equal(reader.read(entry, start, count), whole[start : start + count])
+    finally:
+        reader.close()
+        checkpoint.close()

@@ -104,6 +104,11 @@ def kernel_array(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
     return to_float32(array, out)
 
 
+# Arrays smaller than this are converted on the calling thread: waking the kernels' threads
+# costs more (a LoRA factor is read with every chunk of its tensor).
+SMALL = 1 << 16
+
+
 def to_float32(stored: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float32 values of elements as stored (uint16 holds bfloat16 bit patterns), into `out`
     when given (a contiguous buffer, reused: that saves page faults)."""
@@ -111,7 +116,9 @@ def to_float32(stored: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         out = np.empty(stored.shape, dtype=np.float32)
     if not out.flags.c_contiguous:  # reshape(-1) below would fill a copy
         raise ValueError("to_float32 needs a contiguous output array")
-    if stored.dtype == np.uint16:
+    if stored.dtype == np.uint16 and stored.size < SMALL:
+        np.left_shift(stored, 16, out=out.view(np.uint32), dtype=np.uint32)
+    elif stored.dtype == np.uint16:
         K.widen_(out.reshape(-1), np.ascontiguousarray(stored).reshape(-1))
     else:
         np.copyto(out, stored, casting="unsafe")
