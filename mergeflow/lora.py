@@ -1,4 +1,4 @@
-"""mergekit's `model+adapter` references: a PEFT LoRA adapter applied to its model before the merge.
+"""mergekit's `model+adapter` references: a PEFT LoRA adapter applied to its model as the merge reads it.
 
 mergekit loads the model and the adapter with PEFT and calls merge_and_unload, so the merged
 model holds, for each adapted module, W' = W + s·B·A (transposed for fan_in_fan_out layers and

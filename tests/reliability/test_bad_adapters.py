@@ -138,9 +138,9 @@ def test_an_adapter_config_naming_no_tensors(small, tmp_path):
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
-def test_a_bad_later_model_is_refused_before_any_adapter_is_applied(small, tmp_path):
-    """Applying the first expert's adapter would fail on its NaN; the missing second expert is
-    named instead, as every model is found and checked before any adapter is applied."""
+def test_a_bad_later_model_is_refused_before_any_adapter_is_read(small, tmp_path):
+    """Reading the first expert's adapted tensors would fail on its NaN; the missing second
+    expert is named instead, as every model is found and checked before any tensor is read."""
     folder = adapter(small, tmp_path)
     edit_adapter_tensors(
         folder, lambda t: t[f"base_model.model.{Q_PROJ}.lora_A.weight"].__setitem__((0, 0), float("nan"))
