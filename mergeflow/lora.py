@@ -211,20 +211,24 @@ class AdaptedTensor:
 
     def _delta(self, reader: TensorFileReader, start: int, count: int, cols: int) -> np.ndarray:
         """s·B·A (or its transpose) at elements [start, start+count), float32: the product's
-        rows that hold them, from the rows of B (or columns of A) they need."""
+        rows that hold them, from the rows of B (or the columns of A) they need."""
         update = self.update
         a, b = update.a, update.b
         first, last = start // cols, -(-(start + count) // cols)
+        memo = reader.derived.setdefault(FactorMemo.KEY, FactorMemo())
         if update.transposed:  # rows of (B·A)ᵀ: columns first..last of A against all of B
-            rank, width = a.shape
-            left = np.empty((last - first, rank), dtype=np.float32)
-            for k in range(rank):
-                left[:, k] = to_float32(reader.read(a, k * width + first, last - first))
-            right = np.ascontiguousarray(to_float32(reader.read(b, 0, b.numel)).reshape(b.shape).T)
-        else:  # rows first..last of B against all of A
+            right = memo.factor(self, b, reader, transposed=True)
+            whole = memo.factor(self, a, reader, transposed=True, optional=True)
+            if whole is not None:
+                left = whole[first:last]
+            else:  # one read per rank: a column range of each row of A
+                left = np.empty((last - first, a.shape[0]), dtype=np.float32)
+                for k in range(a.shape[0]):
+                    left[:, k] = to_float32(reader.read(a, k * a.shape[1] + first, last - first))
+        else:  # rows first..last of B (one range) against all of A
+            right = memo.factor(self, a, reader)
             rank = b.shape[1]
             left = to_float32(reader.read(b, first * rank, (last - first) * rank)).reshape(-1, rank)
-            right = to_float32(reader.read(a, 0, a.numel)).reshape(a.shape)
         product = np.empty((last - first, cols), dtype=np.float32)
         scaled_product_in_rank_order_(left, right, np.float32(update.scale), product)
         offset = start - first * cols
@@ -234,6 +238,47 @@ class AdaptedTensor:
 # Elements of an adapted tensor computed at once (whole rows, at least one): a few float32
 # buffers of this size are what applying an adapter holds.
 READ_BLOCK = 1 << 20
+
+
+class FactorMemo:
+    """LoRA factors in float32, whole, of the tensor being read (of every model that adapts
+    it), so that each is read once per tensor rather than once per chunk (from S3, a request
+    each). Up to MEMO_BYTES: the factors of one tensor are small (r rows or columns), but an
+    embedding's A of a large vocabulary, times many experts, need not be. Forgotten when a read
+    of another tensor begins."""
+
+    KEY = "lora factors"  # its key in TensorFileReader.derived
+    MEMO_BYTES = 64 << 20
+
+    def __init__(self) -> None:
+        self._tensor: str | None = None
+        self._arrays: dict[tuple[TensorEntry, bool], np.ndarray] = {}
+        self._bytes = 0
+
+    def factor(
+        self,
+        tensor: AdaptedTensor,
+        entry: TensorEntry,
+        reader: TensorFileReader,
+        transposed: bool = False,
+        optional: bool = False,
+    ) -> np.ndarray | None:
+        """`entry` (a factor of `tensor`) in float32, as a contiguous 2-D array, transposed when
+        asked; when `optional`, None instead of reading it whole where the memo has no room."""
+        if tensor.name != self._tensor:
+            self._tensor, self._arrays, self._bytes = tensor.name, {}, 0
+        key = (entry, transposed)
+        if key in self._arrays:
+            return self._arrays[key]
+        fits = self._bytes + 4 * entry.numel <= self.MEMO_BYTES
+        if optional and not fits:
+            return None
+        array = to_float32(reader.read(entry, 0, entry.numel)).reshape(entry.shape)
+        array = np.ascontiguousarray(array.T) if transposed else array
+        if fits:
+            self._arrays[key] = array
+            self._bytes += array.nbytes
+        return array
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"})

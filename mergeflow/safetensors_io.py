@@ -154,6 +154,9 @@ class TensorFileReader:
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
+        # What tensors computed as they are read (mergeflow.lora.AdaptedTensor) keep between
+        # reads, by their own keys; it goes with the reader.
+        self.derived: dict = {}
 
     def read(self, entry: TensorEntry, start: int, count: int, into: np.ndarray | None = None) -> np.ndarray:
         """Elements [start, start+count) of the flattened tensor, in its storage dtype; read
@@ -200,6 +203,7 @@ class TensorFileReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self.derived.clear()
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from mergeflow.engine import merge
 from mergeflow.errors import CheckpointError, NonFiniteError
 from mergeflow.file_hashes import cache_dir
 from mergeflow.hashing import model_sha256_at
-from mergeflow.lora import READ_BLOCK, AdaptedTensor
+from mergeflow.lora import READ_BLOCK, AdaptedTensor, FactorMemo
 from mergeflow.methods.primitives import to_float32
 from mergeflow.safetensors_io import TensorFileReader
 from mergeflow.scratch import process_tagged
@@ -279,19 +279,25 @@ def test_an_adapted_tensor_has_the_same_bits_however_it_is_read(tmp_path, monkey
         )
         expected = save_model_and_adapter(tmp_path, lambda: random_llama(64), torch.bfloat16, lora)
         name = "model.embed_tokens.weight"
-    checkpoint, reader = open_checkpoint(f"{tmp_path}/model+{tmp_path}/adapter"), TensorFileReader()
+    checkpoint = open_checkpoint(f"{tmp_path}/model+{tmp_path}/adapter")
+    entry = checkpoint.tensors[name]
+    assert isinstance(entry, AdaptedTensor) and entry.update.transposed
     try:
-        entry = checkpoint.tensors[name]
-        assert isinstance(entry, AdaptedTensor) and entry.update.transposed
+        reader = TensorFileReader()
         whole = reader.read(entry, 0, entry.numel).copy()
+        reader.close()
         assert torch.equal(torch.from_numpy(to_float32(whole)).reshape(entry.shape), expected[name].float())
         rng = np.random.default_rng(0)
-        for block in (1, entry.shape[-1] - 1, 3 * entry.shape[-1] + 5, READ_BLOCK):
-            monkeypatch.setattr("mergeflow.lora.READ_BLOCK", block)
-            for _ in range(20):
-                start = int(rng.integers(0, entry.numel))
-                count = int(rng.integers(1, entry.numel - start + 1))
-                assert np.array_equal(reader.read(entry, start, count), whole[start : start + count])
+        # Factors kept whole while the tensor is read, or (no room) read a range at a time.
+        for memo_bytes in (FactorMemo.MEMO_BYTES, 0):
+            monkeypatch.setattr(FactorMemo, "MEMO_BYTES", memo_bytes)
+            for block in (1, entry.shape[-1] - 1, 3 * entry.shape[-1] + 5, READ_BLOCK):
+                monkeypatch.setattr("mergeflow.lora.READ_BLOCK", block)
+                reader = TensorFileReader()
+                for _ in range(20):
+                    start = int(rng.integers(0, entry.numel))
+                    count = int(rng.integers(1, entry.numel - start + 1))
+                    assert np.array_equal(reader.read(entry, start, count), whole[start : start + count])
+                reader.close()
     finally:
-        reader.close()
         checkpoint.close()
