@@ -24,7 +24,7 @@ CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
 MANIFEST = "mergeflow-manifest.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-# A PEFT adapter folder's files (mergeflow.lora reads them; its import loads numba, this does not).
+# A PEFT adapter folder's files (mergeflow.lora reads them).
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
@@ -49,7 +49,7 @@ class Checkpoint:
     ref: str
     location: Location
     config: dict | None
-    tensors: dict[str, TensorEntry]  # or mergeflow.lora.AdaptedTensor, for a tensor an adapter changes
+    tensors: dict[str, TensorEntry]  # or an AdaptedTensor (mergeflow.adapted_tensor)
     # The files the model's content hash is computed from, by the name its line gives them
     # (mergeflow.hashing): the weight files, or the pickles converted for this merge, and for
     # model+adapter the adapter's files too (as "adapter/<name>"), never the scratch files
@@ -86,7 +86,7 @@ def open_checkpoint(ref: str, allow_pickle: bool = False) -> Checkpoint:
     """Locate a checkpoint, parse every shard header and check it; nothing heavy is read,
     except to convert pickles. `ref` is a local path, file:// or s3:// URI, or a Hugging Face
     repo id cached locally (hub_snapshot), or mergekit's MODEL+ADAPTER, whose adapter is read
-    and checked against the model here and applied as its tensors are read (mergeflow.lora)."""
+    and checked against the model here and applied as its tensors are read (mergeflow.adapted_tensor)."""
     location, hub_commit = resolve(ref)
     try:
         if not location.is_dir():
@@ -140,8 +140,10 @@ def resolve(ref: str) -> tuple[Location, str | None]:
 def _open_with_adapter(ref: str, allow_pickle: bool) -> Checkpoint:
     """The model of mergekit's 'model+adapter' form, with the LoRA adapter read and checked
     against it (mergeflow.lora). Config and tokenizer are the model's."""
-    # Imported here: mergeflow.lora loads numba, which reading checkpoints otherwise does not need.
-    from mergeflow.lora import adapted_tensors, adapter_files, read_adapter, split_adapter_reference
+    # Imported here: mergeflow.adapted_tensor loads numba, which reading checkpoints otherwise
+    # does not need (and mergeflow.lora imports this module).
+    from mergeflow.adapted_tensor import adapted_tensors
+    from mergeflow.lora import adapter_files, read_adapter, split_adapter_reference
 
     model_ref, adapter_ref = split_adapter_reference(ref)
     where = f"model '{ref}': adapter '{adapter_ref}'"

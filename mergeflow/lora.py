@@ -8,8 +8,9 @@ saves whole (modules_to_save, trained biases, a targeted embedding's base weight
 model's. mergeflow computes the same tensor by tensor, without torch: B·A in float32, then
 W + s·B·A rounded once to W's dtype, as PEFT adds its float32 delta into a bfloat16 weight
 (for an embedding PEFT rounds s·B·A to W's dtype before adding; so does mergeflow). Nothing is
-written: an adapted tensor is computed as the merge reads it (AdaptedTensor), the others are
-read from the model's own files. DoRA, LoRA biases and other adapter types are refused by name.
+written: an adapted tensor is computed as the merge reads it (mergeflow.adapted_tensor), the
+others are read from the model's own files. DoRA, LoRA biases and other adapter types are
+refused by name.
 """
 
 from __future__ import annotations
@@ -18,14 +19,9 @@ import math
 import re
 from dataclasses import dataclass
 
-import numpy as np
-from numba import njit, prange
-
 from mergeflow.checkpoint import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS, read_json
-from mergeflow.errors import CheckpointError, NonFiniteError, StorageError
-from mergeflow.methods.kernels import stored, widen
-from mergeflow.methods.primitives import KERNEL_DTYPES, from_float32, to_float32
-from mergeflow.safetensors_io import TensorEntry, TensorFileReader, read_header
+from mergeflow.errors import CheckpointError, StorageError
+from mergeflow.safetensors_io import TensorEntry, read_header
 from mergeflow.storage import Location
 
 PEFT_PREFIX = "base_model.model."
@@ -131,211 +127,6 @@ def read_adapter(
     if not updates:
         raise CheckpointError(f"{where}: {ADAPTER_WEIGHTS} holds no LoRA tensors")
     return sorted(updates.values(), key=lambda u: u.target)
-
-
-@dataclass(frozen=True)
-class AdaptedTensor:
-    """A tensor of model `ref` with its adapter's update applied, computed whenever a range of
-    it is read (TensorFileReader.read hands such reads here): nothing is written, and the
-    product s·B·A is formed row block by row block, so memory stays at a few blocks however
-    large the tensor. Each entry of B·A is summed in the order of the rank index, with fused
-    multiply-adds, the way torch's product forms it: the same bits whichever rows are read
-    together, and the same as PEFT's merge_and_unload."""
-
-    ref: str
-    model: TensorEntry  # the model's own tensor
-    update: TensorUpdate
-
-    @property
-    def name(self) -> str:
-        return self.model.name
-
-    @property
-    def dtype(self):
-        return self.model.dtype
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.model.shape
-
-    @property
-    def numel(self) -> int:
-        return self.model.numel
-
-    @property
-    def nbytes(self) -> int:
-        return self.model.nbytes
-
-    def read(
-        self, reader: TensorFileReader, start: int, count: int, into: np.ndarray | None = None
-    ) -> np.ndarray:
-        """Elements [start, start+count) of the adapted tensor in its storage dtype, as
-        TensorFileReader.read gives a stored tensor's. NaN or Inf in a result is refused here,
-        naming the model and tensor."""
-        nbytes = count * self.dtype.itemsize
-        buffer = np.empty(nbytes, dtype=np.uint8) if into is None else into[:nbytes]
-        values = buffer.view(self.dtype.storage)
-        cols = max(1, self.shape[-1]) if len(self.shape) >= 2 else max(1, self.numel)  # one row's elements
-        step = max(1, READ_BLOCK // cols) * cols  # whole rows per block
-        position, end = start, start + count
-        while position < end:
-            stop = min(end, (position // step + 1) * step)
-            self._block(reader, position, stop - position, cols, values[position - start : stop - start])
-            position = stop
-        return values
-
-    def _block(self, reader: TensorFileReader, start: int, count: int, cols: int, out: np.ndarray) -> None:
-        update, model = self.update, self.model
-        stored = reader.read(update.replacement or model, start, count)
-        with np.errstate(all="ignore"):  # NaN/Inf from bad factors: refused just below
-            delta = self._delta(reader, start, count, cols) if update.a is not None else None
-            if (
-                delta is not None
-                and update.replacement is None
-                and not update.embedding
-                and out.dtype in KERNEL_DTYPES
-            ):
-                non_finite = add_in_storage_(out, stored, delta)  # the usual case, in one pass
-            else:
-                weight = to_float32(stored)
-                if update.replacement is not None:  # PEFT loads it into the model's weight: rounded
-                    weight = _rounded(weight, model)
-                if delta is not None:
-                    weight += _rounded(delta, model) if update.embedding else delta
-                out[:], non_finite = from_float32(weight, model.dtype)
-        if non_finite:
-            raise NonFiniteError(
-                f"model '{self.ref}': tensor '{self.name}' holds {non_finite} NaN/Inf value(s) "
-                "with the adapter applied"
-            )
-
-    def _delta(self, reader: TensorFileReader, start: int, count: int, cols: int) -> np.ndarray:
-        """s·B·A (or its transpose) at elements [start, start+count), float32: the product's
-        rows that hold them, from the rows of B (or the columns of A) they need."""
-        update = self.update
-        a, b = update.a, update.b
-        first, last = start // cols, -(-(start + count) // cols)
-        memo = reader.derived.setdefault(FactorMemo.KEY, FactorMemo())
-        if update.transposed:  # rows of (B·A)ᵀ: columns first..last of A against all of B
-            right = memo.factor(self, b, reader, transposed=True)
-            whole = memo.factor(self, a, reader, transposed=True, optional=True)
-            if whole is not None:
-                left = whole[first:last]
-            else:  # one read per rank: a column range of each row of A
-                left = np.empty((last - first, a.shape[0]), dtype=np.float32)
-                for k in range(a.shape[0]):
-                    left[:, k] = to_float32(reader.read(a, k * a.shape[1] + first, last - first))
-        else:  # rows first..last of B (one range) against all of A
-            right = memo.factor(self, a, reader)
-            rank = b.shape[1]
-            left = to_float32(reader.read(b, first * rank, (last - first) * rank)).reshape(-1, rank)
-        product = np.empty((last - first, cols), dtype=np.float32)
-        scaled_product_in_rank_order_(left, right, np.float32(update.scale), product)
-        offset = start - first * cols
-        return product.reshape(-1)[offset : offset + count]
-
-
-# Elements of an adapted tensor computed at once (whole rows, at least one): a few float32
-# buffers of this size are what applying an adapter holds.
-READ_BLOCK = 1 << 20
-
-
-class FactorMemo:
-    """LoRA factors in float32, whole, of the tensor being read (of every model that adapts
-    it), so that each is read once per tensor rather than once per chunk (from S3, a request
-    each). Up to MEMO_BYTES: the factors of one tensor are small (r rows or columns), but an
-    embedding's A of a large vocabulary, times many experts, need not be. Forgotten when a read
-    of another tensor begins."""
-
-    KEY = "lora factors"  # its key in TensorFileReader.derived
-    MEMO_BYTES = 64 << 20
-
-    def __init__(self) -> None:
-        self._tensor: str | None = None
-        self._arrays: dict[tuple[TensorEntry, bool], np.ndarray] = {}
-        self._bytes = 0
-
-    def factor(
-        self,
-        tensor: AdaptedTensor,
-        entry: TensorEntry,
-        reader: TensorFileReader,
-        transposed: bool = False,
-        optional: bool = False,
-    ) -> np.ndarray | None:
-        """`entry` (a factor of `tensor`) in float32, as a contiguous 2-D array, transposed when
-        asked; when `optional`, None instead of reading it whole where the memo has no room."""
-        if tensor.name != self._tensor:
-            self._tensor, self._arrays, self._bytes = tensor.name, {}, 0
-        key = (entry, transposed)
-        if key in self._arrays:
-            return self._arrays[key]
-        fits = self._bytes + 4 * entry.numel <= self.MEMO_BYTES
-        if optional and not fits:
-            return None
-        array = to_float32(reader.read(entry, 0, entry.numel)).reshape(entry.shape)
-        array = np.ascontiguousarray(array.T) if transposed else array
-        if fits:
-            self._arrays[key] = array
-            self._bytes += array.nbytes
-        return array
-
-
-@njit(parallel=True, cache=True, fastmath={"contract"})
-def scaled_product_in_rank_order_(left, right, scale, out):
-    """out = (left · right) · scale, each entry of the product summed over the rank index k in
-    order, one fused multiply-add per step, then multiplied by `scale` (PEFT's s·B·A: torch's
-    CPU product gives the same bits for LoRA factors; numpy's BLAS changes its order with the
-    number of rows). Four steps per pass over a row keep the partial sums in registers."""
-    rows, rank = left.shape
-    cols = out.shape[1]
-    for i in prange(rows):
-        row = out[i]
-        k = 0
-        if rank >= 4:
-            x0, x1, x2, x3 = left[i, 0], left[i, 1], left[i, 2], left[i, 3]
-            r0, r1, r2, r3 = right[0], right[1], right[2], right[3]
-            for j in range(cols):
-                row[j] = x3 * r3[j] + (x2 * r2[j] + (x1 * r1[j] + x0 * r0[j]))
-            k = 4
-        else:
-            for j in range(cols):
-                row[j] = 0.0
-        while k + 4 <= rank:
-            x0, x1, x2, x3 = left[i, k], left[i, k + 1], left[i, k + 2], left[i, k + 3]
-            r0, r1, r2, r3 = right[k], right[k + 1], right[k + 2], right[k + 3]
-            for j in range(cols):
-                row[j] = x3 * r3[j] + (x2 * r2[j] + (x1 * r1[j] + (x0 * r0[j] + row[j])))
-            k += 4
-        while k < rank:
-            x, r = left[i, k], right[k]
-            for j in range(cols):
-                row[j] += x * r[j]
-            k += 1
-        for j in range(cols):
-            row[j] *= scale
-
-
-@njit(parallel=True, cache=True)
-def add_in_storage_(out, values, delta):
-    """out = values + delta, computed in float32 and stored as `out` stores it (float32, or
-    bfloat16 bit patterns: `values` too); returns how many results are NaN or ±Inf."""
-    bad = 0
-    for j in prange(out.size):
-        x = widen(values[j]) + delta[j]
-        bad += x - x != 0
-        out[j] = stored(x, out)
-    return bad
-
-
-def adapted_tensors(ref: str, updates: list[TensorUpdate], tensors: dict[str, TensorEntry]) -> dict:
-    """The model's `tensors` that `updates` change, as AdaptedTensor entries of model `ref`."""
-    return {u.target: AdaptedTensor(ref, tensors[u.target], u) for u in updates}
-
-
-def _rounded(values: np.ndarray, entry: TensorEntry) -> np.ndarray:
-    """float32 `values` rounded to `entry`'s dtype, as float32 again."""
-    return to_float32(from_float32(values, entry.dtype)[0])
 
 
 def _adapter_settings(where: str, file: Location) -> dict:

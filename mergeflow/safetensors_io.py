@@ -154,14 +154,16 @@ class TensorFileReader:
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
-        # What tensors computed as they are read (mergeflow.lora.AdaptedTensor) keep between
-        # reads, by their own keys; it goes with the reader.
+        # What tensors computed as they are read (mergeflow.adapted_tensor) keep between reads,
+        # by their own keys; it goes with the reader.
         self.derived: dict = {}
 
     def read(self, entry: TensorEntry, start: int, count: int, into: np.ndarray | None = None) -> np.ndarray:
         """Elements [start, start+count) of the flattened tensor, in its storage dtype; read
         into the front of the uint8 array `into` when given (reusing a buffer saves page faults)."""
-        if not isinstance(entry, TensorEntry):  # computed as it is read (mergeflow.lora.AdaptedTensor)
+        if not isinstance(
+            entry, TensorEntry
+        ):  # computed as it is read (mergeflow.adapted_tensor.AdaptedTensor)
             return entry.read(self, start, count, into)
         itemsize = entry.dtype.itemsize
         offset, nbytes = entry.offset + start * itemsize, count * itemsize

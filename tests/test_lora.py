@@ -21,6 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from mergeflow.adapted_tensor import READ_BLOCK, AdaptedTensor, FactorMemo
 from mergeflow.checkpoint import open_checkpoint
 from mergeflow.cli import app
 from mergeflow.config import parse_config
@@ -28,7 +29,6 @@ from mergeflow.engine import merge
 from mergeflow.errors import CheckpointError, NonFiniteError
 from mergeflow.file_hashes import cache_dir
 from mergeflow.hashing import model_sha256_at
-from mergeflow.lora import READ_BLOCK, AdaptedTensor, FactorMemo
 from mergeflow.methods.primitives import to_float32
 from mergeflow.safetensors_io import TensorFileReader
 from mergeflow.scratch import process_tagged
@@ -292,7 +292,7 @@ def test_an_adapted_tensor_has_the_same_bits_however_it_is_read(tmp_path, monkey
         for memo_bytes in (FactorMemo.MEMO_BYTES, 0):
             monkeypatch.setattr(FactorMemo, "MEMO_BYTES", memo_bytes)
             for block in (1, entry.shape[-1] - 1, 3 * entry.shape[-1] + 5, READ_BLOCK):
-                monkeypatch.setattr("mergeflow.lora.READ_BLOCK", block)
+                monkeypatch.setattr("mergeflow.adapted_tensor.READ_BLOCK", block)
                 reader = TensorFileReader()
                 for _ in range(20):
                     start = int(rng.integers(0, entry.numel))
