@@ -105,7 +105,7 @@ def kernel_array(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
 
 
 # Arrays smaller than this are converted on the calling thread: waking the kernels' threads
-# costs more (a LoRA factor is read with every chunk of its tensor).
+# costs more (the rows of a LoRA factor that one chunk of an adapted tensor needs).
 SMALL = 1 << 16
 
 
