@@ -57,6 +57,11 @@ class AdaptedTensor:
         nbytes = count * self.dtype.itemsize
         buffer = np.empty(nbytes, dtype=np.uint8) if into is None else into[:nbytes]
         values = buffer.view(self.dtype.storage)
+        memo = ReadMemo.of(reader)
+        kept = memo.get(self.name, self)
+        if kept is not None:
+            values[:] = kept[start : start + count]
+            return values
         cols = max(1, self.shape[-1]) if len(self.shape) >= 2 else max(1, self.numel)  # one row's elements
         step = max(1, READ_BLOCK // cols) * cols  # whole rows per block
         position, end = start, start + count
@@ -64,6 +69,8 @@ class AdaptedTensor:
             stop = min(end, (position // step + 1) * step)
             self._block(reader, position, stop - position, cols, values[position - start : stop - start])
             position = stop
+        if count == self.numel and memo.has_room(values.nbytes):
+            memo.keep(self, values.copy())
         return values
 
     def _block(self, reader: TensorFileReader, start: int, count: int, cols: int, out: np.ndarray) -> None:
@@ -97,7 +104,7 @@ class AdaptedTensor:
         update = self.update
         a, b = update.a, update.b
         first, last = start // cols, -(-(start + count) // cols)
-        memo = reader.derived.setdefault(FactorMemo.KEY, FactorMemo())
+        memo = ReadMemo.of(reader)
         if update.transposed:  # rows of (B·A)ᵀ: columns first..last of A against all of B
             right = memo.factor(self, b, reader, transposed=True)
             whole = memo.factor(self, a, reader, transposed=True, optional=True)
@@ -122,20 +129,41 @@ class AdaptedTensor:
 READ_BLOCK = 1 << 20
 
 
-class FactorMemo:
-    """LoRA factors in float32, whole, of the tensor being read (of every model that adapts
-    it), so that each is read once per tensor rather than once per chunk (from S3, a request
-    each). Up to MEMO_BYTES: the factors of one tensor are small (r rows or columns), but an
-    embedding's A of a large vocabulary, times many experts, need not be. Forgotten when a read
-    of another tensor begins."""
+class ReadMemo:
+    """What reading one adapted tensor computes that later reads of it reuse: its LoRA factors
+    in float32, whole (read once per tensor rather than once per chunk; from S3, a request
+    each), and after a whole read (a TIES-like statistic) the adapted values themselves (the
+    merge's chunks then copy them rather than compute them again). For the tensor being read,
+    of every model that adapts it, up to MEMO_BYTES: beyond that a read computes what it needs
+    (an embedding's factors of a large vocabulary, or many experts' whole tensors, need not
+    fit). Forgotten when a read of another tensor begins."""
 
-    KEY = "lora factors"  # its key in TensorFileReader.derived
-    MEMO_BYTES = 64 << 20
+    KEY = "adapted tensors"  # its key in TensorFileReader.derived
+    MEMO_BYTES = 128 << 20
 
     def __init__(self) -> None:
         self._tensor: str | None = None
-        self._arrays: dict[tuple[TensorEntry, bool], np.ndarray] = {}
+        self._arrays: dict = {}
         self._bytes = 0
+
+    @classmethod
+    def of(cls, reader: TensorFileReader) -> ReadMemo:
+        return reader.derived.setdefault(cls.KEY, cls())
+
+    def get(self, tensor: str, key) -> np.ndarray | None:
+        """What is kept under `key` for the tensor named `tensor` (a read of it begins)."""
+        if tensor != self._tensor:
+            self._tensor, self._arrays, self._bytes = tensor, {}, 0
+        return self._arrays.get(key)
+
+    def has_room(self, nbytes: int) -> bool:
+        return self._bytes + nbytes <= self.MEMO_BYTES
+
+    def keep(self, key, array: np.ndarray) -> None:
+        """`array` (which no one changes afterwards) under `key`, if there is room."""
+        if self.has_room(array.nbytes):
+            self._arrays[key] = array
+            self._bytes += array.nbytes
 
     def factor(
         self,
@@ -147,19 +175,15 @@ class FactorMemo:
     ) -> np.ndarray | None:
         """`entry` (a factor of `tensor`) in float32, as a contiguous 2-D array, transposed when
         asked; when `optional`, None instead of reading it whole where the memo has no room."""
-        if tensor.name != self._tensor:
-            self._tensor, self._arrays, self._bytes = tensor.name, {}, 0
         key = (entry, transposed)
-        if key in self._arrays:
-            return self._arrays[key]
-        fits = self._bytes + 4 * entry.numel <= self.MEMO_BYTES
-        if optional and not fits:
+        kept = self.get(tensor.name, key)
+        if kept is not None:
+            return kept
+        if optional and not self.has_room(4 * entry.numel):
             return None
         array = to_float32(reader.read(entry, 0, entry.numel)).reshape(entry.shape)
         array = np.ascontiguousarray(array.T) if transposed else array
-        if fits:
-            self._arrays[key] = array
-            self._bytes += array.nbytes
+        self.keep(key, array)
         return array
 
 

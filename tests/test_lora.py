@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from mergeflow.adapted_tensor import READ_BLOCK, AdaptedTensor, FactorMemo
+from mergeflow.adapted_tensor import READ_BLOCK, AdaptedTensor, ReadMemo
 from mergeflow.checkpoint import open_checkpoint
 from mergeflow.cli import app
 from mergeflow.config import parse_config
@@ -289,8 +289,8 @@ def test_an_adapted_tensor_has_the_same_bits_however_it_is_read(tmp_path, monkey
         assert torch.equal(torch.from_numpy(to_float32(whole)).reshape(entry.shape), expected[name].float())
         rng = np.random.default_rng(0)
         # Factors kept whole while the tensor is read, or (no room) read a range at a time.
-        for memo_bytes in (FactorMemo.MEMO_BYTES, 0):
-            monkeypatch.setattr(FactorMemo, "MEMO_BYTES", memo_bytes)
+        for memo_bytes in (ReadMemo.MEMO_BYTES, 0):
+            monkeypatch.setattr(ReadMemo, "MEMO_BYTES", memo_bytes)
             for block in (1, entry.shape[-1] - 1, 3 * entry.shape[-1] + 5, READ_BLOCK):
                 monkeypatch.setattr("mergeflow.adapted_tensor.READ_BLOCK", block)
                 reader = TensorFileReader()
@@ -301,3 +301,31 @@ def test_an_adapted_tensor_has_the_same_bits_however_it_is_read(tmp_path, monkey
                 reader.close()
     finally:
         checkpoint.close()
+
+
+def test_a_ties_merge_of_adapters_is_the_same_whether_the_adapted_tensors_are_kept_or_computed_again(
+    zoo, tmp_path, monkeypatch
+):
+    """TIES reads each tensor whole for its statistics, then in chunks: the chunks are copies of
+    the values the whole read kept, or, with no room to keep them, computed again."""
+    modules = [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)] + ["model.layers.0.mlp.down_proj"]
+    refs = [
+        f"{zoo['base']}+{write_adapter(tmp_path / f'lora-{k}', zoo['base'], modules, seed=k)}" for k in (0, 1)
+    ]
+    config = parse_config(
+        {
+            "merge_method": "ties",
+            "base_model": zoo["base"],
+            "models": [{"model": ref, "parameters": {"density": 0.3, "weight": 1.0}} for ref in refs],
+        }
+    )
+    merged = {}
+    for memo_bytes in (ReadMemo.MEMO_BYTES, 0):
+        monkeypatch.setattr(ReadMemo, "MEMO_BYTES", memo_bytes)
+        out = tmp_path / f"merged-{memo_bytes}"
+        merge(config, str(out), work_bytes=64 << 10)  # small chunks: several per tensor
+        merged[memo_bytes] = load_folder(out)
+    kept, computed = merged.values()
+    assert kept.keys() == computed.keys()
+    for name in kept:
+        assert torch.equal(kept[name], computed[name]), name
