@@ -20,9 +20,9 @@ class AdaptedTensor:
     """A tensor of model `ref` with its adapter's update applied, computed whenever a range of
     it is read (TensorFileReader.read hands such reads here): nothing is written, and the
     product s·B·A is formed row block by row block, so memory stays at a few blocks however
-    large the tensor, plus what ReadMemo keeps. Each entry of B·A is summed in the order of the rank index, with fused
-    multiply-adds, the way torch's product forms it: the same bits whichever rows are read
-    together, and the same as PEFT's merge_and_unload."""
+    large the tensor, plus what ReadMemo keeps. Each entry of B·A is summed in the order of
+    the rank index, with fused multiply-adds, the way torch's product forms it: the same bits
+    whichever rows are read together, and the same as PEFT's merge_and_unload."""
 
     ref: str
     model: TensorEntry  # the model's own tensor
