@@ -105,17 +105,18 @@ class AdaptedTensor:
         a, b = update.a, update.b
         first, last = start // cols, -(-(start + count) // cols)
         memo = ReadMemo.of(reader)
-        if update.transposed:  # rows of (B·A)ᵀ: columns first..last of A against all of B
-            right = memo.factor(self, b, reader, transposed=True)
-            whole = memo.factor(self, a, reader, transposed=True, optional=True)
-            if whole is not None:
-                left = whole[first:last]
-            else:  # one read per rank: a column range of each row of A
-                left = np.empty((last - first, a.shape[0]), dtype=np.float32)
-                for k in range(a.shape[0]):
-                    left[:, k] = to_float32(reader.read(a, k * a.shape[1] + first, last - first))
-        else:  # rows first..last of B (one range) against all of A
-            right = memo.factor(self, a, reader)
+        # left: a row per row of the product (B, or Aᵀ when transposed); right: all of the other.
+        right = memo.factor(self, b if update.transposed else a, reader, transposed=update.transposed)
+        whole = memo.factor(
+            self, a if update.transposed else b, reader, transposed=update.transposed, optional=True
+        )
+        if whole is not None:
+            left = whole[first:last]
+        elif update.transposed:  # one read per rank: a column range of each row of A
+            left = np.empty((last - first, a.shape[0]), dtype=np.float32)
+            for k in range(a.shape[0]):
+                left[:, k] = to_float32(reader.read(a, k * a.shape[1] + first, last - first))
+        else:  # rows first..last of B: one range
             rank = b.shape[1]
             left = to_float32(reader.read(b, first * rank, (last - first) * rank)).reshape(-1, rank)
         product = np.empty((last - first, cols), dtype=np.float32)
