@@ -262,12 +262,12 @@ def test_scratch_folders_of_killed_processes_go_when_the_next_pickle_is_converte
         running.rmdir()
 
 
-@pytest.mark.parametrize("fan_in_fan_out", [False, True])
-def test_an_adapted_tensor_has_the_same_bits_however_it_is_read(tmp_path, monkeypatch, fan_in_fan_out):
+@pytest.mark.parametrize("kind", ["linear", "embedding", "conv1d"])
+def test_an_adapted_tensor_has_the_same_bits_however_it_is_read(tmp_path, monkeypatch, kind):
     """Any range, read alone or in blocks of whole rows, gives the bits of the whole tensor: the
-    merge's chunking cannot change an adapted model. (Transposed: an embedding's delta, or a
-    fan-in-fan-out layer's.)"""
-    if fan_in_fan_out:
+    merge's chunking cannot change an adapted model. (An embedding's delta and a fan-in-fan-out
+    layer's are transposed.)"""
+    if kind == "conv1d":
         lora = LoraConfig(
             r=4, lora_alpha=8, init_lora_weights=False, target_modules=["c_attn"], fan_in_fan_out=True
         )
@@ -278,10 +278,12 @@ def test_an_adapted_tensor_has_the_same_bits_however_it_is_read(tmp_path, monkey
             r=8, lora_alpha=16, init_lora_weights=False, target_modules=["embed_tokens", "q_proj"]
         )
         expected = save_model_and_adapter(tmp_path, lambda: random_llama(64), torch.bfloat16, lora)
-        name = "model.embed_tokens.weight"
+        name = (
+            "model.embed_tokens.weight" if kind == "embedding" else "model.layers.0.self_attn.q_proj.weight"
+        )
     checkpoint = open_checkpoint(f"{tmp_path}/model+{tmp_path}/adapter")
     entry = checkpoint.tensors[name]
-    assert isinstance(entry, AdaptedTensor) and entry.update.transposed
+    assert isinstance(entry, AdaptedTensor) and entry.update.transposed == (kind != "linear")
     try:
         reader = TensorFileReader()
         whole = reader.read(entry, 0, entry.numel).copy()
