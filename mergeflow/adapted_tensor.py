@@ -13,6 +13,7 @@ from mergeflow.lora import TensorUpdate
 from mergeflow.methods.kernels import stored, widen
 from mergeflow.methods.primitives import KERNEL_DTYPES, from_float32, to_float32
 from mergeflow.safetensors_io import TensorEntry, TensorFileReader
+from mergeflow.tensor_merge import row_length
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class AdaptedTensor:
         if kept is not None:
             values[:] = kept[start : start + count]
             return values
-        cols = max(1, self.shape[-1]) if len(self.shape) >= 2 else max(1, self.numel)  # one row's elements
+        cols = max(1, row_length(self.shape))
         step = max(1, READ_BLOCK // cols) * cols  # whole rows per block
         position, end = start, start + count
         while position < end:

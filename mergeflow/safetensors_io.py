@@ -161,9 +161,7 @@ class TensorFileReader:
     def read(self, entry: TensorEntry, start: int, count: int, into: np.ndarray | None = None) -> np.ndarray:
         """Elements [start, start+count) of the flattened tensor, in its storage dtype; read
         into the front of the uint8 array `into` when given (reusing a buffer saves page faults)."""
-        if not isinstance(
-            entry, TensorEntry
-        ):  # computed as it is read (mergeflow.adapted_tensor.AdaptedTensor)
+        if not isinstance(entry, TensorEntry):  # computed as it is read (mergeflow.adapted_tensor)
             return entry.read(self, start, count, into)
         itemsize = entry.dtype.itemsize
         offset, nbytes = entry.offset + start * itemsize, count * itemsize
