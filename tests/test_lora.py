@@ -131,7 +131,9 @@ def test_conv1d_layers_with_fan_in_fan_out_and_rslora_match_peft(tmp_path):
         assert torch.equal(ours[name], expected[name]), name
 
 
-def test_a_merge_of_experts_given_as_model_plus_adapter(zoo, tmp_path):
+def test_a_merge_of_experts_given_as_model_plus_adapter(zoo, tmp_path, monkeypatch):
+    # A cache of its own: the test workers share one, where other tests' merges make scratch files.
+    monkeypatch.setenv("MERGEFLOW_CACHE_DIR", str(tmp_path / "cache"))
     base = zoo["base"]
     modules = [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in ("q", "o")]
     adapters = [write_adapter(tmp_path / f"adapter-{k}", base, modules, seed=k) for k in range(2)]
