@@ -4,8 +4,8 @@ reference has them. Each refusal names both models and the tensor or field that 
 
 from __future__ import annotations
 
-from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint
-from mergeflow.errors import ConfigError, IncompatibleModelsError
+from mergeflow.checkpoint import Checkpoint
+from mergeflow.errors import IncompatibleModelsError
 from mergeflow.safetensors_io import TensorEntry
 
 
@@ -61,35 +61,6 @@ def check_same_shapes(name: str, entries: list[TensorEntry], owners: list[Checkp
             )
 
 
-def check_tokenizer(reference: Checkpoint, tokenizer: Checkpoint, pad_to_multiple_of: int | None) -> None:
-    """The tokenizer copied into the output fits the merged embeddings: a model named for it
-    (tokenizer_source, tokenizer.source) has tokenizer files and the models' vocab_size, and a
-    `pad_to_multiple_of` is already met (mergeflow never resizes embeddings)."""
-    if tokenizer is not reference:
-        if not any(name in tokenizer.file_names for name in TOKENIZER_FILES):
-            raise ConfigError(
-                f"tokenizer source '{tokenizer.ref}' has no tokenizer files ({', '.join(TOKENIZER_FILES)})"
-            )
-        mine, theirs = _vocab_size(reference), _vocab_size(tokenizer)
-        if mine is not None and theirs is not None and mine != theirs:
-            raise IncompatibleModelsError(
-                f"tokenizer source '{tokenizer.ref}' has vocab_size {theirs} but '{reference.ref}' has "
-                f"{mine}: its tokenizer would not fit the merged embeddings"
-            )
-    if pad_to_multiple_of is not None:
-        vocab_size = _vocab_size(reference)
-        where = f"tokenizer.pad_to_multiple_of: {pad_to_multiple_of}"
-        if not isinstance(vocab_size, int):
-            raise ConfigError(
-                f"{where}: the config.json of '{reference.ref}' gives no vocab_size to check it against"
-            )
-        if vocab_size % pad_to_multiple_of:
-            raise ConfigError(
-                f"{where}: the vocab_size of '{reference.ref}' ({vocab_size}) is not a multiple of it, "
-                "and mergeflow does not resize embeddings"
-            )
-
-
 def _architecture(checkpoint: Checkpoint) -> str | None:
     config = checkpoint.config or {}
     arch = config.get("architectures") or config.get("model_type")
@@ -101,7 +72,7 @@ def _check_vocab(reference: Checkpoint, other: Checkpoint) -> None:
     if mine is not None and theirs is not None and mine != theirs:
         raise IncompatibleModelsError(
             f"vocab sizes differ: '{reference.ref}' has vocab_size {mine}, '{other.ref}' has "
-            f"{theirs}; models with different tokenizers cannot be merged tensor by tensor"
+            f"{theirs}; give tokenizer_source (union, base or a model) to realign their embeddings"
         )
 
 

@@ -129,9 +129,9 @@ class ModelGroup:
 
 
 class TokenizerSettings(BaseModel):
-    """mergekit's `tokenizer` block. mergeflow merges models that share a vocabulary and copies
-    one model's tokenizer files, so `source` may be `base` or a model; `union` (mergekit's
-    default here) and per-token embedding `tokens` would build a new vocabulary and embeddings."""
+    """mergekit's `tokenizer` block: the output's vocabulary comes from `source` (`base`,
+    `union`, mergekit's default here, or a model; mergeflow.vocabulary), its embeddings padded to
+    `pad_to_multiple_of` rows. Per-token embedding sources (`tokens`) are not supported."""
 
     model_config = ConfigDict(extra="forbid")
     source: ModelReference = "union"
@@ -214,12 +214,16 @@ class MergeConfig(BaseModel):
         name = self.out_dtype or self.dtype
         return DTYPES_BY_LONG_NAME[name] if name else None
 
-    def tokenizer_reference(self) -> str | None:
-        """Where the tokenizer comes from: a model reference, or None for the base."""
+    def vocabulary_source(self) -> str | None:
+        """mergekit's tokenizer source: 'base', 'union' or a model reference; None where the
+        config names none (the models must then share a vocabulary)."""
         source = self.tokenizer.source if self.tokenizer else self.tokenizer_source
-        if source in (None, "base"):
-            return None
-        return source.removeprefix("model:")
+        return source if source in (None, "base", "union") else source.removeprefix("model:")
+
+    def tokenizer_reference(self) -> str | None:
+        """The model the output's tokenizer is built on, when it is not the base (or first model)."""
+        source = self.vocabulary_source()
+        return None if source in (None, "base", "union") else source
 
     @model_validator(mode="after")
     def _check(self) -> MergeConfig:
@@ -282,33 +286,18 @@ class MergeConfig(BaseModel):
 
 def _check_tokenizer(source: str | None, block: TokenizerSettings | None) -> None:
     if block is None:
-        if source == "union":
-            raise ConfigError(f"tokenizer_source: {UNION_REFUSED}")
         return
     if source is not None:
         raise ConfigError("tokenizer: give tokenizer_source or the tokenizer block, not both")
-    if block.source == "union":
-        default = (
-            " (mergekit's default when the block gives no source)"
-            if "source" not in block.model_fields_set
-            else ""
-        )
-        raise ConfigError(f"tokenizer.source: {UNION_REFUSED}{default}")
     if block.tokens:
         raise ConfigError(
             f"tokenizer.tokens: per-token embedding sources ({', '.join(block.tokens)}) are not "
-            "supported; mergeflow merges models that share a vocabulary and keeps their embeddings"
+            "supported; a token a model lacks takes mergekit's default row (docs/methods.md)"
         )
     if block.pad_to_multiple_of is not None and block.pad_to_multiple_of < 1:
         raise ConfigError(
             f"tokenizer.pad_to_multiple_of: must be a positive integer, got {block.pad_to_multiple_of}"
         )
-
-
-UNION_REFUSED = (
-    "'union' is not supported (it builds a new vocabulary and embeddings); use 'base' or a "
-    "model whose tokenizer all the models share"
-)
 
 
 _MERGEKIT_ONLY = {

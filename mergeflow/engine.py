@@ -24,7 +24,7 @@ from tqdm import tqdm
 import mergeflow
 from mergeflow.chat_template import chosen_chat_template, with_chat_template
 from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
-from mergeflow.compatibility import check_compatible, check_tokenizer
+from mergeflow.compatibility import check_compatible
 from mergeflow.config import MergeConfig
 from mergeflow.errors import ConfigError
 from mergeflow.hashing import model_sha256, models_sha256
@@ -34,9 +34,11 @@ from mergeflow.methods.kernels import default_threads, use_threads
 from mergeflow.model_card import MODEL_CARD, model_card
 from mergeflow.output import DEFAULT_SHARD_BYTES, ShardedWriter, StagedOutput, write_small_file
 from mergeflow.parameters import resolve_parameters
+from mergeflow.realigned_tensor import realign
 from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
 from mergeflow.task_vectors import check_task_vectors_match_base, task_vector_info
 from mergeflow.tensor_merge import TensorMerge, Workspace, chunk_elements, row_length
+from mergeflow.vocabulary import OutputVocabulary, plan_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +100,14 @@ def merge(
         base, experts = (loaded[0], loaded[1:]) if base_refs else (None, loaded)
         reference = base or experts[0]
         by_ref = dict(zip(expert_refs, experts, strict=True))
+        tokenizer_ref = config.tokenizer_reference()
+        tokenizer_source = load([tokenizer_ref])[0] if tokenizer_ref else reference
+        vocabulary = _align_vocabularies(config, base, experts, tokenizer_source)
         if config.slices:
             layout = sliced_layout(config, base, by_ref, reference)
         else:
             check_compatible(reference, experts)
             layout = whole_model_layout(config, base, by_ref, reference)
-        tokenizer_ref = config.tokenizer_reference()
-        tokenizer_source = load([tokenizer_ref])[0] if tokenizer_ref else reference
-        check_tokenizer(reference, tokenizer_source, config.tokenizer and config.tokenizer.pad_to_multiple_of)
         models = [base] if base else []
         chat_template = chosen_chat_template(config.chat_template, models + experts, tokenizer_source)
         out_dtype = config.output_dtype()
@@ -139,7 +141,15 @@ def merge(
                 "models": [_input_record(c, sha) for c, sha in zip(experts, hashes, strict=True)],
             }
             files = writer.finish()
-            files += _write_side_files(stage, reference, layout, tokenizer_source, out_dtype, chat_template)
+            tokenizer_files = vocabulary.tokenizer_files if vocabulary else None
+            files += _write_side_files(
+                stage,
+                reference,
+                layout,
+                tokenizer_files or _tokenizer_files(tokenizer_source),
+                out_dtype,
+                chat_template,
+            )
             card = model_card(config, inputs)
             files.append(write_small_file(stage.folder, MODEL_CARD, card.encode()))
             manifest = {
@@ -166,6 +176,37 @@ def merge(
     written = sum(f["bytes"] for f in manifest["files"])
     log.info("merged %d tensors with %s into %s in %.1fs", len(plan), method.name, stage.target.uri, seconds)
     return MergeResult(stage.target.uri, manifest, len(plan), written, seconds)
+
+
+def _align_vocabularies(
+    config: MergeConfig, base: Checkpoint | None, experts: list[Checkpoint], tokenizer: Checkpoint
+) -> OutputVocabulary | None:
+    """With a tokenizer source in the config, the output's vocabulary, each model's
+    vocabulary tensors realigned to it where they are not already (mergeflow.vocabulary);
+    without one, the models must share a vocabulary (check_compatible checks their sizes)."""
+    source = config.vocabulary_source()
+    if source is None:
+        return None
+    models = ([base] if base else []) + experts
+    pad = config.tokenizer.pad_to_multiple_of if config.tokenizer else None
+    vocabulary = plan_vocabulary(source, models, models[0], tokenizer, pad)
+    if vocabulary is not None:
+        for model in models:
+            if task_vector_info(model) is not None:
+                raise ConfigError(
+                    f"tokenizer source '{source}': '{model.ref}' is a task vector, whose embedding rows "
+                    "cannot be realigned to the output's vocabulary; merge the expert itself"
+                )
+        realign(models, vocabulary, base)
+    return vocabulary
+
+
+def _tokenizer_files(tokenizer: Checkpoint) -> list[tuple[str, bytes]]:
+    return [
+        (name, tokenizer.location.child(name).read_bytes())
+        for name in TOKENIZER_FILES
+        if name in tokenizer.file_names
+    ]
 
 
 def _reference(checkpoint: Checkpoint) -> dict:
@@ -295,12 +336,12 @@ def _write_side_files(
     stage: StagedOutput,
     reference: Checkpoint,
     layout: Layout,
-    tokenizer: Checkpoint,
+    tokenizer_files: list[tuple[str, bytes]],
     out_dtype,
     chat_template: str | None,
 ) -> list:
-    """config.json (dtype and, for slices, the layers updated), generation config and tokenizer
-    files (carrying `chat_template` when one is chosen)."""
+    """config.json (dtype, vocab_size and, for slices, the layers updated), generation config
+    and tokenizer files (carrying `chat_template` when one is chosen)."""
     import json
 
     written = []
@@ -315,10 +356,5 @@ def _write_side_files(
         written.append(
             ("generation_config.json", reference.location.child("generation_config.json").read_bytes())
         )
-    tokenizer_files = [
-        (name, tokenizer.location.child(name).read_bytes())
-        for name in TOKENIZER_FILES
-        if name in tokenizer.file_names
-    ]
     written += with_chat_template(tokenizer_files, chat_template) if chat_template else tokenizer_files
     return [write_small_file(stage.folder, name, data) for name, data in written]

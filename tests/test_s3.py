@@ -21,6 +21,7 @@ from s3_zoo import (
     ties_config,
 )
 from safetensors.torch import load
+from vocabulary_zoo import write_zoo
 
 from mergeflow.checkpoint import INDEX, MANIFEST, open_checkpoint
 from mergeflow.config import parse_config
@@ -216,3 +217,22 @@ def test_a_file_of_several_merges_keeps_its_named_ones_in_s3_and_reuses_them(s3,
     final_manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert final_manifest["inputs"]["models"][0]["ref"] == s3.uri("mid/stage")
     assert run_merges(plan_merges(path, str(tmp_path / "out"), s3.uri("mid"))) == [None, None]
+
+
+def test_models_with_different_tokenizers_in_s3_merge_as_from_local_disk(s3, tmp_path):
+    """tokenizer_source union: tokenizer files read from S3, embeddings realigned as they stream."""
+    local = write_zoo(tmp_path / "vocab", torch.float32)
+    s3.fs.put(f"{tmp_path / 'vocab'}/", f"{s3.bucket}/vocab", recursive=True)
+    outputs = {}
+    for where, zoo in (("local", local), ("s3", {name: s3.uri(f"vocab/{name}") for name in local})):
+        config = {
+            "merge_method": "task_arithmetic",
+            "base_model": zoo["base"],
+            "models": [{"model": zoo["expert_0"]}, {"model": zoo["expert_1"]}],
+            "tokenizer_source": "union",
+        }
+        merge(parse_config(config), str(tmp_path / where))
+        outputs[where] = {p.name: p.read_bytes() for p in (tmp_path / where).iterdir() if p.suffix != ".md"}
+        outputs[where].pop(MANIFEST)  # names the inputs where they are
+    assert outputs["s3"] == outputs["local"]
+    assert len(json.loads(outputs["s3"]["tokenizer.json"])["added_tokens"]) == 6  # the union's

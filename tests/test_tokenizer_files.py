@@ -15,6 +15,7 @@ from mergeflow.engine import merge
 from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo
 
 VOCAB = 256
+END_TOKEN = {"base": "<eos>", "expert_0": "hello", "expert_1": "assistant"}
 
 
 def template_of(name: str) -> str:
@@ -37,7 +38,8 @@ def write_tokenizer(folder: Path, name: str, chat_template: str | list | None) -
     if chat_template is not None:
         config["chat_template"] = chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": f"</{name}>"}))
+    # an end token of the vocabulary's own, so the models share one vocabulary
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": END_TOKEN[name]}))
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +107,7 @@ def test_a_model_named_for_the_tokenizer_gives_its_files(zoo_with_tokenizers, tm
     by_block = merged(task_arithmetic(zoo, tokenizer={"source": zoo["expert_1"]}), tmp_path / "block")
     for out in (by_source, by_block):
         assert tokenizer_of(out) == "expert_1"
-        assert json.loads((out / "special_tokens_map.json").read_text()) == {"eos_token": "</expert_1>"}
+        assert json.loads((out / "special_tokens_map.json").read_text()) == {"eos_token": "assistant"}
     assert shards(by_source) == shards(by_block)
     manifest = json.loads((by_block / "mergeflow-manifest.json").read_text())
     assert manifest["config"]["tokenizer"] == {"source": zoo["expert_1"]}

@@ -107,9 +107,6 @@ def ties(small, second: str) -> dict:
             "unknown key 'slices.0.sources.0.weight' (supported: model, layer_range, parameters)",
         ),
         ({"models": [], "slices": [{"sources": [{"model": "m"}]}]}, "sources.0.layer_range: required"),
-        ({"tokenizer_source": "union"}, "tokenizer_source: 'union' is not supported"),
-        ({"tokenizer": {}}, "tokenizer.source: 'union' is not supported (it builds a new vocabulary"),
-        ({"tokenizer": {"source": "union"}}, "use 'base' or a model whose tokenizer all the models share"),
         (
             {"tokenizer": {"source": "base", "tokens": {"<|im_end|>": {"source": "base"}}}},
             "tokenizer.tokens: ",
@@ -205,8 +202,8 @@ def test_cli_names_the_config_file_in_refusals_that_need_the_models(small, tmp_p
     result = CliRunner().invoke(app, ["merge", str(path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert result.output.strip() == (
-        f"error: {path}: tokenizer.pad_to_multiple_of: 7: the vocab_size of '{small['base']}' (256) "
-        "is not a multiple of it, and mergeflow does not resize embeddings"
+        f"error: {path}: tokenizer source 'base': model '{small['base']}' has no tokenizer files "
+        "(tokenizer.json, tokenizer.model, vocab.json, merges.txt, added_tokens.json, tokenizer_config.json)"
     )
     assert not (tmp_path / "o").exists()
 

@@ -1,0 +1,221 @@
+"""A vocabulary tensor (rows by token: the embeddings, the output head) realigned to the
+output's vocabulary (mergeflow.vocabulary) as the merge reads it, nothing written.
+
+Each output token's row is the model's row of the same token. A token the model lacks takes,
+as in mergekit, the row of the only model that has it, else the base's, else the mean of the
+rows of the models that have it (zero where none has it); that mean is summed in model order,
+rounded to the models' common dtype after each step, as torch sums mergekit's rows. Rows past
+the tokenizer's last token (`pad_to_multiple_of`) are the mean of the model's realigned rows,
+computed in float64 (torch's mean of bfloat16 rows may differ in the last bit).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from mergeflow.checkpoint import Checkpoint
+from mergeflow.errors import IncompatibleModelsError
+from mergeflow.methods.primitives import from_float32, to_float32
+from mergeflow.safetensors_io import DTYPES, DType, TensorFileReader
+from mergeflow.vocabulary import OutputVocabulary, vocab_size
+
+log = logging.getLogger(__name__)
+
+# The names mergekit's architectures give tensors with a vocabulary axis (always their first):
+# a tensor is one when its name ends so and its first dimension is the model's vocab_size.
+VOCABULARY_TENSOR = re.compile(
+    r"(^|\.)(embed_tokens|lm_head|lm_head\.linear|lm_head\.decoder|wte|word_embeddings|embed_in|"
+    r"embed_out|shared|tok_embeddings|output|output_layer|vocab_projector|embeddings|"
+    r"cls\.predictions|cls\.predictions\.decoder)\.(weight|bias)$"
+)
+# Rows realigned at once when a pad row's mean is computed.
+MEAN_BLOCK_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class RealignedTensor:
+    """A vocabulary tensor of model `ref` with its rows in the output vocabulary's order,
+    read (TensorFileReader.read hands such reads here) from the model's tensor, a run of
+    consecutive rows at a time, and from `filled`: the rows it lacks, computed when it opened."""
+
+    ref: str
+    model: object  # the model's own tensor: a TensorEntry, or an AdaptedTensor
+    shape: tuple[int, ...]
+    row_sources: np.ndarray  # per output row: the model's row, or -1 where `filled` has it
+    fill_index: np.ndarray  # per output row: its row of `filled`, or -1
+    filled: np.ndarray  # (rows, token_row) in the model's storage dtype
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def dtype(self) -> DType:
+        return self.model.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def read(
+        self, reader: TensorFileReader, start: int, count: int, into: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Elements [start, start+count) in the model's storage dtype, as TensorFileReader.read
+        gives a stored tensor's."""
+        nbytes = count * self.dtype.itemsize
+        buffer = np.empty(nbytes, dtype=np.uint8) if into is None else into[:nbytes]
+        values = buffer.view(self.dtype.storage)
+        cols = token_row(self.shape)
+        first, last = start // cols, -(-(start + count) // cols)
+        block = np.empty((last - first, cols), dtype=self.dtype.storage)
+        sources = self.row_sources[first:last]
+        own = np.flatnonzero(sources >= 0)
+        if own.size:
+            breaks = np.flatnonzero((np.diff(own) != 1) | (np.diff(sources[own]) != 1)) + 1
+            for run in np.split(own, breaks):
+                at, rows = int(run[0]), run.size
+                stored = reader.read(self.model, int(sources[at]) * cols, rows * cols)
+                block[at : at + rows] = stored.reshape(rows, cols)
+        fills = self.fill_index[first:last]
+        where = np.flatnonzero(fills >= 0)
+        block[where] = self.filled[fills[where]]
+        offset = start - first * cols
+        values[:] = block.reshape(-1)[offset : offset + count]
+        return values
+
+
+def token_row(shape: tuple[int, ...]) -> int:
+    """Elements per token of a vocabulary tensor (1 for a bias)."""
+    return math.prod(shape[1:])
+
+
+def vocabulary_tensors(model: Checkpoint) -> list[str]:
+    size = vocab_size(model)
+    return [
+        name
+        for name, entry in model.tensors.items()
+        if VOCABULARY_TENSOR.search(name) and entry.shape and entry.shape[0] == size
+    ]
+
+
+def realign(models: list[Checkpoint], vocabulary: OutputVocabulary, base: Checkpoint | None) -> None:
+    """Replace each model's vocabulary tensors (those of models[0], the base or first model)
+    with RealignedTensor entries, and set its vocab_size to the output's rows."""
+    reader = TensorFileReader()
+    try:
+        for name in vocabulary_tensors(models[0]):
+            holders = [i for i, m in enumerate(models) if name in m.tensors]
+            _realign_tensor(name, models, holders, vocabulary, base, reader)
+    finally:
+        reader.close()
+    for model in models:
+        model.config = dict(model.config or {}) | {"vocab_size": vocabulary.rows}
+
+
+def _realign_tensor(
+    name: str,
+    models: list[Checkpoint],
+    holders: list[int],
+    vocabulary: OutputVocabulary,
+    base: Checkpoint | None,
+    reader: TensorFileReader,
+) -> None:
+    entries = [models[i].tensors[name] for i in holders]
+    for i, entry in zip(holders, entries, strict=True):
+        if entry.shape[0] != vocab_size(models[i]):
+            raise IncompatibleModelsError(
+                f"tensor '{name}': {entry.shape[0]} rows in '{models[i].ref}', whose vocab_size is "
+                f"{vocab_size(models[i])}: its rows cannot be matched to its tokens"
+            )
+        if entry.shape[1:] != entries[0].shape[1:]:
+            raise IncompatibleModelsError(
+                f"tensor '{name}': shape {list(entry.shape)} in '{models[i].ref}' but "
+                f"{list(entries[0].shape)} in '{models[holders[0]].ref}' (beyond the vocabulary axis)"
+            )
+    sources = np.stack([vocabulary.row_sources[i] for i in holders])  # (holders, tokens)
+    present = sources >= 0
+    common = _common_dtype([e.dtype for e in entries])
+    base_at = next((k for k, i in enumerate(holders) if models[i] is base), None)
+    cols = token_row(entries[0].shape)
+
+    def row(k: int, token: int) -> np.ndarray:
+        stored = reader.read(entries[k], int(sources[k, token]) * cols, cols)
+        return to_float32(stored).astype(_work(common))
+
+    defaults: dict[int, np.ndarray] = {}
+    for token in np.flatnonzero(present.sum(axis=0) < len(holders)):
+        have = np.flatnonzero(present[:, token])
+        if have.size == 0:
+            log.warning("tensor '%s': token id %d is in no model; its row is zero", name, token)
+            defaults[token] = np.zeros(cols, dtype=_work(common))
+        elif have.size == 1:
+            defaults[token] = row(have[0], token)
+        elif base_at is not None and present[base_at, token]:
+            defaults[token] = row(base_at, token)
+        else:
+            total = np.zeros(cols, dtype=_work(common))
+            for k in have:
+                total = _rounded(total + row(k, token), common)
+            defaults[token] = _rounded(total / _work(common)(have.size), common)
+
+    shape = (vocabulary.rows, *entries[0].shape[1:])
+    for k, i in enumerate(holders):
+        model, entry = models[i], entries[k]
+        lacking = np.flatnonzero(~present[k])
+        fill_index = np.full(vocabulary.rows, -1, dtype=np.int64)
+        fill_index[lacking] = np.arange(lacking.size)
+        filled = np.empty((lacking.size + 1, cols), dtype=entry.dtype.storage)
+        for at, token in enumerate(lacking):
+            filled[at] = _stored(defaults[token], entry.dtype)
+        row_sources = np.full(vocabulary.rows, -1, dtype=np.int64)
+        row_sources[: vocabulary.tokens] = sources[k]
+        realigned = RealignedTensor(model.ref, entry, shape, row_sources, fill_index, filled)
+        if vocabulary.rows > vocabulary.tokens:  # pad rows: the mean of the realigned rows
+            fill_index[vocabulary.tokens :] = lacking.size
+            filled[lacking.size] = _stored(_mean_row(realigned, vocabulary.tokens, reader), entry.dtype)
+        model.tensors[name] = realigned
+
+
+def _mean_row(tensor: RealignedTensor, tokens: int, reader: TensorFileReader) -> np.ndarray:
+    cols = token_row(tensor.shape)
+    total = np.zeros(cols, dtype=np.float64)
+    for first in range(0, tokens, MEAN_BLOCK_ROWS):
+        rows = min(MEAN_BLOCK_ROWS, tokens - first)
+        block = to_float32(tensor.read(reader, first * cols, rows * cols)).reshape(rows, cols)
+        total += block.sum(axis=0, dtype=np.float64)
+    return total / tokens
+
+
+def _common_dtype(dtypes: list[DType]) -> DType:
+    """torch's promotion of the models' float dtypes: the one they share, else float32 (or
+    float64 where one is)."""
+    if len({d.name for d in dtypes}) == 1:
+        return dtypes[0]
+    return DTYPES["F64"] if any(d.name == "F64" for d in dtypes) else DTYPES["F32"]
+
+
+def _work(dtype: DType) -> type:
+    """The float type arithmetic in `dtype` is done in (torch computes bfloat16 and float16 in
+    float32, then rounds)."""
+    return np.float64 if dtype.name == "F64" else np.float32
+
+
+def _rounded(values: np.ndarray, dtype: DType) -> np.ndarray:
+    if dtype.name in ("BF16", "F16"):
+        return to_float32(from_float32(values, dtype)[0])
+    return values.astype(_work(dtype))
+
+
+def _stored(values: np.ndarray, dtype: DType) -> np.ndarray:
+    if dtype.name in ("BF16", "F16"):
+        return from_float32(values.astype(np.float32), dtype)[0]
+    return values.astype(dtype.storage)

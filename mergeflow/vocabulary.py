@@ -1,0 +1,215 @@
+"""mergekit's tokenizer merging: the output's vocabulary, from `tokenizer_source` (or the
+`tokenizer` block's `source`): `base`, `union` or a model; and for each model, which of its
+rows each output token takes.
+
+The output's tokenizer is the tokenizer source's as it is (`base`: the base's, or the first
+model's when there is no base). `union` adds to the base's tokenizer every token of the other
+models it lacks, in the order of the models and, within a model, of the token ids; tokens a
+model's tokenizer holds at ids beyond its vocab_size are left out, as in mergekit.
+
+Where every model already has the output's tokens at the same ids and the same number of rows
+(experts of one base: the usual case), nothing is realigned and the rows are kept as they are
+(mergekit would cut an embedding's rows past the tokenizer's last token). That is decided from
+the tokenizer files' bytes before any tokenizer is parsed: transformers, which parses them,
+loads only when they differ. Otherwise every vocabulary tensor is realigned to the output's
+tokens (mergeflow.realigned_tensor), padded to `pad_to_multiple_of`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mergeflow.checkpoint import CONFIG, TOKENIZER_FILES, Checkpoint
+from mergeflow.errors import CheckpointError, ConfigError
+
+# The files that define a tokenizer's tokens and ids (its chat template aside).
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "tokenizer_config.json",
+)
+
+
+@dataclass(frozen=True)
+class OutputVocabulary:
+    """The output's vocabulary and where each model's rows go in it."""
+
+    tokens: int  # the output tokenizer's tokens, ids 0..tokens-1
+    rows: int  # rows of each vocabulary tensor: `tokens`, padded to pad_to_multiple_of
+    # per model (in the order given): the model's row for each output token, -1 where it lacks it
+    row_sources: list[np.ndarray]
+    # the output's tokenizer files when they are new (a union that added tokens); else None:
+    # the tokenizer source's files, as they are
+    tokenizer_files: list[tuple[str, bytes]] | None
+
+
+def plan_vocabulary(
+    source: str,
+    models: list[Checkpoint],
+    foundation: Checkpoint,
+    tokenizer: Checkpoint,
+    pad_to_multiple_of: int | None,
+) -> OutputVocabulary | None:
+    """The output vocabulary for `source` ('base', 'union' or a model: `tokenizer` is the
+    checkpoint of the source) over `models` (the base first, when there is one); `foundation`
+    is the base, or the first model. None when every model already has it row for row."""
+    if not _has_tokenizer(tokenizer):
+        where = f"tokenizer source '{source}'" + (
+            f": model '{tokenizer.ref}'" if tokenizer.ref != source else ""
+        )
+        raise ConfigError(f"{where} has no tokenizer files ({', '.join(VOCABULARY_FILES)})")
+    rows = [vocab_size(m) for m in [tokenizer, *models]]
+    padded_already = pad_to_multiple_of is None or (rows[1] or 1) % pad_to_multiple_of == 0
+    if len(set(rows)) == 1 and padded_already and _same_vocabulary_files([tokenizer, *models]):
+        return None
+    distinct = {id(m): m for m in [foundation, tokenizer, *models]}
+    vocabularies = {key: _read_tokenizer(m) for key, m in distinct.items() if _has_tokenizer(m)}
+    # As in mergekit, a model without tokenizer files has the foundation's vocabulary (or,
+    # where the foundation has none either, the tokenizer source's).
+    assumed = vocabularies.get(id(foundation), vocabularies[id(tokenizer)])
+    for model in models:
+        vocabularies.setdefault(id(model), assumed)
+    _check_within_rows(foundation, vocabularies[id(foundation)].get_vocab())
+    output = vocabularies[id(tokenizer)]
+    added_files = None
+    if source == "union":
+        output, added = _union(vocabularies[id(foundation)], [(m, vocabularies[id(m)]) for m in models])
+        if added:
+            added_files = _saved(output)
+    ids = output.get_vocab()
+    tokens = len(ids)
+    if sorted(ids.values()) != list(range(tokens)):
+        raise CheckpointError(
+            f"tokenizer source '{source}': the output tokenizer's ids are not 0..{tokens - 1}; "
+            "mergeflow cannot lay out its embeddings"
+        )
+    for model, size in zip(models, rows[1:], strict=True):
+        if size is None:
+            raise CheckpointError(
+                f"model '{model.ref}': its config.json gives no vocab_size, which realigning its "
+                "embeddings to the output's vocabulary needs"
+            )
+    row_sources = [_rows_of(ids, vocabularies[id(m)].get_vocab(), vocab_size(m)) for m in models]
+    identity = np.arange(tokens)
+    if (
+        all(np.array_equal(r, identity) for r in row_sources)
+        and len(set(rows[1:])) == 1
+        and (pad_to_multiple_of is None or rows[1] % pad_to_multiple_of == 0)
+    ):
+        return None  # every model has the output's tokens at its ids: rows kept as they are
+    padded = tokens if pad_to_multiple_of is None else -(-tokens // pad_to_multiple_of) * pad_to_multiple_of
+    return OutputVocabulary(tokens, padded, row_sources, added_files)
+
+
+def vocab_size(model: Checkpoint) -> int | None:
+    size = (model.config or {}).get("vocab_size")
+    return size if isinstance(size, int) else None
+
+
+def _has_tokenizer(model: Checkpoint) -> bool:
+    return any(name in model.file_names for name in VOCABULARY_FILES)
+
+
+def _same_vocabulary_files(models: list[Checkpoint]) -> bool:
+    """Whether the models' vocabulary files are byte for byte the same (a model without any
+    has the foundation's, as in mergekit)."""
+    seen = None
+    for model in models:
+        if not _has_tokenizer(model):
+            continue
+        files = {n: model.location.child(n).read_bytes() for n in VOCABULARY_FILES if n in model.file_names}
+        if seen is not None and files != seen:
+            return False
+        seen = files
+    return True
+
+
+def _read_tokenizer(model: Checkpoint):
+    """The model's tokenizer, loaded by transformers from a local copy of its tokenizer files
+    (and config.json, which names the tokenizer's class where tokenizer_config.json does not).
+    Never with remote code."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="mergeflow-tokenizer-") as folder:
+        for name in (*TOKENIZER_FILES, CONFIG):
+            if name in model.file_names:
+                (Path(folder) / name).write_bytes(model.location.child(name).read_bytes())
+        try:
+            return AutoTokenizer.from_pretrained(folder, use_fast=True, trust_remote_code=False)
+        except Exception as exc:  # transformers raises many types for a tokenizer it cannot load
+            raise CheckpointError(f"model '{model.ref}': cannot load its tokenizer: {exc}") from exc
+
+
+def _check_within_rows(model: Checkpoint, ids: dict[str, int]) -> None:
+    """The tokenizer the output builds on has no token past the model's vocab_size (mergekit
+    strips such tokens from a BPE tokenizer; mergeflow does not rewrite tokenizers)."""
+    size = vocab_size(model)
+    beyond = sorted(t for t, i in ids.items() if size is not None and i >= size)
+    if beyond:
+        raise CheckpointError(
+            f"model '{model.ref}': its tokenizer has {len(beyond)} token(s) at ids past its vocab_size "
+            f"{size} (first {beyond[0]!r}); mergeflow does not strip tokenizers, so it cannot build "
+            "the output's vocabulary on it"
+        )
+
+
+def _union(foundation, tokenizers: list) -> tuple[object, bool]:
+    """The foundation's tokenizer with every token of the others' that it lacks added: their
+    ordinary tokens first, then their added (special) tokens, each kept as first seen. Returns
+    it and whether anything was added."""
+    known = set(foundation.get_vocab())
+    ordinary: dict[str, None] = {}
+    added: dict = {}
+    for model, tokenizer in tokenizers:
+        size = vocab_size(model)
+        decoder = tokenizer.added_tokens_decoder
+        for token, index in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+            if size is not None and index >= size:
+                continue
+            if index in decoder:
+                added.setdefault(token, decoder[index])
+            elif token not in known:
+                ordinary.setdefault(token, None)
+    new_added = [info for token, info in added.items() if token not in known]
+    new_ordinary = [t for t in ordinary if t not in added]
+    if not new_added and not new_ordinary:
+        return foundation, False
+    union = _copy(foundation)
+    union.add_tokens(new_ordinary)
+    for info in new_added:
+        union.add_tokens(info)
+    return union, True
+
+
+def _copy(tokenizer):
+    """A tokenizer saved and loaded again, so adding tokens leaves the original as it was."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="mergeflow-tokenizer-") as folder:
+        tokenizer.save_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, use_fast=True, trust_remote_code=False)
+
+
+def _saved(tokenizer) -> list[tuple[str, bytes]]:
+    """The files transformers writes for `tokenizer`, by name."""
+    with tempfile.TemporaryDirectory(prefix="mergeflow-tokenizer-") as folder:
+        tokenizer.save_pretrained(folder)
+        return sorted((p.name, p.read_bytes()) for p in Path(folder).iterdir() if p.is_file())
+
+
+def _rows_of(output: dict[str, int], model: dict[str, int], size: int | None) -> np.ndarray:
+    """For each output id, the model's id of the same token (-1 where the model lacks it, or
+    has it past its vocab_size)."""
+    rows = np.full(len(output), -1, dtype=np.int64)
+    for token, index in output.items():
+        own = model.get(token)
+        if own is not None and (size is None or own < size):
+            rows[index] = own
+    return rows
