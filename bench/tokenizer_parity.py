@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from machine import cpu_model  # noqa: E402
-from vocabulary_zoo import VOCAB_TENSORS, write_zoo  # noqa: E402
+from vocabulary_zoo import TOKENS, VOCAB_TENSORS, with_paths, write_zoo  # noqa: E402
 
 from mergeflow.config import parse_config  # noqa: E402
 from mergeflow.engine import merge  # noqa: E402
@@ -140,7 +140,9 @@ def run_case(root: Path, zoo_name: str, zoo: dict[str, str], dtype: str, method:
     merge(parse_config(settings), str(mergeflow_out))
     mergeflow_seconds = time.perf_counter() - started
     same_tokens, vocab_diff, other_diff, exact = compare(mergekit_out, mergeflow_out)
-    described = yaml.safe_dump(tokenizer, default_flow_style=True).strip()
+    described = yaml.safe_dump(tokenizer, default_flow_style=True, width=1000).strip()
+    for name, path in zoo.items():  # models by name, not by their scratch paths
+        described = described.replace(path, name)
     return (
         f"| {zoo_name} | {dtype} | {method} | `{described}` | {same_tokens} | {vocab_diff:.3g} | "
         f"{other_diff:.3g} | {exact} | {mergeflow_seconds:.1f} s | {mergekit_seconds:.1f} s |"
@@ -153,7 +155,11 @@ def main() -> None:
         root = Path(scratch)
         for dtype in ("float32", "bfloat16"):
             zoo = write_zoo(root / dtype, getattr(torch, dtype))
-            for method, tokenizer in CASES:
+            cases = [
+                *CASES,
+                ("task_arithmetic", {"tokenizer": {"source": "union", "tokens": with_paths(TOKENS, zoo)}}),
+            ]
+            for method, tokenizer in cases:
                 rows.append(run_case(root, "tiny", zoo, dtype, method, tokenizer))
                 print(rows[-1], flush=True)
         zoo = smollm2_zoo(root / "smollm2")

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from mergeflow.chat_template import NAMED_TEMPLATES
 from mergeflow.errors import ConfigError
@@ -128,14 +136,64 @@ class ModelGroup:
         return f"{self.field}[{self.base_position}]"
 
 
+class ModelTokenEmbedding(BaseModel):
+    """A token's row taken from a model's row of a token given by id or by itself."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: ModelReference
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelTokenEmbedding:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source gives token_id or token (one of them)")
+        return self
+
+
+class ZeroEmbedding(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+def _token_source_kind(value: Any) -> str:
+    """Which kind of token source `value` is: mergekit tells them apart by `kind`."""
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return f"kind={kind}" if kind is not None else "model reference"
+
+
+TokenSource = Annotated[
+    Annotated[ModelTokenEmbedding, Tag("kind=model_token")]
+    | Annotated[ZeroEmbedding, Tag("kind=zero")]
+    | Annotated[ModelReference, Tag("model reference")],
+    Discriminator(
+        _token_source_kind,
+        custom_error_type="token_source",
+        custom_error_message="a token source is a model, {kind: model_token, model, token or token_id} "
+        "or {kind: zero}",
+    ),
+]
+
+
+class TokenEmbedding(BaseModel):
+    """Where the rows of one token come from (an entry of mergekit's `tokenizer.tokens`): a model
+    (its row of that token), another token of a model, or zeros; for the models that lack the
+    token, or with `force` for every model."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: TokenSource
+    force: bool = False
+
+
 class TokenizerSettings(BaseModel):
     """mergekit's `tokenizer` block: the output's vocabulary comes from `source` (`base`,
-    `union`, mergekit's default here, or a model; mergeflow.vocabulary), its embeddings padded to
-    `pad_to_multiple_of` rows. Per-token embedding sources (`tokens`) are not supported."""
+    `union`, mergekit's default here, or a model; mergeflow.vocabulary) plus the `tokens` it
+    lacks, with the rows `tokens` give, padded to `pad_to_multiple_of` rows."""
 
     model_config = ConfigDict(extra="forbid")
     source: ModelReference = "union"
-    tokens: dict[str, Any] | None = None
+    tokens: dict[str, TokenEmbedding] | None = None
     pad_to_multiple_of: int | None = None
 
 
@@ -225,6 +283,20 @@ class MergeConfig(BaseModel):
         source = self.vocabulary_source()
         return None if source in (None, "base", "union") else source
 
+    def token_sources(self) -> dict[str, TokenEmbedding]:
+        return (self.tokenizer.tokens if self.tokenizer else None) or {}
+
+    def _check_token_sources(self) -> None:
+        """A token's source model is one of the merged models (its rows are read with theirs)."""
+        merged = {entry.model for entry in self.experts()} | {self.base_model}
+        for token, embedding in self.token_sources().items():
+            source = embedding.source
+            model = source if isinstance(source, str) else getattr(source, "model", None)
+            if model is not None and model.removeprefix("model:") not in merged:
+                raise ConfigError(
+                    f"tokenizer.tokens.{token}.source: model '{model}' is not one of the merged models"
+                )
+
     @model_validator(mode="after")
     def _check(self) -> MergeConfig:
         if self.slices and self.models:
@@ -247,6 +319,7 @@ class MergeConfig(BaseModel):
                     f"besides the base, got {count}"
                 )
         _check_tokenizer(self.tokenizer_source, self.tokenizer)
+        self._check_token_sources()
         named = ["auto", *NAMED_TEMPLATES]
         if self.chat_template not in (None, *named) and "{" not in self.chat_template:
             raise ConfigError(
@@ -289,11 +362,6 @@ def _check_tokenizer(source: str | None, block: TokenizerSettings | None) -> Non
         return
     if source is not None:
         raise ConfigError("tokenizer: give tokenizer_source or the tokenizer block, not both")
-    if block.tokens:
-        raise ConfigError(
-            f"tokenizer.tokens: per-token embedding sources ({', '.join(block.tokens)}) are not "
-            "supported; a token a model lacks takes mergekit's default row (docs/methods.md)"
-        )
     if block.pad_to_multiple_of is not None and block.pad_to_multiple_of < 1:
         raise ConfigError(
             f"tokenizer.pad_to_multiple_of: must be a positive integer, got {block.pad_to_multiple_of}"
@@ -370,7 +438,10 @@ def _fields_at(location: tuple) -> list[str]:
     if any(isinstance(part, str) and "ConditionalParameter" in part for part in location):
         return list(ConditionalParameter.model_fields)
     if location[0] == "tokenizer":
-        return list(TokenizerSettings.model_fields)
+        if "tokens" not in location[:-1]:
+            return list(TokenizerSettings.model_fields)
+        kinds = {"kind=model_token": ModelTokenEmbedding, "kind=zero": ZeroEmbedding}
+        return list(next((kinds[p] for p in location if p in kinds), TokenEmbedding).model_fields)
     if location[0] != "slices":
         return list(ModelEntry.model_fields)
     return list(SliceSource.model_fields if "sources" in location[:-1] else LayerSlice.model_fields)
@@ -380,4 +451,13 @@ def _is_union_branch(part: Any) -> bool:
     return isinstance(part, str) and ("[" in part or part in _UNION_BRANCHES)
 
 
-_UNION_BRANCHES = ("str", "int", "float", "bool", "ConditionalParameter")
+_UNION_BRANCHES = (
+    "str",
+    "int",
+    "float",
+    "bool",
+    "ConditionalParameter",
+    "kind=model_token",
+    "kind=zero",
+    "model reference",
+)

@@ -189,7 +189,7 @@ def _align_vocabularies(
         return None
     models = ([base] if base else []) + experts
     pad = config.tokenizer.pad_to_multiple_of if config.tokenizer else None
-    vocabulary = plan_vocabulary(source, models, models[0], tokenizer, pad)
+    vocabulary = plan_vocabulary(source, models, models[0], tokenizer, pad, config.token_sources())
     if vocabulary is not None:
         for model in models:
             if task_vector_info(model) is not None:

@@ -1,9 +1,10 @@
 """A vocabulary tensor (rows by token: the embeddings, the output head) realigned to the
 output's vocabulary (mergeflow.vocabulary) as the merge reads it, nothing written.
 
-Each output token's row is the model's row of the same token. A token the model lacks takes,
-as in mergekit, the row of the only model that has it, else the base's, else the mean of the
-rows of the models that have it (zero where none has it); that mean is summed in model order,
+Each output token's row is the model's row of the same token. A token the model lacks (or
+every model, where the config's `tokenizer.tokens` forces it) takes the row those `tokens` give
+for it, else, as in mergekit, the row of the only model that has it, else the base's, else the
+mean of the rows of the models that have it (zero where none has it); that mean is summed in model order,
 rounded to the models' common dtype after each step, as torch sums mergekit's rows. Rows past
 the tokenizer's last token (`pad_to_multiple_of`) are the mean of the model's realigned rows,
 computed in float64 (torch's mean of bfloat16 rows may differ in the last bit).
@@ -147,14 +148,27 @@ def _realign_tensor(
     base_at = next((k for k, i in enumerate(holders) if models[i] is base), None)
     cols = token_row(entries[0].shape)
 
-    def row(k: int, token: int) -> np.ndarray:
-        stored = reader.read(entries[k], int(sources[k, token]) * cols, cols)
-        return to_float32(stored).astype(_work(common))
+    def row(k: int, token: int, own_row: int | None = None) -> np.ndarray:
+        at = int(sources[k, token]) if own_row is None else own_row
+        return to_float32(reader.read(entries[k], at * cols, cols)).astype(_work(common))
 
+    forced = np.zeros(vocabulary.tokens, dtype=bool)
+    forced[[t for t, given in vocabulary.token_rows.items() if given.force]] = True
     defaults: dict[int, np.ndarray] = {}
-    for token in np.flatnonzero(present.sum(axis=0) < len(holders)):
+    for token in np.flatnonzero((present.sum(axis=0) < len(holders)) | forced):
         have = np.flatnonzero(present[:, token])
-        if have.size == 0:
+        given = vocabulary.token_rows.get(token)
+        if given is not None:  # the config's `tokens` say where its row comes from
+            if given.model is None:
+                defaults[token] = np.zeros(cols, dtype=_work(common))
+            elif given.model not in holders:
+                raise IncompatibleModelsError(
+                    f"tensor '{name}': model '{models[given.model].ref}', which tokenizer.tokens names "
+                    "as a source, does not have it"
+                )
+            else:
+                defaults[token] = row(holders.index(given.model), token, given.row)
+        elif have.size == 0:
             log.warning("tensor '%s': token id %d is in no model; its row is zero", name, token)
             defaults[token] = np.zeros(cols, dtype=_work(common))
         elif have.size == 1:
@@ -170,14 +184,14 @@ def _realign_tensor(
     shape = (vocabulary.rows, *entries[0].shape[1:])
     for k, i in enumerate(holders):
         model, entry = models[i], entries[k]
-        lacking = np.flatnonzero(~present[k])
+        lacking = np.flatnonzero(~present[k] | forced)
         fill_index = np.full(vocabulary.rows, -1, dtype=np.int64)
         fill_index[lacking] = np.arange(lacking.size)
         filled = np.empty((lacking.size + 1, cols), dtype=entry.dtype.storage)
         for at, token in enumerate(lacking):
             filled[at] = _stored(defaults[token], entry.dtype)
         row_sources = np.full(vocabulary.rows, -1, dtype=np.int64)
-        row_sources[: vocabulary.tokens] = sources[k]
+        row_sources[: vocabulary.tokens] = np.where(forced, -1, sources[k])
         realigned = RealignedTensor(model.ref, entry, shape, row_sources, fill_index, filled)
         if vocabulary.rows > vocabulary.tokens:  # pad rows: the mean of the realigned rows
             fill_index[vocabulary.tokens :] = lacking.size

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from mergeflow.checkpoint import CONFIG, TOKENIZER_FILES, Checkpoint
+from mergeflow.config import ModelTokenEmbedding, TokenEmbedding, ZeroEmbedding
 from mergeflow.errors import CheckpointError, ConfigError
 
 # The files that define a tokenizer's tokens and ids (its chat template aside).
@@ -38,6 +39,17 @@ VOCABULARY_FILES = (
 
 
 @dataclass(frozen=True)
+class TokenRow:
+    """Where the config's `tokenizer.tokens` puts one output token's row: the row `row` of
+    model `model` (an index into the models), or zeros where `model` is None; for the models
+    that lack the token, or with `force` for all."""
+
+    model: int | None
+    row: int | None
+    force: bool
+
+
+@dataclass(frozen=True)
 class OutputVocabulary:
     """The output's vocabulary and where each model's rows go in it."""
 
@@ -45,6 +57,7 @@ class OutputVocabulary:
     rows: int  # rows of each vocabulary tensor: `tokens`, padded to pad_to_multiple_of
     # per model (in the order given): the model's row for each output token, -1 where it lacks it
     row_sources: list[np.ndarray]
+    token_rows: dict[int, TokenRow]  # by output token id, from the config's `tokens`
     # the output's tokenizer files when they are new (a union that added tokens); else None:
     # the tokenizer source's files, as they are
     tokenizer_files: list[tuple[str, bytes]] | None
@@ -56,10 +69,13 @@ def plan_vocabulary(
     foundation: Checkpoint,
     tokenizer: Checkpoint,
     pad_to_multiple_of: int | None,
+    token_sources: dict[str, TokenEmbedding] | None = None,
 ) -> OutputVocabulary | None:
     """The output vocabulary for `source` ('base', 'union' or a model: `tokenizer` is the
-    checkpoint of the source) over `models` (the base first, when there is one); `foundation`
-    is the base, or the first model. None when every model already has it row for row."""
+    checkpoint of the source) over `models` (the base first, when there is one), with the
+    tokens `token_sources` name added where it lacks them; `foundation` is the base, or the
+    first model. None when every model already has it row for row and nothing is forced."""
+    token_sources = token_sources or {}
     if not _has_tokenizer(tokenizer):
         where = f"tokenizer source '{source}'" + (
             f": model '{tokenizer.ref}'" if tokenizer.ref != source else ""
@@ -67,7 +83,12 @@ def plan_vocabulary(
         raise ConfigError(f"{where} has no tokenizer files ({', '.join(VOCABULARY_FILES)})")
     rows = [vocab_size(m) for m in [tokenizer, *models]]
     padded_already = pad_to_multiple_of is None or (rows[1] or 1) % pad_to_multiple_of == 0
-    if len(set(rows)) == 1 and padded_already and _same_vocabulary_files([tokenizer, *models]):
+    if (
+        not token_sources
+        and len(set(rows)) == 1
+        and padded_already
+        and _same_vocabulary_files([tokenizer, *models])
+    ):
         return None
     distinct = {id(m): m for m in [foundation, tokenizer, *models]}
     vocabularies = {key: _read_tokenizer(m) for key, m in distinct.items() if _has_tokenizer(m)}
@@ -78,11 +99,14 @@ def plan_vocabulary(
         vocabularies.setdefault(id(model), assumed)
     _check_within_rows(foundation, vocabularies[id(foundation)].get_vocab())
     output = vocabularies[id(tokenizer)]
-    added_files = None
+    added = False
     if source == "union":
         output, added = _union(vocabularies[id(foundation)], [(m, vocabularies[id(m)]) for m in models])
-        if added:
-            added_files = _saved(output)
+    named = [t for t in token_sources if t not in output.get_vocab()]
+    if named:  # as mergekit: tokens the config names are added where the vocabulary lacks them
+        output = output if added else _copy(output)
+        output.add_tokens(named)
+        added = True
     ids = output.get_vocab()
     tokens = len(ids)
     if sorted(ids.values()) != list(range(tokens)):
@@ -97,15 +121,45 @@ def plan_vocabulary(
                 "embeddings to the output's vocabulary needs"
             )
     row_sources = [_rows_of(ids, vocabularies[id(m)].get_vocab(), vocab_size(m)) for m in models]
+    token_rows = {
+        ids[token]: _token_row(token, embedding, models, [vocabularies[id(m)] for m in models])
+        for token, embedding in token_sources.items()
+    }
     identity = np.arange(tokens)
     if (
-        all(np.array_equal(r, identity) for r in row_sources)
+        not any(t.force for t in token_rows.values())
+        and all(np.array_equal(r, identity) for r in row_sources)
         and len(set(rows[1:])) == 1
         and (pad_to_multiple_of is None or rows[1] % pad_to_multiple_of == 0)
     ):
         return None  # every model has the output's tokens at its ids: rows kept as they are
     padded = tokens if pad_to_multiple_of is None else -(-tokens // pad_to_multiple_of) * pad_to_multiple_of
-    return OutputVocabulary(tokens, padded, row_sources, added_files)
+    return OutputVocabulary(tokens, padded, row_sources, token_rows, _saved(output) if added else None)
+
+
+def _token_row(
+    token: str, embedding: TokenEmbedding, models: list[Checkpoint], vocabularies: list
+) -> TokenRow:
+    """Where `tokenizer.tokens` puts `token`'s row, checked against the source model's
+    vocabulary: the model's row of the token (or of the token or id a model_token source
+    names), or zeros."""
+    source = embedding.source
+    if isinstance(source, ZeroEmbedding):
+        return TokenRow(None, None, embedding.force)
+    ref = (source if isinstance(source, str) else source.model).removeprefix("model:")
+    where = f"tokenizer.tokens.{token}.source"
+    index = next(k for k, m in enumerate(models) if m.ref == ref)
+    size = vocab_size(models[index])
+    if isinstance(source, ModelTokenEmbedding) and source.token_id is not None:
+        row = source.token_id
+    else:
+        named = source.token if isinstance(source, ModelTokenEmbedding) else token
+        row = vocabularies[index].get_vocab().get(named)
+        if row is None:
+            raise ConfigError(f"{where}: model '{ref}' has no token {named!r}")
+    if not 0 <= row < size:
+        raise ConfigError(f"{where}: row {row} is outside model '{ref}' (vocab_size {size})")
+    return TokenRow(index, row, embedding.force)
 
 
 def vocab_size(model: Checkpoint) -> int | None:

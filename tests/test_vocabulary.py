@@ -16,7 +16,17 @@ from conftest import load_folder
 from lora_adapters import write_adapter
 from reference_merge import reference_merge
 from safetensors.torch import save_file
-from vocabulary_zoo import BASE, EXPERT_0, UNION, VOCAB_TENSORS, VOCABS, write_model, write_zoo
+from vocabulary_zoo import (
+    BASE,
+    EXPERT_0,
+    TOKENS,
+    UNION,
+    VOCAB_TENSORS,
+    VOCABS,
+    with_paths,
+    write_model,
+    write_zoo,
+)
 
 from mergeflow.checkpoint import open_checkpoint
 from mergeflow.config import parse_config
@@ -32,18 +42,38 @@ def zoo(request, tmp_path_factory) -> dict[str, str]:
 
 
 def reference_realigned(
-    zoo: dict[str, str], names: list[str], out_words: list[str], rows: int, base: str | None
+    zoo: dict[str, str],
+    names: list[str],
+    out_words: list[str],
+    rows: int,
+    base: str | None,
+    tokens: dict | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """mergekit's rules, whole tensors in torch: a token a model lacks takes the only holder's
-    row, else the base's, else the holders' mean (in the models' dtype, as mergekit sums);
-    pad rows the mean of the model's rows (float64, mergeflow's convention)."""
+    """mergekit's rules, whole tensors in torch: a token a model lacks takes the row its entry
+    in `tokens` gives (mergekit's tokenizer.tokens, with the models by name), else the only
+    holder's row, else the base's, else the holders' mean (in the models' dtype, as mergekit
+    sums); a forced entry replaces every model's row; pad rows are the mean of the model's rows
+    (float64, mergeflow's convention)."""
     states = {n: load_folder(zoo[n]) for n in names}
     ids = {n: {w: i for i, w in enumerate(VOCABS[n])} for n in names}
     realigned = {n: dict(states[n]) for n in names}
+    tokens = tokens or {}
     for tensor in VOCAB_TENSORS:
         defaults = {}
         for word in out_words:
             rows_of = {n: states[n][tensor][ids[n][word]] for n in names if word in ids[n]}
+            given = tokens.get(word)
+            if given is not None and (given.get("force") or len(rows_of) < len(names)):
+                source = given["source"]
+                if source == {"kind": "zero"}:
+                    defaults[word] = torch.zeros_like(states[names[0]][tensor][0])
+                elif isinstance(source, str):
+                    defaults[word] = states[source][tensor][ids[source][word]]
+                else:
+                    model = source["model"]
+                    at = source["token_id"] if "token_id" in source else ids[model][source["token"]]
+                    defaults[word] = states[model][tensor][at]
+                continue
             if len(rows_of) == len(names):
                 continue
             if len(rows_of) == 1:
@@ -59,7 +89,8 @@ def reference_realigned(
             old = states[n][tensor]
             new = torch.zeros((rows, old.shape[1]), dtype=old.dtype)
             for i, word in enumerate(out_words):
-                new[i] = old[ids[n][word]] if word in ids[n] else defaults[word]
+                forced = tokens.get(word, {}).get("force", False)
+                new[i] = old[ids[n][word]] if word in ids[n] and not forced else defaults[word]
             new[len(out_words) :] = new[: len(out_words)].double().mean(0).to(old.dtype)
             realigned[n][tensor] = new
     return realigned
@@ -230,3 +261,24 @@ def test_a_union_of_one_tokenizer_does_not_parse_it(zoo, tmp_path):
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (
         Path(zoo["base"]) / "tokenizer.json"
     ).read_bytes()
+
+
+def test_token_sources_place_the_rows_they_name(zoo, tmp_path):
+    out = tmp_path / "merged"
+    block = {"source": "union", "tokens": with_paths(TOKENS, zoo)}
+    merge(parse_config(union_config(zoo, tokenizer_source=None, tokenizer=block)), str(out))
+    words = [*UNION, "<tool>"]  # a token the config names and no model has comes last
+    names = ["base", "expert_0", "expert_1"]
+    realigned = reference_realigned(zoo, names, words, len(words), base="base", tokens=TOKENS)
+    expected = reference_merge(
+        "task_arithmetic", realigned["base"], [realigned["expert_0"], realigned["expert_1"]], lam=0.5
+    )
+    merged = load_folder(out)
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor.float(), expected[name], rtol=1e-2, atol=1e-2, msg=name)
+        if tensor.dtype == torch.float32:
+            torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert merged["lm_head.weight"][words.index("e")].abs().max() == 0  # forced to zero
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == {w: i for i, w in enumerate(words)}

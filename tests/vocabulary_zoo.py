@@ -49,3 +49,27 @@ def write_zoo(root: Path, dtype: torch.dtype) -> dict[str, str]:
     for seed, (name, words) in enumerate(VOCABS.items()):
         write_model(root / name, words, seed, dtype)
     return {name: str(root / name) for name in VOCABS}
+
+
+def with_paths(tokens: dict, zoo: dict[str, str]) -> dict:
+    """`tokens` with the models named by their paths, as a config names them."""
+    out = {}
+    for word, given in tokens.items():
+        source = given["source"]
+        if isinstance(source, str):
+            source = zoo[source]
+        elif "model" in source:
+            source = source | {"model": zoo[source["model"]]}
+        out[word] = given | {"source": source}
+    return out
+
+
+# mergekit's tokenizer.tokens, with the models by name: every kind of source, forced or not,
+# and a token no model has (added to the vocabulary).
+TOKENS = {
+    "<|im_start|>": {"source": {"kind": "model_token", "model": "base", "token": "<eos>"}},
+    "e": {"source": {"kind": "zero"}, "force": True},
+    "g": {"source": "expert_1"},
+    "<tool>": {"source": {"kind": "model_token", "model": "expert_0", "token_id": 2}},
+    "a": {"source": "base", "force": True},
+}

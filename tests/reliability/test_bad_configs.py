@@ -108,8 +108,26 @@ def ties(small, second: str) -> dict:
         ),
         ({"models": [], "slices": [{"sources": [{"model": "m"}]}]}, "sources.0.layer_range: required"),
         (
-            {"tokenizer": {"source": "base", "tokens": {"<|im_end|>": {"source": "base"}}}},
-            "tokenizer.tokens: ",
+            {"tokenizer": {"source": "base", "tokens": {"<|im_end|>": {"source": "elsewhere"}}}},
+            "tokenizer.tokens.<|im_end|>.source: model 'elsewhere' is not one of the merged models",
+        ),
+        (
+            {
+                "tokenizer": {
+                    "tokens": {
+                        "x": {"source": {"kind": "model_token", "model": "m", "token": "a", "token_id": 1}}
+                    }
+                }
+            },
+            "a model_token source gives token_id or token (one of them)",
+        ),
+        (
+            {"tokenizer": {"tokens": {"x": {"source": {"kind": "mean"}}}}},
+            "tokenizer.tokens.x.source: a token source is a model, {kind: model_token, model, token or",
+        ),
+        (
+            {"tokenizer": {"tokens": {"x": {"source": {"kind": "zero", "model": "m"}}}}},
+            "unknown key 'tokenizer.tokens.x.source.model' (supported: kind)",
         ),
         (
             {"tokenizer": {"source": "base"}, "tokenizer_source": "base"},

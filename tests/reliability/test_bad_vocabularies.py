@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from test_bad_inputs import assert_fails_cleanly
-from vocabulary_zoo import BASE, write_model, write_zoo
+from vocabulary_zoo import BASE, with_paths, write_model, write_zoo
 
 from mergeflow.errors import CheckpointError, ConfigError, IncompatibleModelsError
 
@@ -77,3 +77,23 @@ def test_embeddings_that_do_not_fit_the_vocab_size(zoo, tmp_path):
         IncompatibleModelsError,
         f"tensor 'lm_head.weight': 7 rows in '{odd}', whose vocab_size is 8",
     )
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ({"g": {"source": "base"}}, "tokenizer.tokens.g.source: model '{base}' has no token 'g'"),
+        (
+            {"g": {"source": {"kind": "model_token", "model": "base", "token_id": 6}}},
+            "tokenizer.tokens.g.source: row 6 is outside model '{base}' (vocab_size 6)",
+        ),
+        (
+            {"g": {"source": {"kind": "model_token", "model": "base", "token": "zz"}}},
+            "tokenizer.tokens.g.source: model '{base}' has no token 'zz'",
+        ),
+    ],
+)
+def test_token_sources_that_name_what_the_model_lacks_are_refused(zoo, tmp_path, given, message):
+    block = {"source": "union", "tokens": with_paths(given, zoo)}
+    config = union_config(zoo, tokenizer_source=None, tokenizer=block)
+    assert assert_fails_cleanly(config, tmp_path, ConfigError) == message.format(base=zoo["base"])
