@@ -5,7 +5,8 @@ rows each output token takes.
 The output's tokenizer is the tokenizer source's as it is (`base`: the base's, or the first
 model's when there is no base). `union` adds to the base's tokenizer every token of the other
 models it lacks, in the order of the models and, within a model, of the token ids; tokens a
-model's tokenizer holds at ids beyond its vocab_size are left out, as in mergekit.
+model's tokenizer holds at ids beyond its vocab_size are left out, as in mergekit. Tokens the
+`tokenizer` block's `tokens` name and the vocabulary lacks are added last.
 
 Where every model already has the output's tokens at the same ids and the same number of rows
 (experts of one base: the usual case), nothing is realigned and the rows are kept as they are
@@ -58,8 +59,8 @@ class OutputVocabulary:
     # per model (in the order given): the model's row for each output token, -1 where it lacks it
     row_sources: list[np.ndarray]
     token_rows: dict[int, TokenRow]  # by output token id, from the config's `tokens`
-    # the output's tokenizer files when they are new (a union that added tokens); else None:
-    # the tokenizer source's files, as they are
+    # the output's tokenizer files when tokens were added (by a union, or named by `tokens`);
+    # else None: the tokenizer source's files, as they are
     tokenizer_files: list[tuple[str, bytes]] | None
 
 
