@@ -22,7 +22,7 @@ import numpy as np
 from mergeflow.checkpoint import Checkpoint
 from mergeflow.errors import IncompatibleModelsError
 from mergeflow.methods.primitives import from_float32, to_float32
-from mergeflow.safetensors_io import DTYPES, DType, TensorFileReader
+from mergeflow.safetensors_io import DTYPES, DType, TensorFileReader, TensorSize
 from mergeflow.vocabulary import OutputVocabulary, vocab_size
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ MEAN_BLOCK_ROWS = 1024
 
 
 @dataclass(frozen=True)
-class RealignedTensor:
+class RealignedTensor(TensorSize):
     """A vocabulary tensor of model `ref` with its rows in the output vocabulary's order,
     read (TensorFileReader.read hands such reads here) from the model's tensor, a run of
     consecutive rows at a time, and from `filled`: the rows it lacks, computed when it opened."""
@@ -58,14 +58,6 @@ class RealignedTensor:
     @property
     def dtype(self) -> DType:
         return self.model.dtype
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
 
     def read(
         self, reader: TensorFileReader, start: int, count: int, into: np.ndarray | None = None

@@ -83,15 +83,8 @@ def numpy_view(tensor) -> np.ndarray:
     return (tensor.view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor lives: file, dtype, shape and absolute byte offset."""
-
-    name: str
-    file: Location
-    dtype: DType
-    shape: tuple[int, ...]
-    offset: int
+class TensorSize:
+    """Elements and bytes of a tensor, from its `shape` and `dtype`."""
 
     @property
     def numel(self) -> int:
@@ -100,6 +93,17 @@ class TensorEntry:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class TensorEntry(TensorSize):
+    """Where one tensor lives: file, dtype, shape and absolute byte offset."""
+
+    name: str
+    file: Location
+    dtype: DType
+    shape: tuple[int, ...]
+    offset: int
 
 
 def read_header(file: Location) -> list[TensorEntry]:
@@ -207,14 +211,10 @@ class TensorFileReader:
 
 
 @dataclass(frozen=True)
-class PlannedTensor:
+class PlannedTensor(TensorSize):
     name: str
     dtype: DType
     shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def header_bytes(tensors: list[PlannedTensor]) -> bytes:
