@@ -187,15 +187,17 @@ def _same_vocabulary_files(models: list[Checkpoint]) -> bool:
 
 
 def _read_tokenizer(model: Checkpoint):
-    """The model's tokenizer, loaded by transformers from a local copy of its tokenizer files
-    (and config.json, which names the tokenizer's class where tokenizer_config.json does not).
-    Never with remote code."""
+    """The model's tokenizer, loaded by transformers from a local copy of its tokenizer files,
+    and of config.json where tokenizer_config.json names no tokenizer class (transformers then
+    reads the model's config, which loads torch: 1.5 s). Never with remote code."""
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="mergeflow-tokenizer-") as folder:
-        for name in (*TOKENIZER_FILES, CONFIG):
-            if name in model.file_names:
-                (Path(folder) / name).write_bytes(model.location.child(name).read_bytes())
+        files = {n: model.location.child(n).read_bytes() for n in TOKENIZER_FILES if n in model.file_names}
+        if b'"tokenizer_class"' not in files.get("tokenizer_config.json", b"") and CONFIG in model.file_names:
+            files[CONFIG] = model.location.child(CONFIG).read_bytes()
+        for name, data in files.items():
+            (Path(folder) / name).write_bytes(data)
         try:
             return AutoTokenizer.from_pretrained(folder, use_fast=True, trust_remote_code=False)
         except Exception as exc:  # transformers raises many types for a tokenizer it cannot load
