@@ -1,8 +1,8 @@
 """Merge configuration: mergekit's YAML, as users already write it, as a pydantic model.
 
 Supported keys: merge_method, base_model, models[].model, models[].parameters, parameters,
-dtype, out_dtype, tokenizer_source or the tokenizer block (its source; pad_to_multiple_of when
-the vocabulary already is a multiple), chat_template ('auto', a named format or Jinja), and
+dtype, out_dtype, tokenizer_source or the tokenizer block (mergeflow.tokenizer_settings),
+chat_template ('auto', a named format or Jinja), and
 slices[] (sources[] of model, layer_range, parameters; the slice's parameters): the output's
 layers, slice by slice.
 A parameter value is a number or flag, a list of numbers (a gradient interpolated over layers)
@@ -18,50 +18,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Discriminator,
-    Tag,
-    ValidationError,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from mergeflow.chat_template import NAMED_TEMPLATES
 from mergeflow.errors import ConfigError
 from mergeflow.methods import MergeMethod, get_method
+from mergeflow.model_reference import ModelReference
 from mergeflow.parameters import ConditionalParameter, Parameters, check_parameters, empty_when_null
 from mergeflow.safetensors_io import DTYPES_BY_LONG_NAME, DType
+from mergeflow.tokenizer_settings import (
+    ModelTokenEmbedding,
+    TokenEmbedding,
+    TokenizerSettings,
+    ZeroEmbedding,
+    check_tokenizer_settings,
+)
 
 DTypeName = Literal["float32", "float16", "bfloat16"]
-
-
-def _model_reference(value: Any) -> Any:
-    """mergekit's long form of a model reference, {model: {path, revision}, lora: {path,
-    revision}} (each part may also be a string), as the short form it stands for:
-    'path@revision+lora@revision'. mergekit writes the long form for paths with spaces."""
-    if not isinstance(value, dict):
-        return value
-    if "override_architecture" in value:
-        raise ValueError("override_architecture is not supported: mergeflow keeps the models' architecture")
-    unknown = sorted(set(value) - {"model", "lora"})
-    if unknown or "model" not in value:
-        raise ValueError(f"a model given as a mapping has keys model and lora (got {sorted(value)})")
-    ref = _model_path(value["model"])
-    return f"{ref}+{_model_path(value['lora'])}" if value.get("lora") is not None else ref
-
-
-def _model_path(part: Any) -> str:
-    if isinstance(part, str):
-        return part
-    if isinstance(part, dict) and isinstance(part.get("path"), str) and set(part) <= {"path", "revision"}:
-        return part["path"] + (f"@{part['revision']}" if part.get("revision") else "")
-    raise ValueError(f"a model path is a string or a mapping of path and revision (got {part!r})")
-
-
-# A model as mergekit configs name it: a string, or its long form (see _model_reference).
-ModelReference = Annotated[str, BeforeValidator(_model_reference)]
 
 
 class ModelEntry(BaseModel):
@@ -134,67 +107,6 @@ class ModelGroup:
         if self.base_position is None:
             return f"base_model (the layers of {self.field})"
         return f"{self.field}[{self.base_position}]"
-
-
-class ModelTokenEmbedding(BaseModel):
-    """A token's row taken from a model's row of a token given by id or by itself."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["model_token"]
-    model: ModelReference
-    token_id: int | None = None
-    token: str | None = None
-
-    @model_validator(mode="after")
-    def _one_token(self) -> ModelTokenEmbedding:
-        if (self.token_id is None) == (self.token is None):
-            raise ValueError("a model_token source gives token_id or token (one of them)")
-        return self
-
-
-class ZeroEmbedding(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["zero"]
-
-
-def _token_source_kind(value: Any) -> str:
-    """Which kind of token source `value` is: mergekit tells them apart by `kind`."""
-    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
-    return f"kind={kind}" if kind is not None else "model reference"
-
-
-TokenSource = Annotated[
-    Annotated[ModelTokenEmbedding, Tag("kind=model_token")]
-    | Annotated[ZeroEmbedding, Tag("kind=zero")]
-    | Annotated[ModelReference, Tag("model reference")],
-    Discriminator(
-        _token_source_kind,
-        custom_error_type="token_source",
-        custom_error_message="a token source is a model, {kind: model_token, model, token or token_id} "
-        "or {kind: zero}",
-    ),
-]
-
-
-class TokenEmbedding(BaseModel):
-    """Where the rows of one token come from (an entry of mergekit's `tokenizer.tokens`): a model
-    (its row of that token), another token of a model, or zeros; for the models that lack the
-    token, or with `force` for every model."""
-
-    model_config = ConfigDict(extra="forbid")
-    source: TokenSource
-    force: bool = False
-
-
-class TokenizerSettings(BaseModel):
-    """mergekit's `tokenizer` block: the output's vocabulary comes from `source` (`base`,
-    `union`, mergekit's default here, or a model; mergeflow.vocabulary) plus the `tokens` it
-    lacks, with the rows `tokens` give, padded to `pad_to_multiple_of` rows."""
-
-    model_config = ConfigDict(extra="forbid")
-    source: ModelReference = "union"
-    tokens: dict[str, TokenEmbedding] | None = None
-    pad_to_multiple_of: int | None = None
 
 
 class MergeConfig(BaseModel):
@@ -318,7 +230,7 @@ class MergeConfig(BaseModel):
                     f"{group.field}: method '{method.name}' merges exactly {method.max_models} model(s) "
                     f"besides the base, got {count}"
                 )
-        _check_tokenizer(self.tokenizer_source, self.tokenizer)
+        check_tokenizer_settings(self.tokenizer_source, self.tokenizer)
         self._check_token_sources()
         named = ["auto", *NAMED_TEMPLATES]
         if self.chat_template not in (None, *named) and "{" not in self.chat_template:
@@ -355,17 +267,6 @@ class MergeConfig(BaseModel):
             if param.default is None and not given:
                 raise ConfigError(f"parameters.{param.name}: required by method '{method.name}'")
         return self
-
-
-def _check_tokenizer(source: str | None, block: TokenizerSettings | None) -> None:
-    if block is None:
-        return
-    if source is not None:
-        raise ConfigError("tokenizer: give tokenizer_source or the tokenizer block, not both")
-    if block.pad_to_multiple_of is not None and block.pad_to_multiple_of < 1:
-        raise ConfigError(
-            f"tokenizer.pad_to_multiple_of: must be a positive integer, got {block.pad_to_multiple_of}"
-        )
 
 
 _MERGEKIT_ONLY = {

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from mergeflow.checkpoint import CONFIG, TOKENIZER_FILES, Checkpoint
-from mergeflow.config import ModelTokenEmbedding, TokenEmbedding, ZeroEmbedding
 from mergeflow.errors import CheckpointError, ConfigError
+from mergeflow.tokenizer_settings import ModelTokenEmbedding, TokenEmbedding, ZeroEmbedding
 
 # The files that define a tokenizer's tokens and ids (its chat template aside).
 VOCABULARY_FILES = (
