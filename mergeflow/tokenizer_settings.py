@@ -73,6 +73,8 @@ class TokenizerSettings(BaseModel):
 
 
 def check_tokenizer_settings(source: str | None, block: TokenizerSettings | None) -> None:
+    """What can be checked without the models: one of tokenizer_source and the block, and a
+    positive pad_to_multiple_of (MergeConfig checks that token sources are merged models)."""
     if block is None:
         return
     if source is not None:
