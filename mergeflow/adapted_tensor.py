@@ -12,12 +12,12 @@ from mergeflow.errors import NonFiniteError
 from mergeflow.lora import TensorUpdate
 from mergeflow.methods.kernels import stored, widen
 from mergeflow.methods.primitives import KERNEL_DTYPES, from_float32, to_float32
-from mergeflow.safetensors_io import TensorEntry, TensorFileReader
+from mergeflow.safetensors_io import ComputedTensor, TensorEntry, TensorFileReader
 from mergeflow.tensor_merge import row_length
 
 
 @dataclass(frozen=True)
-class AdaptedTensor:
+class AdaptedTensor(ComputedTensor):
     """A tensor of model `ref` with its adapter's update applied, computed whenever a range of
     it is read (TensorFileReader.read hands such reads here): nothing is written, and the
     product s·B·A is formed row block by row block, so memory stays at a few blocks however
@@ -30,24 +30,8 @@ class AdaptedTensor:
     update: TensorUpdate
 
     @property
-    def name(self) -> str:
-        return self.model.name
-
-    @property
-    def dtype(self):
-        return self.model.dtype
-
-    @property
     def shape(self) -> tuple[int, ...]:
         return self.model.shape
-
-    @property
-    def numel(self) -> int:
-        return self.model.numel
-
-    @property
-    def nbytes(self) -> int:
-        return self.model.nbytes
 
     def read(
         self, reader: TensorFileReader, start: int, count: int, into: np.ndarray | None = None
@@ -55,9 +39,7 @@ class AdaptedTensor:
         """Elements [start, start+count) of the adapted tensor in its storage dtype, as
         TensorFileReader.read gives a stored tensor's. NaN or Inf in a result is refused here,
         naming the model and tensor."""
-        nbytes = count * self.dtype.itemsize
-        buffer = np.empty(nbytes, dtype=np.uint8) if into is None else into[:nbytes]
-        values = buffer.view(self.dtype.storage)
+        values = self.output(count, into)
         memo = ReadMemo.of(reader)
         kept = memo.get(self.name, self)
         if kept is not None:

@@ -49,7 +49,7 @@ class Checkpoint:
     ref: str
     location: Location
     config: dict | None
-    tensors: dict[str, TensorEntry]  # or an AdaptedTensor (mergeflow.adapted_tensor)
+    tensors: dict[str, TensorEntry]  # or a ComputedTensor: adapted by LoRA, or realigned
     # The files the model's content hash is computed from, by the name its line gives them
     # (mergeflow.hashing): the weight files, or the pickles converted for this merge, and for
     # model+adapter the adapter's files too (as "adapter/<name>"), never the scratch files

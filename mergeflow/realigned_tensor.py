@@ -22,7 +22,7 @@ import numpy as np
 from mergeflow.checkpoint import Checkpoint
 from mergeflow.errors import IncompatibleModelsError
 from mergeflow.methods.primitives import from_float32, to_float32
-from mergeflow.safetensors_io import DTYPES, DType, TensorFileReader, TensorSize
+from mergeflow.safetensors_io import DTYPES, ComputedTensor, DType, TensorEntry, TensorFileReader
 from mergeflow.vocabulary import OutputVocabulary, vocab_size
 
 log = logging.getLogger(__name__)
@@ -38,35 +38,25 @@ VOCABULARY_TENSOR = re.compile(
 MEAN_BLOCK_ROWS = 1024
 
 
-@dataclass(frozen=True)
-class RealignedTensor(TensorSize):
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: it holds arrays
+class RealignedTensor(ComputedTensor):
     """A vocabulary tensor of model `ref` with its rows in the output vocabulary's order,
     read (TensorFileReader.read hands such reads here) from the model's tensor, a run of
     consecutive rows at a time, and from `filled`: the rows it lacks, computed when it opened."""
 
     ref: str
-    model: object  # the model's own tensor: a TensorEntry, or an AdaptedTensor
+    model: TensorEntry | ComputedTensor  # the model's own tensor, or its adapted one
     shape: tuple[int, ...]
     row_sources: np.ndarray  # per output row: the model's row, or -1 where `filled` has it
     fill_index: np.ndarray  # per output row: its row of `filled`, or -1
     filled: np.ndarray  # (rows, token_row) in the model's storage dtype
-
-    @property
-    def name(self) -> str:
-        return self.model.name
-
-    @property
-    def dtype(self) -> DType:
-        return self.model.dtype
 
     def read(
         self, reader: TensorFileReader, start: int, count: int, into: np.ndarray | None = None
     ) -> np.ndarray:
         """Elements [start, start+count) in the model's storage dtype, as TensorFileReader.read
         gives a stored tensor's."""
-        nbytes = count * self.dtype.itemsize
-        buffer = np.empty(nbytes, dtype=np.uint8) if into is None else into[:nbytes]
-        values = buffer.view(self.dtype.storage)
+        values = self.output(count, into)
         cols = token_row(self.shape)
         first, last = start // cols, -(-(start + count) // cols)
         block = np.empty((last - first, cols), dtype=self.dtype.storage)

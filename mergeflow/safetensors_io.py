@@ -95,6 +95,29 @@ class TensorSize:
         return self.numel * self.dtype.itemsize
 
 
+class ComputedTensor(TensorSize):
+    """A tensor computed whenever a range of it is read, standing in a model's tensor table for
+    the model's own tensor `model` (an AdaptedTensor, a RealignedTensor): TensorFileReader.read
+    hands reads of it to its `read(reader, start, count, into)`."""
+
+    model: TensorEntry | ComputedTensor
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def dtype(self) -> DType:
+        return self.model.dtype
+
+    def output(self, count: int, into: np.ndarray | None) -> np.ndarray:
+        """Where a read of `count` elements goes, in the storage dtype: the front of the uint8
+        array `into` when given, as TensorFileReader.read does."""
+        nbytes = count * self.dtype.itemsize
+        buffer = np.empty(nbytes, dtype=np.uint8) if into is None else into[:nbytes]
+        return buffer.view(self.dtype.storage)
+
+
 @dataclass(frozen=True)
 class TensorEntry(TensorSize):
     """Where one tensor lives: file, dtype, shape and absolute byte offset."""
@@ -158,14 +181,14 @@ class TensorFileReader:
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
-        # What tensors computed as they are read (mergeflow.adapted_tensor) keep between reads,
-        # by their own keys; it goes with the reader.
+        # What computed tensors (ComputedTensor) keep between reads, by their own keys; it goes
+        # with the reader.
         self.derived: dict = {}
 
     def read(self, entry: TensorEntry, start: int, count: int, into: np.ndarray | None = None) -> np.ndarray:
         """Elements [start, start+count) of the flattened tensor, in its storage dtype; read
         into the front of the uint8 array `into` when given (reusing a buffer saves page faults)."""
-        if not isinstance(entry, TensorEntry):  # computed as it is read (mergeflow.adapted_tensor)
+        if isinstance(entry, ComputedTensor):
             return entry.read(self, start, count, into)
         itemsize = entry.dtype.itemsize
         offset, nbytes = entry.offset + start * itemsize, count * itemsize
@@ -188,7 +211,7 @@ class TensorFileReader:
         """The bytes of a whole tensor of a local file as a read-only view of the file's pages
         (no copy), or None for a file in S3 or a tensor computed as it is read. The mapping goes
         when the last view of it does."""
-        if not isinstance(entry, TensorEntry) or not entry.file.is_local:
+        if isinstance(entry, ComputedTensor) or not entry.file.is_local:
             return None
         start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
         try:
