@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import mergeflow
 from mergeflow.chat_template import chosen_chat_template, with_chat_template
-from mergeflow.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
+from mergeflow.checkpoint import Checkpoint, open_checkpoint
 from mergeflow.compatibility import check_compatible
 from mergeflow.config import MergeConfig
 from mergeflow.errors import ConfigError
@@ -38,7 +38,7 @@ from mergeflow.realigned_tensor import realign
 from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
 from mergeflow.task_vectors import check_task_vectors_match_base, task_vector_info
 from mergeflow.tensor_merge import TensorMerge, Workspace, chunk_elements, row_length
-from mergeflow.vocabulary import OutputVocabulary, plan_vocabulary
+from mergeflow.vocabulary import OutputVocabulary, plan_vocabulary, tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +141,10 @@ def merge(
                 "models": [_input_record(c, sha) for c, sha in zip(experts, hashes, strict=True)],
             }
             files = writer.finish()
-            tokenizer_files = vocabulary.tokenizer_files if vocabulary else None
-            files += _write_side_files(
-                stage,
-                reference,
-                layout,
-                tokenizer_files or _tokenizer_files(tokenizer_source),
-                out_dtype,
-                chat_template,
-            )
+            # the tokenizer source's files, or new ones where tokens were added to its vocabulary
+            added_tokens_files = vocabulary.tokenizer_files if vocabulary else None
+            output_tokenizer = added_tokens_files or tokenizer_files(tokenizer_source)
+            files += _write_side_files(stage, reference, layout, output_tokenizer, out_dtype, chat_template)
             card = model_card(config, inputs)
             files.append(write_small_file(stage.folder, MODEL_CARD, card.encode()))
             manifest = {
@@ -199,14 +194,6 @@ def _align_vocabularies(
                 )
         realign(models, vocabulary, base)
     return vocabulary
-
-
-def _tokenizer_files(tokenizer: Checkpoint) -> list[tuple[str, bytes]]:
-    return [
-        (name, tokenizer.location.child(name).read_bytes())
-        for name in TOKENIZER_FILES
-        if name in tokenizer.file_names
-    ]
 
 
 def _reference(checkpoint: Checkpoint) -> dict:

@@ -84,15 +84,16 @@ def plan_vocabulary(
         raise ConfigError(f"{where} has no tokenizer files ({', '.join(VOCABULARY_FILES)})")
     rows = [vocab_size(m) for m in [tokenizer, *models]]
     padded_already = pad_to_multiple_of is None or (rows[1] or 1) % pad_to_multiple_of == 0
+    distinct = {id(m): m for m in [foundation, tokenizer, *models]}
+    files = {key: dict(tokenizer_files(m)) for key, m in distinct.items() if _has_tokenizer(m)}
     if (
         not token_sources
         and len(set(rows)) == 1
         and padded_already
-        and _same_vocabulary_files([tokenizer, *models])
+        and _same_vocabulary_files([files[id(m)] for m in [tokenizer, *models] if id(m) in files])
     ):
         return None
-    distinct = {id(m): m for m in [foundation, tokenizer, *models]}
-    vocabularies = {key: _read_tokenizer(m) for key, m in distinct.items() if _has_tokenizer(m)}
+    vocabularies = {key: _read_tokenizer(distinct[key], given) for key, given in files.items()}
     # As in mergekit, a model without tokenizer files has the foundation's vocabulary (or,
     # where the foundation has none either, the tokenizer source's).
     assumed = vocabularies.get(id(foundation), vocabularies[id(tokenizer)])
@@ -172,28 +173,29 @@ def _has_tokenizer(model: Checkpoint) -> bool:
     return any(name in model.file_names for name in VOCABULARY_FILES)
 
 
-def _same_vocabulary_files(models: list[Checkpoint]) -> bool:
-    """Whether the models' vocabulary files are byte for byte the same (a model without any
-    has the foundation's, as in mergekit)."""
-    seen = None
-    for model in models:
-        if not _has_tokenizer(model):
-            continue
-        files = {n: model.location.child(n).read_bytes() for n in VOCABULARY_FILES if n in model.file_names}
-        if seen is not None and files != seen:
-            return False
-        seen = files
-    return True
+def tokenizer_files(model: Checkpoint) -> list[tuple[str, bytes]]:
+    """The model's tokenizer files (those it has of TOKENIZER_FILES), by name."""
+    return [(n, model.location.child(n).read_bytes()) for n in TOKENIZER_FILES if n in model.file_names]
 
 
-def _read_tokenizer(model: Checkpoint):
-    """The model's tokenizer, loaded by transformers from a local copy of its tokenizer files,
-    and of config.json where tokenizer_config.json names no tokenizer class (transformers then
-    reads the model's config, which loads torch: 1.5 s). Never with remote code."""
+def _same_vocabulary_files(file_sets: list[dict[str, bytes]]) -> bool:
+    """Whether the vocabulary files among the models' tokenizer files (of the models that have
+    any: a model without has the foundation's, as in mergekit) are byte for byte the same."""
+    vocabulary_files = [
+        {n: data for n, data in files.items() if n in VOCABULARY_FILES} for files in file_sets
+    ]
+    return all(files == vocabulary_files[0] for files in vocabulary_files)
+
+
+def _read_tokenizer(model: Checkpoint, given: dict[str, bytes]):
+    """The model's tokenizer, loaded by transformers from a local copy of its tokenizer files
+    (`given`), and of config.json where tokenizer_config.json names no tokenizer class
+    (transformers then reads the model's config, which loads torch: 1.5 s). Never with remote
+    code."""
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="mergeflow-tokenizer-") as folder:
-        files = {n: model.location.child(n).read_bytes() for n in TOKENIZER_FILES if n in model.file_names}
+        files = dict(given)
         if b'"tokenizer_class"' not in files.get("tokenizer_config.json", b"") and CONFIG in model.file_names:
             files[CONFIG] = model.location.child(CONFIG).read_bytes()
         for name, data in files.items():
