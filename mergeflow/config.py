@@ -3,8 +3,8 @@
 Supported keys: merge_method, base_model, models[].model, models[].parameters, parameters,
 dtype, out_dtype, tokenizer_source or the tokenizer block (mergeflow.tokenizer_settings),
 chat_template ('auto', a named format or Jinja), and
-slices[] (sources[] of model, layer_range, parameters; the slice's parameters): the output's
-layers, slice by slice.
+slices[] (sources[] of model, layer_range, parameters; the slice's parameters and base_model):
+the output's layers, slice by slice.
 A parameter value is a number or flag, a list of numbers (a gradient interpolated over layers)
 or a list of {filter, value} entries whose first entry with a filter contained in the tensor
 name (or no filter) applies - mergekit's rules.
@@ -71,6 +71,7 @@ class LayerSlice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sources: list[SliceSource]
     parameters: Parameters = {}  # between the sources' own and the global ones
+    base_model: ModelReference | None = None  # the base of this slice's layers, for the global one
 
     @model_validator(mode="after")
     def _check_lengths(self) -> LayerSlice:
@@ -88,12 +89,16 @@ class LayerSlice(BaseModel):
 @dataclass(frozen=True)
 class ModelGroup:
     """Models merged together: the experts of `models`, or the sources of one slice less the
-    base. `positions` are their places in `field`; `layer_ranges` (slices only) the layers each
-    gives, and `base_range` the base's; `parameters` the slice's own settings."""
+    base. `positions` are their places in `field`; `base` the model taking the base's part
+    (None for a method without one) and `base_key` the key naming it; `layer_ranges` (slices
+    only) the layers each gives, and `base_range` the base's; `parameters` the slice's own
+    settings."""
 
     field: str
     positions: list[int]
     entries: list[ModelEntry | SliceSource]
+    base: str | None = None
+    base_key: str = "base_model"
     layer_ranges: list[tuple[int, int]] | None = None
     base_range: tuple[int, int] | None = None
     base_position: int | None = None  # where the slice lists the base, if it does
@@ -105,7 +110,7 @@ class ModelGroup:
     def base_field(self) -> str:
         """Where the base's layers for this group are given."""
         if self.base_position is None:
-            return f"base_model (the layers of {self.field})"
+            return f"{self.base_key} (the layers of {self.field})"
         return f"{self.field}[{self.base_position}]"
 
 
@@ -133,48 +138,56 @@ class MergeConfig(BaseModel):
     def takes_base(self) -> bool:
         """Whether base_model takes part as the base: for a method that needs one or may have one
         (models that repeat it are then not merged again as models)."""
+        return bool(self.base_model) and self._method_takes_base()
+
+    def _method_takes_base(self) -> bool:
         method = self.method
-        return bool(self.base_model) and (method.needs_base or method.optional_base)
+        return method.needs_base or method.optional_base
 
     def groups(self) -> list[ModelGroup]:
         """The models merged together: one group for `models`, one per slice."""
         if not self.slices:
-            positions = self._expert_positions(self.models)
-            return [ModelGroup("models", positions, [self.models[k] for k in positions])]
+            base = self.base_model if self.takes_base() else None
+            positions = [k for k, entry in enumerate(self.models) if entry.model != base]
+            return [ModelGroup("models", positions, [self.models[k] for k in positions], base)]
         return [self._slice_group(s) for s in range(len(self.slices))]
 
     def experts(self) -> list[ModelEntry]:
-        """Every model merged into the base, once, in the order the config first names it
-        (with the parameters given there)."""
+        """Every model read besides base_model, once, in the order the config first names it
+        (with the parameters given there): the models merged into a base, and the bases that
+        slices give for their layers."""
         first: dict[str, ModelEntry | SliceSource] = {}
         for group in self.groups():
             for entry in group.entries:
                 first.setdefault(entry.model, entry)
+            if group.base is not None and group.base != self.base_model:
+                first.setdefault(group.base, ModelEntry(model=group.base))
         return [ModelEntry(model=e.model, parameters=e.parameters) for e in first.values()]
 
-    def _expert_positions(self, entries: list[ModelEntry] | list[SliceSource]) -> list[int]:
-        takes_base = self.takes_base()
-        return [k for k, entry in enumerate(entries) if not (takes_base and entry.model == self.base_model)]
-
     def _slice_group(self, s: int) -> ModelGroup:
-        sources = self.slices[s].sources
-        positions = self._expert_positions(sources)
+        layer_slice = self.slices[s]
+        sources = layer_slice.sources
+        base = (layer_slice.base_model or self.base_model) if self._method_takes_base() else None
+        base_key = f"slices[{s}].base_model" if layer_slice.base_model else "base_model"
+        positions = [k for k, source in enumerate(sources) if source.model != base]
         ranges = [sources[k].layer_range for k in positions]
         group = ModelGroup(
             f"slices[{s}].sources",
             positions,
             [sources[k] for k in positions],
+            base,
+            base_key,
             ranges,
-            parameters=self.slices[s].parameters,
+            parameters=layer_slice.parameters,
         )
-        if not self.takes_base():
+        if base is None:
             return group
-        listed = next((k for k, source in enumerate(sources) if source.model == self.base_model), None)
+        listed = next((k for k, source in enumerate(sources) if source.model == base), None)
         if listed is not None:
             return replace(group, base_range=sources[listed].layer_range, base_position=listed)
         if len(set(ranges)) > 1:
             raise ConfigError(
-                f"slices[{s}].sources: base_model '{self.base_model}' is not among them and they take "
+                f"slices[{s}].sources: {base_key} '{base}' is not among them and they take "
                 "different layers; list the base with the layer_range to merge them into"
             )
         # One range for all: the base's same layers, as for models merged whole.
@@ -214,11 +227,13 @@ class MergeConfig(BaseModel):
         if self.slices and self.models:
             raise ConfigError("slices: list the models under `models` or under `slices`, not both")
         method = self.method
-        if method.needs_base and not self.base_model:
-            raise ConfigError(f"base_model: method '{method.name}' needs a base model")
         if not self.slices and not self.models:
             raise ConfigError("models: no models to merge (zero experts)")
         for group in self.groups():
+            if method.needs_base and group.base is None:
+                where = group.field.removesuffix(".sources") if self.slices else "base_model"
+                also = " (give base_model, or the slice its own)" if self.slices else ""
+                raise ConfigError(f"{where}: method '{method.name}' needs a base model{also}")
             count = len(group.entries)
             if count < method.min_models:
                 raise ConfigError(

@@ -186,6 +186,14 @@ def _align_vocabularies(
     pad = config.tokenizer.pad_to_multiple_of if config.tokenizer else None
     vocabulary = plan_vocabulary(source, models, models[0], tokenizer, pad, config.token_sources())
     if vocabulary is not None:
+        groups = config.groups()
+        for group in (groups[0], groups[-1]):
+            if group.base not in (None, config.base_model):
+                raise ConfigError(
+                    f"{group.base_key}: the first slice's base is the embeddings' and the last one's "
+                    f"the output head's, but realigning them to tokenizer source '{source}' fills "
+                    "rows from base_model alone; leave base_model out of the first and last slices"
+                )
         for model in models:
             if task_vector_info(model) is not None:
                 raise ConfigError(

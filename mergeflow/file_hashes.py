@@ -122,8 +122,8 @@ def _local_model_files(config_path: str | Path) -> list[str]:
     refs = []
     for raw in (d for d in documents if isinstance(d, dict)):
         entries = _list(raw.get("models"))
-        for layer_slice in _list(raw.get("slices")):
-            entries += _list(layer_slice.get("sources")) if isinstance(layer_slice, dict) else []
+        for layer_slice in (s for s in _list(raw.get("slices")) if isinstance(s, dict)):
+            entries += _list(layer_slice.get("sources")) + [{"model": layer_slice.get("base_model")}]
         refs += [raw.get("base_model")] + [m.get("model") for m in entries if isinstance(m, dict)]
     files: list[str] = []
     for ref in dict.fromkeys(r.removeprefix("file://") for r in refs if isinstance(r, str)):

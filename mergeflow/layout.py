@@ -84,15 +84,19 @@ def sliced_layout(
     config: MergeConfig, base: Checkpoint | None, experts: dict[str, Checkpoint], reference: Checkpoint
 ) -> Layout:
     """The output's layers slice by slice, between the first slice's embeddings and the last
-    slice's other tensors outside the layers."""
-    base = base if config.takes_base() else None
+    slice's other tensors outside the layers. Each slice's base is base_model or its own."""
     groups = config.groups()
-    check_same_kind(
-        reference, [experts[e.model] for g in groups for e in g.entries] + ([base] if base else [])
-    )
+
+    def base_of(group: ModelGroup) -> Checkpoint | None:
+        if group.base is None:
+            return None
+        return base if group.base == config.base_model else experts[group.base]
+
+    bases = {id(b): b for b in map(base_of, groups) if b is not None}
+    check_same_kind(reference, [experts[e.model] for g in groups for e in g.entries] + list(bases.values()))
     outside = [name for name in reference.tensors if not LAYER_PATTERN.search(name)]
     embeddings = [name for name in outside if "embed" in name and "embed_out" not in name]  # GPT-NeoX's head
-    tensors = _outside_layers(embeddings, groups[0], base, experts)
+    tensors = _outside_layers(embeddings, groups[0], base_of(groups[0]), experts)
     layers: list[tuple[Checkpoint, int]] = []
     by_layer: dict[int, dict[int, dict[str, TensorEntry]]] = {}
 
@@ -103,9 +107,15 @@ def sliced_layout(
 
     for group in groups:
         models = [experts[entry.model] for entry in group.entries]
-        _check_ranges(group, models, base)
+        group_base = base_of(group)
+        _check_ranges(group, models, group_base)
         deltas = [task_vector_info(c) is not None for c in models]
         for i, delta in enumerate(deltas):
+            if delta and group.base not in (None, config.base_model):
+                raise ConfigError(
+                    f"{group.entry_field(i)}: '{models[i].ref}' is a task vector of base_model, but "
+                    f"{group.base_key} gives this slice another base; merge the expert itself"
+                )
             if delta and group.layer_ranges[i] != group.base_range:
                 raise ConfigError(
                     f"{group.entry_field(i)}: '{models[i].ref}' is a task vector, so it takes the "
@@ -115,8 +125,10 @@ def sliced_layout(
             _LayerSource(f"{group.entry_field(i)} ('{c.ref}')", c, r[0])
             for i, (c, r) in enumerate(zip(models, group.layer_ranges, strict=True))
         ]
-        if base is not None:
-            owners.append(_LayerSource(f"{group.base_field()} ('{base.ref}')", base, group.base_range[0]))
+        if group_base is not None:
+            owners.append(
+                _LayerSource(f"{group.base_field()} ('{group_base.ref}')", group_base, group.base_range[0])
+            )
         length = group.layer_ranges[0][1] - group.layer_ranges[0][0]
         for j in range(length):
             # mergekit's gradient position within a slice; a one-layer slice sits at its end
@@ -127,12 +139,14 @@ def sliced_layout(
                 name = _renumbered(first.name, len(layers))
                 entries = [tensors_of_layer[suffix] for tensors_of_layer in found]
                 check_same_shapes(name, entries, [o.model for o in owners])
-                base_entry = entries[len(models)] if base is not None else None
+                base_entry = entries[len(models)] if group_base is not None else None
                 tensors.append(
                     OutputTensor(name, first, base_entry, entries[: len(models)], deltas, group, t)
                 )
             layers.append((models[0], owners[0].start + j))
-    tensors += _outside_layers([n for n in outside if n not in embeddings], groups[-1], base, experts)
+    tensors += _outside_layers(
+        [n for n in outside if n not in embeddings], groups[-1], base_of(groups[-1]), experts
+    )
     return Layout(tensors, layers)
 
 
@@ -149,7 +163,7 @@ def _outside_layers(
                     f"{group.entry_field(i)} ('{model.ref}'): has no tensor '{name}'"
                 )
         if base is not None and name not in base.tensors:
-            raise IncompatibleModelsError(f"base_model '{base.ref}': has no tensor '{name}'")
+            raise IncompatibleModelsError(f"{group.base_key} '{base.ref}': has no tensor '{name}'")
         found = [model.tensors[name] for model in models]
         base_entry = base.tensors[name] if base else None
         check_same_shapes(

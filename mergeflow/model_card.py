@@ -73,6 +73,8 @@ def _layers_section(config: MergeConfig) -> list[str]:
             f"{_span(*s.layer_range)}"
             for s in layer_slice.sources
         )
+        if layer_slice.base_model:
+            made_of += f"; base {_code(layer_slice.base_model)}"
         rows.append(f"| {_span(start, start + length)} | {made_of} |")
         start += length
     return ["## Layers", "", "| output layers | from |", "|---|---|", *rows, ""]

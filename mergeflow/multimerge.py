@@ -131,6 +131,9 @@ def _reading_outputs(
             data[key] = output_of(data[key])
     for entry in data.get("models", []) + [s for one in data.get("slices", []) for s in one["sources"]]:
         entry["model"] = output_of(entry["model"])
+    for one in data.get("slices", []):
+        if one.get("base_model"):
+            one["base_model"] = output_of(one["base_model"])
     source = (data.get("tokenizer") or {}).get("source")
     if source and source not in ("base", "union"):
         data["tokenizer"]["source"] = output_of(source.removeprefix("model:"))

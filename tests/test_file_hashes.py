@@ -107,6 +107,10 @@ def test_a_merge_config_names_the_local_files_to_hash(sharded_zoo, tmp_path, mon
     (tmp_path / "slerp.yaml").write_text(yaml.safe_dump(sliced))
     base_and_first = [f for f in files if "expert_1" not in f and "expert_2" not in f]
     assert _local_model_files("slerp.yaml") == base_and_first
+    # and a slice's own base
+    with_base = sliced | {"slices": [{"sources": sources, "base_model": sharded_zoo["expert_1"]}]}
+    (tmp_path / "slice-base.yaml").write_text(yaml.safe_dump(with_base))
+    assert _local_model_files("slice-base.yaml") == files[: len(base_and_first) + 1 + len(shards)]
 
     # a file of several merges (mergekit-multi's): every document's models, a merge's name not
     later = {"name": "stage", "merge_method": "linear", "models": [{"model": sharded_zoo["expert_1"]}]}

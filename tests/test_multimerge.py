@@ -138,3 +138,17 @@ def test_a_failing_merge_is_named_and_a_single_merge_file_hints_at_the_folder(zo
         f"error: {path}: 2 YAML documents, as in a mergekit-multi file of several merges: run it with "
         "an intermediate folder for the named ones (mergeflow merge -I DIR, or mergeflow.multimerge)"
     )
+
+
+def test_a_slice_whose_base_is_a_merge_reads_its_output(zoo, tmp_path):
+    sources = [{"model": zoo["expert_1"], "layer_range": [0, 2]}]
+    sliced = {
+        "merge_method": "task_arithmetic",
+        "base_model": zoo["base"],
+        "slices": [{"base_model": "slerped", "sources": sources}],
+    }
+    path = write(tmp_path / "multi.yaml", {"name": "slerped"} | stage(zoo), sliced)
+    planned = plan_merges(path, str(tmp_path / "out"), str(tmp_path / "mid"))
+    assert [p.name for p in planned] == ["slerped", None]
+    assert planned[1].reads == ("slerped",)
+    assert planned[1].config.slices[0].base_model == str(tmp_path / "mid" / "slerped")

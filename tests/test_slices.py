@@ -17,6 +17,7 @@ from reference_merge import reference_merge
 from mergeflow.config import parse_config
 from mergeflow.engine import merge
 from mergeflow.errors import ConfigError, IncompatibleModelsError
+from mergeflow.task_vectors import ensure_task_vector
 from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -175,6 +176,59 @@ def test_ties_over_slices_takes_each_models_own_layers_and_the_base_listed(deep,
     assert sorted(got) == sorted(expected)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-7, msg=name)
+
+
+def test_a_slice_may_give_its_own_base_for_its_layers(deep, tmp_path):
+    # mergekit's per-slice base_model: slice 1 merges onto expert_1, listed with its layers;
+    # slice 2 onto expert_0, not listed, so its same layers. The embeddings take the first
+    # slice's base, the final norm and head the last slice's.
+    base, e0, e1 = deep["base"], deep["expert_0"], deep["expert_1"]
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": m, "layer_range": [0, 2]} for m in (base, e0, e1)]},
+            {
+                "base_model": e1,
+                "sources": [{"model": m, "layer_range": [2, 3]} for m in (e0, e1, base)],
+            },
+            {"base_model": e0, "sources": [{"model": e1, "layer_range": [3, 4]}]},
+        ],
+    }
+    result = merge(parse_config(config), str(tmp_path / "out"))
+    b, a, c = (load_folder(deep[k]) for k in ("base", "expert_0", "expert_1"))
+    first = reference_merge("task_arithmetic", b, [a, c])
+    second = reference_merge("task_arithmetic", c, [a, b])
+    third = reference_merge("task_arithmetic", a, [c])
+    expected = stacked([(first, 0), (first, 1), (second, 2), (third, 3)], first=first, last=third)
+    got = load_folder(tmp_path / "out")
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-7, msg=name)
+    # lineage: every model read; the global base as the base
+    assert result.manifest["inputs"]["base"]["ref"] == base
+    assert [m["ref"] for m in result.manifest["inputs"]["models"]] == [e0, e1, base]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"| 3 | `{e1}` layer 3; base `{e0}` |" in card
+
+
+def test_a_slice_of_its_own_base_refuses_task_vectors_of_the_global_one(deep, tmp_path):
+    vector = ensure_task_vector(deep["base"], deep["expert_0"], str(tmp_path / "store")).uri
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": deep["base"],
+        "slices": [
+            {
+                "base_model": deep["expert_1"],
+                "sources": [{"model": m, "layer_range": [0, 4]} for m in (vector, deep["expert_1"])],
+            }
+        ],
+    }
+    assert refusal(config, tmp_path) == (
+        f"slices[0].sources[0]: '{vector}' is a task vector of base_model, but slices[0].base_model "
+        "gives this slice another base; merge the expert itself"
+    )
 
 
 def test_a_gradient_runs_over_each_slice_on_its_own(deep, tmp_path):

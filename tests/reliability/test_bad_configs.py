@@ -86,6 +86,33 @@ def ties(small, second: str) -> dict:
             "slices[0].sources: base_model '{base}' is not among them and they take different layers; "
             "list the base with the layer_range to merge them into",
         ),
+        (  # a slice's own base: the same rule
+            {
+                "models": [],
+                "slices": [
+                    {
+                        "base_model": "c",
+                        "sources": [
+                            {"model": "a", "layer_range": [0, 1]},
+                            {"model": "b", "layer_range": [1, 2]},
+                        ],
+                    }
+                ],
+            },
+            "slices[0].sources: slices[0].base_model 'c' is not among them and they take different "
+            "layers; list the base with the layer_range to merge them into",
+        ),
+        (  # without base_model, each slice needs a base of its own
+            {
+                "base_model": None,
+                "models": [],
+                "slices": [
+                    {"base_model": "a", "sources": [{"model": "b", "layer_range": [0, 1]}]},
+                    {"sources": [{"model": "b", "layer_range": [1, 2]}]},
+                ],
+            },
+            "slices[1]: method 'ties' needs a base model (give base_model, or the slice its own)",
+        ),
         (
             {
                 "merge_method": "passthrough",
@@ -105,6 +132,13 @@ def ties(small, second: str) -> dict:
         (
             {"models": [], "slices": [{"sources": [{"model": "m", "layer_range": [0, 1], "weight": 1}]}]},
             "unknown key 'slices.0.sources.0.weight' (supported: model, layer_range, parameters)",
+        ),
+        (  # unused by mergekit 0.1.5 itself
+            {
+                "models": [],
+                "slices": [{"residual_weight": 0.5, "sources": [{"model": "m", "layer_range": [0, 1]}]}],
+            },
+            "unknown key 'slices.0.residual_weight' (supported: sources, parameters, base_model)",
         ),
         ({"models": [], "slices": [{"sources": [{"model": "m"}]}]}, "sources.0.layer_range: required"),
         (

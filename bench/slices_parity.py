@@ -1,0 +1,140 @@
+"""mergeflow against mergekit on `slices:` configs: layer stacking, the base listed in a slice,
+a slice's own base_model, slice parameters and gradients over layers, merged by both from a
+generated float32 zoo of 4-layer models.
+
+Prints a table and writes bench/results/slices_parity.md. Needs the bench extra (mergekit):
+
+    .venv/bin/python bench/slices_parity.py
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from machine import cpu_model
+from safetensors.torch import load_file
+
+from mergeflow.config import parse_config
+from mergeflow.engine import merge
+from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo
+
+HERE = Path(__file__).resolve().parent
+
+
+def source(model: str, start: int, end: int, **parameters) -> dict:
+    return {"model": model, "layer_range": [start, end]} | ({"parameters": parameters} if parameters else {})
+
+
+def cases(base: str, a: str, b: str) -> dict[str, dict]:
+    """Each config by what it shows. mergekit needs a slice's base among its sources, and a
+    weight for every model of ties."""
+    ties = {"merge_method": "ties", "base_model": base, "parameters": {"density": 0.5, "weight": 1.0}}
+    return {
+        "passthrough: layers of two models stacked": {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [source(a, 0, 3)]}, {"sources": [source(b, 1, 4)]}],
+        },
+        "ties: the base listed with other layers than the experts'": ties
+        | {
+            "slices": [
+                {"sources": [source(base, 0, 2), source(a, 2, 4), source(b, 0, 2)]},
+                {"sources": [source(base, 2, 4), source(a, 2, 4), source(b, 2, 4)]},
+            ]
+        },
+        "ties: the second slice merged onto expert_1 (per-slice base_model)": ties
+        | {
+            "slices": [
+                {"sources": [source(m, 0, 2) for m in (base, a, b)]},
+                {"base_model": b, "sources": [source(m, 2, 4) for m in (a, b, base)]},
+            ]
+        },
+        "task_arithmetic: per-slice bases, slice parameters, a weight gradient": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "parameters": {"weight": 1.0},
+            "slices": [
+                {
+                    "base_model": a,
+                    "parameters": {"lambda": 0.5},
+                    "sources": [source(a, 0, 2), source(b, 0, 2, weight=[0.2, 1.0]), source(base, 0, 2)],
+                },
+                {"sources": [source(base, 2, 4), source(a, 2, 4), source(b, 2, 4, weight=0.7)]},
+            ],
+        },
+        "linear: a gradient restarting in each slice": {
+            "merge_method": "linear",
+            "slices": [
+                {"sources": [source(a, 0, 2, weight=[1.0, 3.0]), source(b, 2, 4, weight=1.0)]},
+                {"sources": [source(a, 2, 4, weight=[1.0, 3.0]), source(b, 0, 2, weight=1.0)]},
+            ],
+        },
+    }
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out |= load_file(file)
+    return out
+
+
+def run_case(root: Path, label: str, settings: dict) -> str:
+    (root / "config.yaml").write_text(yaml.safe_dump(settings | {"dtype": "float32"}))
+    mergekit_out, mergeflow_out = root / "mergekit", root / "mergeflow"
+    for folder in (mergekit_out, mergeflow_out):
+        shutil.rmtree(folder, ignore_errors=True)
+    mergekit = [
+        str(Path(sys.executable).parent / "mergekit-yaml"),
+        str(root / "config.yaml"),
+        str(mergekit_out),
+    ]
+    started = time.perf_counter()
+    subprocess.run(mergekit, check=True, capture_output=True)
+    mergekit_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    merge(parse_config(settings | {"dtype": "float32"}), str(mergeflow_out))
+    mergeflow_seconds = time.perf_counter() - started
+    theirs, ours = tensors(mergekit_out), tensors(mergeflow_out)
+    same_names = sorted(theirs) == sorted(ours)
+    largest = max((theirs[n] - ours[n]).abs().max().item() for n in ours) if same_names else float("nan")
+    exact = same_names and all(torch.equal(theirs[n], ours[n]) for n in ours)
+    return (
+        f"| {label} | {len(ours)} | {same_names} | {largest:.3g} | {exact} | "
+        f"{mergeflow_seconds:.2f} s | {mergekit_seconds:.1f} s |"
+    )
+
+
+def main() -> None:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="slices-parity-") as scratch:
+        root = Path(scratch)
+        zoo = build_generated_zoo(root / "zoo", GeneratedZooSpec(num_layers=4, num_experts=2, seed=4))
+        for label, settings in cases(zoo["base"], zoo["expert_0"], zoo["expert_1"]).items():
+            rows.append(run_case(root, label, settings))
+            print(rows[-1], flush=True)
+    table = "\n".join(
+        [
+            "| config | tensors | same names | max diff | bit for bit | mergeflow | mergekit |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+    text = (
+        "# mergeflow vs mergekit 0.1.5 on `slices:` configs\n\n"
+        f"`bench/slices_parity.py` on {cpu_model()}. A generated zoo (mergeflow.zoo.generated: a base "
+        "and two experts of 4 layers, float32), merged by both tools from the same YAML with "
+        "`dtype: float32`. Times are wall time of one merge each: mergekit's a process of its own, "
+        "start-up included; mergeflow's in this process.\n\n" + table + "\n"
+    )
+    (HERE / "results" / "slices_parity.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
