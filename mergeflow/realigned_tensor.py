@@ -132,7 +132,7 @@ def _realign_tensor(
 
     def row(k: int, token: int, own_row: int | None = None) -> np.ndarray:
         at = int(sources[k, token]) if own_row is None else own_row
-        return to_float32(reader.read(entries[k], at * cols, cols)).astype(_work(common))
+        return _values(reader.read(entries[k], at * cols, cols)).astype(_work(common))
 
     forced = np.zeros(vocabulary.tokens, dtype=bool)
     forced[[t for t, given in vocabulary.token_rows.items() if given.force]] = True
@@ -186,9 +186,14 @@ def _mean_row(tensor: RealignedTensor, tokens: int, reader: TensorFileReader) ->
     total = np.zeros(cols, dtype=np.float64)
     for first in range(0, tokens, MEAN_BLOCK_ROWS):
         rows = min(MEAN_BLOCK_ROWS, tokens - first)
-        block = to_float32(tensor.read(reader, first * cols, rows * cols)).reshape(rows, cols)
+        block = _values(tensor.read(reader, first * cols, rows * cols)).reshape(rows, cols)
         total += block.sum(axis=0, dtype=np.float64)
     return total / tokens
+
+
+def _values(stored: np.ndarray) -> np.ndarray:
+    """Elements as stored, as float32, or float64 for a float64 tensor (exact either way)."""
+    return stored if stored.dtype == np.float64 else to_float32(stored)
 
 
 def _common_dtype(dtypes: list[DType]) -> DType:

@@ -36,7 +36,11 @@ from mergeflow.safetensors_io import TensorFileReader
 from mergeflow.vocabulary import plan_vocabulary
 
 
-@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.fixture(
+    scope="module",
+    params=[torch.float32, torch.bfloat16, torch.float64],
+    ids=["float32", "bfloat16", "float64"],
+)
 def zoo(request, tmp_path_factory) -> dict[str, str]:
     return write_zoo(tmp_path_factory.mktemp("vocab"), request.param)
 
