@@ -36,6 +36,9 @@ VOCABULARY_TENSOR = re.compile(
 )
 # Rows realigned at once when a pad row's mean is computed.
 MEAN_BLOCK_ROWS = 1024
+# Rows of a model read together when they lie at most this far apart: a read from S3 is a
+# request, so a few larger ones beat many small ones; at most this much more is read per gap.
+SPAN_GAP_BYTES = 256 << 10
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: it holds arrays
@@ -62,18 +65,31 @@ class RealignedTensor(ComputedTensor):
         block = np.empty((last - first, cols), dtype=self.dtype.storage)
         sources = self.row_sources[first:last]
         own = np.flatnonzero(sources >= 0)
-        if own.size:
-            breaks = np.flatnonzero((np.diff(own) != 1) | (np.diff(sources[own]) != 1)) + 1
-            for run in np.split(own, breaks):
-                at, rows = int(run[0]), run.size
-                stored = reader.read(self.model, int(sources[at]) * cols, rows * cols)
-                block[at : at + rows] = stored.reshape(rows, cols)
+        gap = max(1, SPAN_GAP_BYTES // (cols * self.dtype.itemsize))
+        for low, high, taken in row_spans(sources[own], gap):
+            stored = reader.read(self.model, low * cols, (high - low) * cols).reshape(high - low, cols)
+            block[own[taken]] = stored[sources[own[taken]] - low]
         fills = self.fill_index[first:last]
         where = np.flatnonzero(fills >= 0)
         block[where] = self.filled[fills[where]]
         offset = start - first * cols
         values[:] = block.reshape(-1)[offset : offset + count]
         return values
+
+
+def row_spans(rows: np.ndarray, gap: int) -> list[tuple[int, int, np.ndarray]]:
+    """The model rows `rows` (in any order) as spans [low, high) to read, each with the
+    positions in `rows` it serves: rows less than `gap` apart share a span, so a vocabulary in
+    another order than the model's costs a few reads (from S3, requests), not one per row."""
+    if rows.size == 0:
+        return []
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    breaks = np.flatnonzero(np.diff(ordered) > gap) + 1
+    return [
+        (int(ordered[part[0]]), int(ordered[part[-1]]) + 1, order[part])
+        for part in np.split(np.arange(ordered.size), breaks)
+    ]
 
 
 def token_row(shape: tuple[int, ...]) -> int:

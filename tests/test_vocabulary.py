@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import load_folder
@@ -28,10 +29,11 @@ from vocabulary_zoo import (
     write_zoo,
 )
 
+from mergeflow import realigned_tensor
 from mergeflow.checkpoint import open_checkpoint
 from mergeflow.config import parse_config
 from mergeflow.engine import merge
-from mergeflow.realigned_tensor import realign
+from mergeflow.realigned_tensor import realign, row_spans
 from mergeflow.safetensors_io import TensorFileReader
 from mergeflow.vocabulary import plan_vocabulary
 
@@ -109,7 +111,9 @@ def opened_and_realigned(zoo, names, source, tokenizer="base", pad=None):
 
 
 @pytest.mark.parametrize("pad", [None, 4, 16])
-def test_union_realigns_every_model_as_mergekit_does(zoo, pad):
+@pytest.mark.parametrize("span_gap_bytes", [256 << 10, 1], ids=["spans", "runs"])
+def test_union_realigns_every_model_as_mergekit_does(zoo, pad, span_gap_bytes, monkeypatch):
+    monkeypatch.setattr(realigned_tensor, "SPAN_GAP_BYTES", span_gap_bytes)  # rows read together, or runs
     names = ["base", "expert_0", "expert_1"]
     checkpoints, vocabulary = opened_and_realigned(zoo, names, "union", pad=pad)
     rows = len(UNION) if pad is None else -(-len(UNION) // pad) * pad
@@ -129,6 +133,15 @@ def test_union_realigns_every_model_as_mergekit_does(zoo, pad):
                 part = torch.from_numpy(reader.read(entry, start, count).copy()).view(whole.dtype)
                 assert torch.equal(part, whole.reshape(-1)[start : start + count]), (name, tensor, start)
     reader.close()
+
+
+def test_rows_near_each_other_are_read_together_in_any_order():
+    spans = row_spans(np.array([7, 3, 4, 5, 40, 6, 41, 100]), gap=4)
+    assert [(low, high) for low, high, _ in spans] == [(3, 8), (40, 42), (100, 101)]
+    assert [list(taken) for _, _, taken in spans] == [[1, 2, 3, 5, 0], [4, 6], [7]]
+    reversed_rows = np.arange(1000)[::-1]  # a vocabulary in the opposite order: one read
+    assert [(low, high) for low, high, _ in row_spans(reversed_rows, gap=1)] == [(0, 1000)]
+    assert row_spans(np.array([], dtype=np.int64), gap=4) == []
 
 
 def test_without_a_base_a_token_two_models_hold_takes_their_mean(zoo):
