@@ -9,20 +9,13 @@ Prints a table and writes bench/results/slices_parity.md. Needs the bench extra 
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import yaml
 from machine import cpu_model
-from safetensors.torch import load_file
+from parity import merge_with_both, tensors
 
-from mergeflow.config import parse_config
-from mergeflow.engine import merge
 from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo
 
 HERE = Path(__file__).resolve().parent
@@ -78,36 +71,15 @@ def cases(base: str, a: str, b: str) -> dict[str, dict]:
     }
 
 
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out |= load_file(file)
-    return out
-
-
 def run_case(root: Path, label: str, settings: dict) -> str:
-    (root / "config.yaml").write_text(yaml.safe_dump(settings | {"dtype": "float32"}))
-    mergekit_out, mergeflow_out = root / "mergekit", root / "mergeflow"
-    for folder in (mergekit_out, mergeflow_out):
-        shutil.rmtree(folder, ignore_errors=True)
-    mergekit = [
-        str(Path(sys.executable).parent / "mergekit-yaml"),
-        str(root / "config.yaml"),
-        str(mergekit_out),
-    ]
-    started = time.perf_counter()
-    subprocess.run(mergekit, check=True, capture_output=True)
-    mergekit_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    merge(parse_config(settings | {"dtype": "float32"}), str(mergeflow_out))
-    mergeflow_seconds = time.perf_counter() - started
-    theirs, ours = tensors(mergekit_out), tensors(mergeflow_out)
+    both = merge_with_both(root, settings | {"dtype": "float32"})
+    theirs, ours = tensors(both.mergekit), tensors(both.mergeflow)
     same_names = sorted(theirs) == sorted(ours)
     largest = max((theirs[n] - ours[n]).abs().max().item() for n in ours) if same_names else float("nan")
     exact = same_names and all(torch.equal(theirs[n], ours[n]) for n in ours)
     return (
         f"| {label} | {len(ours)} | {same_names} | {largest:.3g} | {exact} | "
-        f"{mergeflow_seconds:.2f} s | {mergekit_seconds:.1f} s |"
+        f"{both.mergeflow_seconds:.2f} s | {both.mergekit_seconds:.1f} s |"
     )
 
 

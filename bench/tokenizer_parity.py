@@ -13,25 +13,21 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from machine import cpu_model  # noqa: E402
+from parity import merge_with_both, tensors  # noqa: E402
 from vocabulary_zoo import TOKENS, VOCAB_TENSORS, with_paths, write_zoo  # noqa: E402
-
-from mergeflow.config import parse_config  # noqa: E402
-from mergeflow.engine import merge  # noqa: E402
 
 CASES = [  # (method, tokenizer settings)
     ("task_arithmetic", {"tokenizer_source": "union"}),
@@ -58,13 +54,6 @@ def config(zoo: dict[str, str], method: str, dtype: str, tokenizer: dict) -> dic
         "parameters": {"lambda": 0.5},
         "dtype": dtype,
     } | tokenizer
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out |= load_file(file)
-    return out
 
 
 def compare(mergekit_out: Path, mergeflow_out: Path) -> tuple[bool, float, float, bool]:
@@ -123,22 +112,9 @@ def smollm2_zoo(root: Path) -> dict[str, str]:
 
 
 def run_case(root: Path, zoo_name: str, zoo: dict[str, str], dtype: str, method: str, tokenizer: dict) -> str:
-    settings = config(zoo, method, dtype, tokenizer)
-    (root / "config.yaml").write_text(yaml.safe_dump(settings))
-    mergekit_out, mergeflow_out = root / "mergekit", root / "mergeflow"
-    for folder in (mergekit_out, mergeflow_out):
-        shutil.rmtree(folder, ignore_errors=True)
-    mergekit = [
-        str(Path(sys.executable).parent / "mergekit-yaml"),
-        str(root / "config.yaml"),
-        str(mergekit_out),
-    ]
-    started = time.perf_counter()
-    subprocess.run(mergekit, check=True, capture_output=True)
-    mergekit_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    merge(parse_config(settings), str(mergeflow_out))
-    mergeflow_seconds = time.perf_counter() - started
+    both = merge_with_both(root, config(zoo, method, dtype, tokenizer))
+    mergekit_out, mergeflow_out = both.mergekit, both.mergeflow
+    mergekit_seconds, mergeflow_seconds = both.mergekit_seconds, both.mergeflow_seconds
     same_tokens, vocab_diff, other_diff, exact = compare(mergekit_out, mergeflow_out)
     described = yaml.safe_dump(tokenizer, default_flow_style=True, width=1000).strip()
     for name, path in zoo.items():  # models by name, not by their scratch paths
