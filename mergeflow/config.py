@@ -222,6 +222,24 @@ class MergeConfig(BaseModel):
                     f"tokenizer.tokens.{token}.source: model '{model}' is not one of the merged models"
                 )
 
+    def _check_listed_once(self) -> None:
+        """A model is listed once under `models` and once per slice, as mergekit requires: it
+        would be merged twice (or, as a base, dropped from the sources the second time)."""
+        whole = ("models", self.models, "give it a weight to count it more")
+        sliced = [
+            (f"slices[{s}].sources", one.sources, "a slice merges one layer range of each model")
+            for s, one in enumerate(self.slices)
+        ]
+        for where, entries, hint in [whole, *sliced]:
+            first: dict[str, int] = {}
+            for k, entry in enumerate(entries):
+                if entry.model in first:
+                    raise ConfigError(
+                        f"{where}[{k}]: '{entry.model}' is listed already, as {where}[{first[entry.model]}]; "
+                        f"{hint}"
+                    )
+                first[entry.model] = k
+
     @model_validator(mode="after")
     def _check(self) -> MergeConfig:
         if self.slices and self.models:
@@ -229,6 +247,7 @@ class MergeConfig(BaseModel):
         method = self.method
         if not self.slices and not self.models:
             raise ConfigError("models: no models to merge (zero experts)")
+        self._check_listed_once()
         for group in self.groups():
             if method.needs_base and group.base is None:
                 where = group.field.removesuffix(".sources") if self.slices else "base_model"

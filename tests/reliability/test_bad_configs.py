@@ -43,6 +43,26 @@ def ties(small, second: str) -> dict:
         ({"models": []}, "zero experts"),
         ({"base_model": None}, "needs a base model"),
         ({"colour": "red"}, "unknown key 'colour'"),
+        (  # mergekit refuses it too; mergeflow merged it twice
+            {"models": [{"model": "m"}, {"model": "n"}, {"model": "m"}]},
+            "models[2]: 'm' is listed already, as models[0]; give it a weight to count it more",
+        ),
+        (  # of the base listed twice, mergeflow had taken the first and dropped the second
+            {
+                "models": [],
+                "slices": [
+                    {
+                        "sources": [
+                            {"model": "b", "layer_range": [0, 1]},
+                            {"model": "b", "layer_range": [1, 2]},
+                            {"model": "m", "layer_range": [0, 1]},
+                        ]
+                    }
+                ],
+            },
+            "slices[0].sources[1]: 'b' is listed already, as slices[0].sources[0]; "
+            "a slice merges one layer range of each model",
+        ),
         (  # an old mergekit example's spelling, which mergekit ignores: mergeflow names it
             {"parameters": {"density": [{"pattern": "mlp", "value": 0.5}, {"value": 0.3}]}},
             "unknown key 'parameters.density.0.pattern' (supported: value, filter)",
