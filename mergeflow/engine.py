@@ -36,6 +36,7 @@ from mergeflow.output import DEFAULT_SHARD_BYTES, ShardedWriter, StagedOutput, w
 from mergeflow.parameters import resolve_parameters
 from mergeflow.realigned_tensor import realign
 from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
+from mergeflow.storage import locate
 from mergeflow.task_vectors import check_task_vectors_match_base, task_vector_info
 from mergeflow.tensor_merge import TensorMerge, Workspace, chunk_elements, row_length
 from mergeflow.vocabulary import OutputVocabulary, plan_vocabulary, tokenizer_files
@@ -128,6 +129,7 @@ def merge(
         check_task_vectors_match_base(base, base_sha, experts)
         to_hash = ([base] if base and base_sha is None else []) + experts
         hashing = background.submit(models_sha256, to_hash, workers=threads)
+        _check_no_input_is_replaced(out, opened)
         stage = StagedOutput(out, overwrite=overwrite)
         try:
             # A writer thread is one more core at work: not for a caller that asked for one.
@@ -202,6 +204,19 @@ def _align_vocabularies(
                 )
         realign(models, vocabulary, base)
     return vocabulary
+
+
+def _check_no_input_is_replaced(out: str, models: list[Checkpoint]) -> None:
+    """The output does not go where an input is read from: committing it (with overwrite)
+    would replace that input."""
+    target = locate(out).uri
+    for model in models:
+        for location in [model.location, *model.identity_files.values()]:
+            if location.uri == target or location.uri.startswith(f"{target}/"):
+                raise ConfigError(
+                    f"output '{target}': model '{model.ref}' is read from there, and the output would "
+                    "replace it; write the merge elsewhere"
+                )
 
 
 def _reference(checkpoint: Checkpoint) -> dict:

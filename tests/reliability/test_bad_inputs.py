@@ -279,6 +279,21 @@ def test_missing_model_folder(small, tmp_path):
     assert_fails_cleanly(ties(small, tmp_path / "nope"), tmp_path, CheckpointError, str(tmp_path / "nope"))
 
 
+@pytest.mark.parametrize("out", ["the expert", "its parent folder"])
+def test_an_output_that_would_replace_an_input_is_refused_even_with_overwrite(small, tmp_path, out):
+    expert = copy_expert(small, tmp_path / "models", "expert")
+    before = {f.name: f.read_bytes() for f in expert.iterdir()}
+    target = expert if out == "the expert" else expert.parent
+    with pytest.raises(ConfigError) as refused:
+        merge(parse_config(ties(small, expert)), str(target), overwrite=True)
+    assert str(refused.value) == (
+        f"output '{target}': model '{expert}' is read from there, and the output would replace it; "
+        "write the merge elsewhere"
+    )
+    assert {f.name: f.read_bytes() for f in expert.iterdir()} == before
+    assert sorted(p.name for p in expert.parent.iterdir()) == ["expert"]
+
+
 def test_folder_without_weights(small, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
