@@ -39,6 +39,7 @@ from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
 from mergeflow.storage import locate
 from mergeflow.task_vectors import check_task_vectors_match_base, task_vector_info
 from mergeflow.tensor_merge import TensorMerge, Workspace, chunk_elements, row_length
+from mergeflow.tied_head import match_tied_heads
 from mergeflow.vocabulary import OutputVocabulary, plan_vocabulary, tokenizer_files
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ def merge(
         by_ref = dict(zip(expert_refs, experts, strict=True))
         tokenizer_ref = config.tokenizer_reference()
         tokenizer_source = load([tokenizer_ref])[0] if tokenizer_ref else reference
+        match_tied_heads(reference, loaded)
         vocabulary = _align_vocabularies(config, base, experts, tokenizer_source)
         if config.slices:
             layout = sliced_layout(config, base, by_ref, reference)

@@ -28,6 +28,7 @@ from mergeflow.methods.primitives import to_float32
 from mergeflow.output import DEFAULT_SHARD_BYTES, ShardedWriter, StagedOutput, WrittenFile
 from mergeflow.safetensors_io import FLOAT32, PlannedTensor, TensorFileReader
 from mergeflow.storage import locate
+from mergeflow.tied_head import match_tied_heads
 
 MARKER = "mergeflow_task_vector"
 CHUNK_ELEMENTS = 4 << 20
@@ -76,11 +77,12 @@ def write_task_vector(base: Checkpoint, expert: Checkpoint, out: str, base_sha: 
     if task_vector_info(base) or task_vector_info(expert):
         which = base if task_vector_info(base) else expert
         raise CheckpointError(f"model '{which.ref}' is already a task vector; give the base and the expert")
+    match_tied_heads(base, [expert])
     check_compatible(base, [expert])
     started = time.perf_counter()
     plan = [
-        PlannedTensor(e.name, FLOAT32 if e.dtype.is_float else e.dtype, e.shape)
-        for e in expert.tensors.values()
+        PlannedTensor(name, FLOAT32 if e.dtype.is_float else e.dtype, e.shape)
+        for name, e in expert.tensors.items()  # by key: a tied head's entry is named as the embeddings
     ]
     stage = StagedOutput(out, overwrite=True)
     reader = TensorFileReader()
