@@ -24,6 +24,9 @@ CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
 MANIFEST = "mergeflow-manifest.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Buffers that older transformers saved with the weights and that it recomputes and never
+# loads: not weights, so a model that has them merges with one that does not.
+RECOMPUTED_BUFFERS = (".rotary_emb.inv_freq",)
 # A PEFT adapter folder's files (mergeflow.lora reads them).
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -125,6 +128,8 @@ def open_checkpoint(ref: str, allow_pickle: bool = False) -> Checkpoint:
                 raise CheckpointError(
                     f"model '{ref}': {INDEX} puts tensor '{tensor}' in {shard}, which does not hold it"
                 )
+    for name in [n for n in checkpoint.tensors if n.endswith(RECOMPUTED_BUFFERS)]:
+        del checkpoint.tensors[name]
     return checkpoint
 
 

@@ -179,7 +179,7 @@ def test_integer_weights_where_the_base_has_floats(small, tmp_path):
 
 
 def test_missing_tensor(small, tmp_path):
-    # even the output head: its config does not tie it to the embeddings (tests/test_tied_head.py)
+    # even the output head: its config does not tie it to the embeddings (tests/test_tensor_tables.py)
     broken = copy_expert(small, tmp_path)
     edit_tensors(broken, lambda t: t.pop("lm_head.weight"))
     assert_fails_cleanly(ties(small, broken), tmp_path, IncompatibleModelsError, "lacks 'lm_head.weight'")

@@ -1,5 +1,6 @@
-"""Inputs that disagree on storing the output head: a model that ties it to its embeddings takes
-part with them (mergekit's tied name), and the output follows the reference."""
+"""Inputs whose tensors differ where transformers does not mind: a model that ties its output head
+to its embeddings takes part with them (mergekit's tied name), the output following the
+reference; buffers older transformers saved (rotary inv_freq) are not weights."""
 
 from __future__ import annotations
 
@@ -96,3 +97,16 @@ def test_the_task_vector_of_an_expert_that_ties_its_head(zoo, tmp_path):
     config = {"merge_method": "task_arithmetic", "base_model": zoo["base"], "models": [{"model": vector.uri}]}
     merge(parse_config(config), str(tmp_path / "out"))
     torch.testing.assert_close(load_folder(tmp_path / "out")[HEAD], expert[EMBEDDINGS], rtol=0, atol=1e-7)
+
+
+def test_rotary_buffers_saved_by_older_transformers_are_not_weights(zoo, tmp_path):
+    older = Path(tmp_path / "older")
+    shutil.copytree(zoo["expert_1"], older)
+    (older / "mergeflow-manifest.json").unlink(missing_ok=True)
+    buffer = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    rewrite_safetensors(older / "model.safetensors", lambda tensors: tensors.update({buffer: torch.ones(8)}))
+    merge(parse_config(ties(zoo["base"], [zoo["expert_0"], str(older)])), str(tmp_path / "out"))
+    merge(parse_config(ties(zoo["base"], [zoo["expert_0"], zoo["expert_1"]])), str(tmp_path / "plain"))
+    got, plain = load_folder(tmp_path / "out"), load_folder(tmp_path / "plain")
+    assert sorted(got) == sorted(plain) and buffer not in got
+    assert all(torch.equal(got[name], plain[name]) for name in plain)
