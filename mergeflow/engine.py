@@ -104,6 +104,7 @@ def merge(
         by_ref = dict(zip(expert_refs, experts, strict=True))
         tokenizer_ref = config.tokenizer_reference()
         tokenizer_source = load([tokenizer_ref])[0] if tokenizer_ref else reference
+        _check_no_input_is_replaced(out, opened)
         match_tied_heads(reference, loaded)
         vocabulary = _align_vocabularies(config, base, experts, tokenizer_source)
         if config.slices:
@@ -131,7 +132,6 @@ def merge(
         check_task_vectors_match_base(base, base_sha, experts)
         to_hash = ([base] if base and base_sha is None else []) + experts
         hashing = background.submit(models_sha256, to_hash, workers=threads)
-        _check_no_input_is_replaced(out, opened)
         stage = StagedOutput(out, overwrite=overwrite)
         try:
             # A writer thread is one more core at work: not for a caller that asked for one.
