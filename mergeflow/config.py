@@ -73,6 +73,16 @@ class LayerSlice(BaseModel):
     parameters: Parameters = {}  # between the sources' own and the global ones
     base_model: ModelReference | None = None  # the base of this slice's layers, for the global one
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_residual_weight(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "residual_weight" in data:
+            raise ValueError(
+                "residual_weight: mergekit reads it but never applies it, so it would change "
+                "nothing; leave it out"
+            )
+        return data
+
     @model_validator(mode="after")
     def _check_lengths(self) -> LayerSlice:
         if not self.sources:

@@ -158,7 +158,8 @@ def ties(small, second: str) -> dict:
                 "models": [],
                 "slices": [{"residual_weight": 0.5, "sources": [{"model": "m", "layer_range": [0, 1]}]}],
             },
-            "unknown key 'slices.0.residual_weight' (supported: sources, parameters, base_model)",
+            "slices.0: residual_weight: mergekit reads it but never applies it, so it would change "
+            "nothing; leave it out",
         ),
         ({"models": [], "slices": [{"sources": [{"model": "m"}]}]}, "sources.0.layer_range: required"),
         (
