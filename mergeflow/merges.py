@@ -32,19 +32,29 @@ def default_destination(store: str, base_family: str, method: str, key: str) -> 
     return f"{store.rstrip('/')}/merged/{base_family}/{method}-{key[:12]}"
 
 
+def committed_manifest(destination: str) -> dict | None:
+    """The manifest of the merge committed at `destination`, or None where there is none."""
+    if not is_complete(destination):
+        return None
+    return json.loads(locate(destination).child(MANIFEST).read_bytes())
+
+
+def input_hashes(manifest: dict) -> tuple[str | None, list[str | None]]:
+    """The content hashes a merge's manifest records: its base's (None without one), its models'."""
+    inputs = manifest.get("inputs") or {}
+    return (inputs.get("base") or {}).get("sha256"), [m.get("sha256") for m in inputs.get("models", [])]
+
+
 def holds_merge(
     destination: str, method: str, parameters: dict, base_sha256: str, model_sha256s: list[str]
 ) -> bool:
     """`destination` holds a committed merge with exactly this method, parameters and inputs."""
-    if not is_complete(destination):
-        return False
-    manifest = json.loads(locate(destination).child(MANIFEST).read_bytes())
-    inputs = manifest.get("inputs") or {}
+    manifest = committed_manifest(destination)
     return (
-        manifest.get("method") == method
+        manifest is not None
+        and manifest.get("method") == method
         and (manifest.get("config") or {}).get("parameters", {}) == parameters
-        and (inputs.get("base") or {}).get("sha256") == base_sha256
-        and [model.get("sha256") for model in inputs.get("models", [])] == model_sha256s
+        and input_hashes(manifest) == (base_sha256, model_sha256s)
     )
 
 

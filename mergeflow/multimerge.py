@@ -10,19 +10,16 @@ folder is mergeflow's); the final output only with `overwrite`, as for one merge
 
 from __future__ import annotations
 
-import json
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeflow.checkpoint import MANIFEST
 from mergeflow.config import MergeConfig, parse_config, read_documents
 from mergeflow.engine import MergeResult, merge
 from mergeflow.errors import ConfigError, MergeflowError
 from mergeflow.hashing import model_sha256_at
-from mergeflow.storage import locate
-from mergeflow.task_vectors import is_complete
+from mergeflow.merges import committed_manifest, input_hashes
 
 
 @dataclass(frozen=True)
@@ -92,18 +89,12 @@ def run_merges(
 
 def holds(step: PlannedMerge) -> bool:
     """The step's output is a committed merge of its config over inputs of the same content."""
-    if not is_complete(step.out):
-        return False
-    manifest = json.loads(locate(step.out).child(MANIFEST).read_bytes())
+    manifest = committed_manifest(step.out)
     config = step.config
-    if manifest.get("config") != config.model_dump(mode="json", exclude_defaults=True):
+    if manifest is None or manifest.get("config") != config.model_dump(mode="json", exclude_defaults=True):
         return False
-    inputs = manifest.get("inputs") or {}
-    recorded = [(inputs.get("base") or {}).get("sha256")] + [
-        m.get("sha256") for m in inputs.get("models", [])
-    ]
-    base = [model_sha256_at(config.base_model) if config.base_model else None]
-    return recorded == base + [model_sha256_at(entry.model) for entry in config.experts()]
+    base = model_sha256_at(config.base_model) if config.base_model else None
+    return input_hashes(manifest) == (base, [model_sha256_at(entry.model) for entry in config.experts()])
 
 
 def _child(folder: str, name: str) -> str:
