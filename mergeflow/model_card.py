@@ -43,7 +43,7 @@ def model_card(config: MergeConfig, inputs: dict) -> str:
         "| input | role | sha256 |",
         "|---|---|---|",
         *([f"| {_code(base['ref'])} | base | `{base['sha256']}` |"] if base else []),
-        *(f"| {_code(m['ref'])} | model | `{m['sha256']}` |" for m in models),
+        *(f"| {_code(m['ref'])} | {_role(config, m['ref'])} | `{m['sha256']}` |" for m in models),
         "",
         "A model's sha256 is taken over `name sha256` lines of its config.json and weight files "
         "(and a LoRA adapter's files, for `model+adapter`); `mergeflow-manifest.json` lists every "
@@ -58,6 +58,13 @@ def model_card(config: MergeConfig, inputs: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _role(config: MergeConfig, ref: str) -> str:
+    """'model', or for a model only slices merge onto (their own base_model), 'slice base'."""
+    groups = config.groups()
+    merged = any(entry.model == ref for group in groups for entry in group.entries)
+    return "model" if merged or all(group.base != ref for group in groups) else "slice base"
 
 
 def _layers_section(config: MergeConfig) -> list[str]:

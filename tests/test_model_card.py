@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 
 from mergeflow.config import parse_config
 from mergeflow.engine import merge
-from mergeflow.model_card import MODEL_CARD
+from mergeflow.model_card import MODEL_CARD, model_card
 
 
 def ties_config(zoo: dict[str, str]) -> dict:
@@ -72,3 +72,23 @@ def test_a_path_with_a_pipe_or_backtick_keeps_the_table_whole(zoo, tmp_path):
     assert len(rows) == 4  # the header and three inputs
     assert all(len(re.split(r"(?<!\\)\|", row)) == 5 for row in rows)  # three cells each
     assert f"`` {str(odd).replace('|', chr(92) + '|')} ``" in rows[-1]
+
+
+def test_a_model_only_slices_merge_onto_is_named_a_slice_base():
+    sources = [{"model": m, "layer_range": [0, 2]} for m in ("b", "x")]
+    config = parse_config(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "a",
+            "slices": [
+                {"sources": [{"model": m, "layer_range": [0, 2]} for m in ("a", "x")]},
+                {"base_model": "b", "sources": sources},
+            ],
+        }
+    )
+    inputs = {
+        "base": {"ref": "a", "sha256": "0" * 64},
+        "models": [{"ref": r, "sha256": "1" * 64} for r in "xb"],
+    }
+    card = model_card(config, inputs)
+    assert "| `x` | model |" in card and "| `b` | slice base |" in card and "| `a` | base |" in card

@@ -211,6 +211,7 @@ def test_a_slice_may_give_its_own_base_for_its_layers(deep, tmp_path):
     assert [m["ref"] for m in result.manifest["inputs"]["models"]] == [e0, e1, base]
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"| 3 | `{e1}` layer 3; base `{e0}` |" in card
+    assert f"| `{e0}` | model |" in card and f"| `{base}` | base |" in card
 
 
 def test_a_slice_of_its_own_base_refuses_task_vectors_of_the_global_one(deep, tmp_path):
