@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 from mergeflow.checkpoint import Checkpoint, num_layers
 from mergeflow.compatibility import check_same_kind, check_same_shapes
-from mergeflow.config import MergeConfig, ModelGroup
+from mergeflow.config import MergeConfig
+from mergeflow.config_models import ModelGroup
 from mergeflow.errors import ConfigError, IncompatibleModelsError
 from mergeflow.parameters import LAYER_PATTERN, layer_position
 from mergeflow.safetensors_io import TensorEntry

@@ -16,7 +16,8 @@ from mergeflow.errors import ConfigError
 from mergeflow.methods import MergeMethod, Param
 
 if TYPE_CHECKING:
-    from mergeflow.config import MergeConfig, ModelGroup
+    from mergeflow.config import MergeConfig
+    from mergeflow.config_models import ModelGroup
 
 Scalar = bool | int | float | str
 
