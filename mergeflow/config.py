@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from mergeflow.chat_template import NAMED_TEMPLATES
 from mergeflow.config_models import LayerSlice, ModelEntry, ModelGroup, SliceSource
@@ -35,7 +35,13 @@ from mergeflow.tokenizer_settings import (
     check_tokenizer_settings,
 )
 
-DTypeName = Literal["float32", "float16", "bfloat16"]
+
+def _without_torch_prefix(value: Any) -> Any:
+    return value.removeprefix("torch.") if isinstance(value, str) else value
+
+
+# As mergekit reads them: also spelled as torch names (torch.bfloat16).
+DTypeName = Annotated[Literal["float32", "float16", "bfloat16"], BeforeValidator(_without_torch_prefix)]
 
 
 class MergeConfig(BaseModel):

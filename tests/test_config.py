@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import but_the_model_card
 
-from mergeflow.config import load_config
+from mergeflow.config import load_config, parse_config
 from mergeflow.parameters import evaluate_setting, layer_position, resolve_parameters
 from mergeflow.safetensors_io import BFLOAT16
 
@@ -53,6 +53,18 @@ def test_mergekit_ties_yaml_parses_as_is(tmp_path):
     assert config.output_dtype() == BFLOAT16
 
 
+def test_dtypes_may_be_spelled_as_torch_names_as_mergekit_reads_them():
+    config = parse_config(
+        {
+            "merge_method": "linear",
+            "models": [{"model": "a"}],
+            "dtype": "torch.bfloat16",
+            "out_dtype": "torch.float16",
+        }
+    )
+    assert (config.dtype, config.out_dtype) == ("bfloat16", "float16")
+
+
 def test_keys_written_without_a_value_are_empty_as_mergekit_reads_them(tmp_path):
     # as in mergekit's own examples/ties.yml: "parameters:" with nothing under it
     path = tmp_path / "task_arithmetic.yaml"
@@ -89,7 +101,6 @@ def test_parameters_resolve_per_tensor_like_mergekit(tmp_path):
 
 
 def test_model_parameters_override_global_ones():
-    from mergeflow.config import parse_config
 
     config = parse_config(
         {
@@ -125,14 +136,12 @@ def test_conditional_without_a_match_falls_through_to_the_default():
 
 
 def test_linear_is_an_alias_of_average():
-    from mergeflow.config import parse_config
 
     config = parse_config({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]})
     assert config.method.name == "average" and len(config.experts()) == 2
 
 
 def test_linear_averages_a_base_model_exactly_when_it_is_listed():
-    from mergeflow.config import parse_config
 
     two = [{"model": "a", "parameters": {"weight": 1}}, {"model": "b", "parameters": {"weight": 1}}]
     # base_model alone is where task-vector inputs are added (mergekit would refuse: no weight)
@@ -193,7 +202,6 @@ def slerp_config(zoo: dict[str, str], layers: tuple[int, int] | None = None) -> 
 
 def test_a_whole_model_slice_merges_as_the_models_list_does(zoo, tmp_path):
     from mergeflow.checkpoint import num_layers, open_checkpoint
-    from mergeflow.config import parse_config
     from mergeflow.engine import merge
 
     layers = num_layers(open_checkpoint(zoo["base"]))
@@ -203,7 +211,6 @@ def test_a_whole_model_slice_merges_as_the_models_list_does(zoo, tmp_path):
 
 
 def test_mergekits_long_form_of_a_model_reference_reads_as_its_short_form():
-    from mergeflow.config import parse_config
 
     def path(name, revision=None):
         return {"path": name} | ({"revision": revision} if revision else {})
@@ -231,7 +238,6 @@ def test_mergekits_long_form_of_a_model_reference_reads_as_its_short_form():
 
 
 def test_a_slices_parameters_sit_between_its_sources_and_the_global_ones():
-    from mergeflow.config import parse_config
 
     def source(model, start, **parameters):
         return {"model": model, "layer_range": [start, start + 2], "parameters": parameters}
@@ -260,7 +266,6 @@ def test_a_slices_parameters_sit_between_its_sources_and_the_global_ones():
 
 
 def test_a_required_parameter_may_be_given_by_every_slice_instead():
-    from mergeflow.config import parse_config
     from mergeflow.errors import ConfigError
 
     def slice_(t=None):
