@@ -146,14 +146,25 @@ def _realign_tensor(
     base_at = next((k for k, i in enumerate(holders) if models[i] is base), None)
     cols = token_row(entries[0].shape)
 
-    def row(k: int, token: int, own_row: int | None = None) -> np.ndarray:
-        at = int(sources[k, token]) if own_row is None else own_row
-        return _values(reader.read(entries[k], at * cols, cols)).astype(_work(common))
-
     forced = np.zeros(vocabulary.tokens, dtype=bool)
     forced[[t for t, given in vocabulary.token_rows.items() if given.force]] = True
+    filling = np.flatnonzero((present.sum(axis=0) < len(holders)) | forced)
+    rows_read: dict[int, dict[int, np.ndarray]] = {}
+
+    def row(k: int, token: int, own_row: int | None = None) -> np.ndarray:
+        at = int(sources[k, token]) if own_row is None else own_row
+        if k not in rows_read:  # every row of holder k the tokens filled may take, read in spans
+            own = sources[k, filling][present[k, filling]]
+            given = [
+                t.row for t in vocabulary.token_rows.values() if t.model == holders[k] and t.row is not None
+            ]
+            rows_read[k] = _read_rows(
+                reader, entries[k], cols, np.concatenate([own, np.array(given, np.int64)])
+            )
+        return _values(rows_read[k][at]).astype(_work(common))
+
     defaults: dict[int, np.ndarray] = {}
-    for token in np.flatnonzero((present.sum(axis=0) < len(holders)) | forced):
+    for token in filling:
         have = np.flatnonzero(present[:, token])
         given = vocabulary.token_rows.get(token)
         if given is not None:  # the config's `tokens` say where its row comes from
@@ -195,6 +206,22 @@ def _realign_tensor(
             fill_index[vocabulary.tokens :] = lacking.size
             filled[lacking.size] = _stored(_mean_row(realigned, vocabulary.tokens, reader), entry.dtype)
         model.tensors[name] = realigned
+
+
+def _read_rows(
+    reader: TensorFileReader, entry: TensorEntry | ComputedTensor, cols: int, rows: np.ndarray
+) -> dict[int, np.ndarray]:
+    """Rows `rows` of a vocabulary tensor as stored, by row: read in spans of rows near each
+    other (row_spans), at most MEAN_BLOCK_ROWS of them per batch."""
+    wanted = np.unique(rows)
+    gap = max(1, SPAN_GAP_BYTES // (cols * entry.dtype.itemsize))
+    found: dict[int, np.ndarray] = {}
+    for first in range(0, wanted.size, MEAN_BLOCK_ROWS):
+        for low, high, taken in row_spans(wanted[first : first + MEAN_BLOCK_ROWS], gap):
+            block = reader.read(entry, low * cols, (high - low) * cols).reshape(high - low, cols)
+            for at in wanted[first : first + MEAN_BLOCK_ROWS][taken]:
+                found[int(at)] = block[at - low].copy()
+    return found
 
 
 def _mean_row(tensor: RealignedTensor, tokens: int, reader: TensorFileReader) -> np.ndarray:
