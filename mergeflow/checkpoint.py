@@ -103,6 +103,11 @@ def open_checkpoint(ref: str, allow_pickle: bool = False) -> Checkpoint:
         names = location.list_names()
     except StorageError as exc:
         raise CheckpointError(f"model '{ref}': {exc}") from exc
+    if ADAPTER_CONFIG in names and CONFIG not in names:
+        raise CheckpointError(
+            f"model '{ref}': a LoRA adapter ({ADAPTER_CONFIG}), not a model: give it with the model it "
+            f"adapts, as MODEL+{ref} (mergekit's model+adapter form)"
+        )
     checkpoint = Checkpoint(ref, location, None, {}, {}, names, hub_commit)
     if CONFIG in names:
         checkpoint.config = checkpoint.read_json(CONFIG)

@@ -60,6 +60,14 @@ def test_a_folder_without_adapter_files(small, tmp_path):
     assert "not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors)" in message
 
 
+def test_an_adapter_given_as_a_model(small, tmp_path):
+    folder = adapter(small, tmp_path)
+    assert merge_with(small, str(folder), tmp_path) == (
+        f"model '{folder}': a LoRA adapter (adapter_config.json), not a model: give it with the model "
+        f"it adapts, as MODEL+{folder} (mergekit's model+adapter form)"
+    )
+
+
 def test_more_than_one_plus(small, tmp_path):
     folder = adapter(small, tmp_path)
     message = merge_with(small, f"{small['base']}+{folder}+{folder}", tmp_path)
