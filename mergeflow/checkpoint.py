@@ -217,7 +217,14 @@ def _convert_pickles(checkpoint: Checkpoint, allow_pickle: bool) -> list[str]:
     """A pickle-only checkpoint's weights as safetensors files in its scratch folder."""
     pickles = [n for n in checkpoint.file_names if n.endswith(PICKLE_SUFFIXES)]
     if not pickles:
-        raise CheckpointError(f"model '{checkpoint.ref}': no *.safetensors weights found")
+        gguf = [n for n in checkpoint.file_names if n.endswith(".gguf")]
+        hint = (
+            f" ({gguf[0]} is GGUF, which mergeflow does not read: convert it to safetensors, e.g. "
+            "with transformers' from_pretrained(..., gguf_file=...) and save_pretrained)"
+            if gguf
+            else ""
+        )
+        raise CheckpointError(f"model '{checkpoint.ref}': no *.safetensors weights found{hint}")
     _refuse_pickle(f"model '{checkpoint.ref}'", pickles, allow_pickle)
     converted = []
     for name in pickles:

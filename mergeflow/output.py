@@ -163,11 +163,14 @@ class StagedOutput:
             raise StorageError(f"{self.target.uri}: output already exists (pass --overwrite to replace it)")
         if self.target.is_local:
             target = Path(self.target.path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Old outputs that killed merges into this one had moved aside.
-            remove_abandoned(target.parent, f".{glob.escape(target.name)}.old-*")
-            # Same parent folder, so the final rename is atomic on one filesystem.
-            self.folder = staging_folder(target)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                # Old outputs that killed merges into this one had moved aside.
+                remove_abandoned(target.parent, f".{glob.escape(target.name)}.old-*")
+                # Same parent folder, so the final rename is atomic on one filesystem.
+                self.folder = staging_folder(target)
+            except OSError as error:
+                raise StorageError(f"{self.target.uri}: cannot write the output there: {error}") from error
         else:
             self.folder = new_scratch_folder("stage")
 

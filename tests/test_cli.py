@@ -85,8 +85,9 @@ def test_the_merge_command_and_the_python_api_shard_alike():
 def test_parse_size_rejects_nonsense():
     import typer
 
-    with pytest.raises(typer.BadParameter):
-        parse_size("lots")
+    for nonsense in ("lots", "0", "0GB"):  # a shard size of 0 gave a shard per tensor
+        with pytest.raises(typer.BadParameter):
+            parse_size(nonsense)
 
 
 def test_a_merge_process_waits_without_spinning_unless_the_user_says_otherwise():

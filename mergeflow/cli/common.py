@@ -18,7 +18,10 @@ def parse_size(text: str) -> int:
     match = SIZE.match(text)
     if not match:
         raise typer.BadParameter(f"'{text}' is not a size like 500MB or 2GB")
-    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
+    size = int(float(match.group(1)) * UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise typer.BadParameter(f"'{text}' is no size: give one above zero, like 500MB or 2GB")
+    return size
 
 
 def friendly_errors(command):

@@ -22,6 +22,7 @@ from mergeflow.errors import (
     ConfigError,
     IncompatibleModelsError,
     NonFiniteError,
+    StorageError,
 )
 from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo
 
@@ -295,11 +296,33 @@ def test_an_output_that_would_replace_an_input_is_refused_even_with_overwrite(sm
     assert sorted(p.name for p in expert.parent.iterdir()) == ["expert"]
 
 
+def test_an_output_that_cannot_be_written_there(small, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "a-file" / "merged"
+    with pytest.raises(StorageError) as refused:
+        merge(parse_config(ties(small, small["expert_1"])), str(out))
+    assert str(refused.value).startswith(f"{out}: cannot write the output there: ")
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
 def test_folder_without_weights(small, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
     assert_fails_cleanly(ties(small, empty), tmp_path, CheckpointError, "no *.safetensors")
+
+
+def test_a_gguf_model_is_named_as_such(small, tmp_path):
+    folder = tmp_path / "quantised"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model-Q4_K_M.gguf").write_bytes(b"GGUF")
+    assert_fails_cleanly(
+        ties(small, folder),
+        tmp_path,
+        CheckpointError,
+        "no *.safetensors weights found (model-Q4_K_M.gguf is GGUF, which mergeflow does not read",
+    )
 
 
 @pytest.mark.parametrize("method", ["average", "model_stock", "ram", "ramplus_tl", "arcee_fusion"])
