@@ -293,7 +293,26 @@ def _describe(exc: ValidationError) -> str:
         return f"{where}: {error['ctx']['error']}" if where else str(error["ctx"]["error"])
     if error["type"] == "missing":
         return f"{where}: required"
+    if error["type"] in ("model_type", "dict_type"):  # pydantic would name its class
+        entry = error["loc"][0] == "models" or "sources" in error["loc"]
+        example = " such as {model: PATH}" if entry else ""
+        return f"{where}: expected a mapping{example}, got {_kind(error['input'])}"
+    if error["type"] == "list_type":
+        return f"{where}: expected a list, got {_kind(error['input'])}"
     return f"{where}: {error['msg']}"
+
+
+def _kind(value: Any) -> str:
+    return {
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        bool: "a flag",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__) + (
+        f" ({value!r})" if isinstance(value, str | int | float) else ""
+    )
 
 
 def _fields_at(location: tuple) -> list[str]:

@@ -43,6 +43,12 @@ def ties(small, second: str) -> dict:
         ({"models": []}, "zero experts"),
         ({"base_model": None}, "needs a base model"),
         ({"colour": "red"}, "unknown key 'colour'"),
+        ({"models": {"model": "m"}}, "models: expected a list, got a mapping"),
+        (  # pydantic named its class here
+            {"models": ["m"]},
+            "models.0: expected a mapping such as {model: PATH}, got a string ('m')",
+        ),
+        ({"tokenizer": "union"}, "tokenizer: expected a mapping, got a string ('union')"),
         (  # mergekit refuses it too; mergeflow merged it twice
             {"models": [{"model": "m"}, {"model": "n"}, {"model": "m"}]},
             "models[2]: 'm' is listed already, as models[0]; give it a weight to count it more",
