@@ -294,25 +294,29 @@ def _describe(exc: ValidationError) -> str:
     if error["type"] == "missing":
         return f"{where}: required"
     if error["type"] in ("model_type", "dict_type"):  # pydantic would name its class
-        entry = error["loc"][0] == "models" or "sources" in error["loc"]
+        loc = error["loc"]
+        entry = len(loc) >= 2 and loc[-2] in ("models", "sources") and isinstance(loc[-1], int)
         example = " such as {model: PATH}" if entry else ""
         return f"{where}: expected a mapping{example}, got {_kind(error['input'])}"
+    if "layer_range" in error["loc"]:
+        return f"{where}: give [start, end), two whole numbers, got {_kind(error['input'])}"
     if error["type"] == "list_type":
         return f"{where}: expected a list, got {_kind(error['input'])}"
     return f"{where}: {error['msg']}"
 
 
 def _kind(value: Any) -> str:
-    return {
+    """What a YAML value is, in words, with the value where it is short."""
+    kinds = {
         str: "a string",
         int: "a number",
         float: "a number",
         bool: "a flag",
         list: "a list",
         dict: "a mapping",
-    }.get(type(value), type(value).__name__) + (
-        f" ({value!r})" if isinstance(value, str | int | float) else ""
-    )
+    }
+    shown = repr(value)
+    return kinds.get(type(value), type(value).__name__) + (f" ({shown})" if len(shown) <= 60 else "")
 
 
 def _fields_at(location: tuple) -> list[str]:

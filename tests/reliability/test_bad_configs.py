@@ -43,7 +43,7 @@ def ties(small, second: str) -> dict:
         ({"models": []}, "zero experts"),
         ({"base_model": None}, "needs a base model"),
         ({"colour": "red"}, "unknown key 'colour'"),
-        ({"models": {"model": "m"}}, "models: expected a list, got a mapping"),
+        ({"models": {"model": "m"}}, "models: expected a list, got a mapping ({'model': 'm'})"),
         (  # pydantic named its class here
             {"models": ["m"]},
             "models.0: expected a mapping such as {model: PATH}, got a string ('m')",
@@ -168,6 +168,10 @@ def ties(small, second: str) -> dict:
             "nothing; leave it out",
         ),
         ({"models": [], "slices": [{"sources": [{"model": "m"}]}]}, "sources.0.layer_range: required"),
+        (
+            {"models": [], "slices": [{"sources": [{"model": "m", "layer_range": [0, 1, 2]}]}]},
+            "slices.0.sources.0.layer_range: give [start, end), two whole numbers, got a list ([0, 1, 2])",
+        ),
         (
             {"tokenizer": {"source": "base", "tokens": {"<|im_end|>": {"source": "elsewhere"}}}},
             "tokenizer.tokens.<|im_end|>.source: model 'elsewhere' is not one of the merged models",
