@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from tqdm import tqdm
 
 import mergeflow
-from mergeflow.chat_template import chosen_chat_template, with_chat_template
+from mergeflow.chat_template import chosen_chat_template
 from mergeflow.checkpoint import Checkpoint, open_checkpoint
 from mergeflow.compatibility import check_compatible
 from mergeflow.config import MergeConfig
@@ -36,6 +36,7 @@ from mergeflow.output import DEFAULT_SHARD_BYTES, ShardedWriter, StagedOutput, w
 from mergeflow.parameters import resolve_parameters
 from mergeflow.realigned_tensor import realign
 from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
+from mergeflow.side_files import write_side_files
 from mergeflow.storage import locate
 from mergeflow.task_vectors import check_task_vectors_match_base, task_vector_info
 from mergeflow.tensor_merge import TensorMerge, Workspace, chunk_elements, row_length
@@ -148,7 +149,7 @@ def merge(
             # the tokenizer source's files, or new ones where tokens were added to its vocabulary
             added_tokens_files = vocabulary.tokenizer_files if vocabulary else None
             output_tokenizer = added_tokens_files or tokenizer_files(tokenizer_source)
-            files += _write_side_files(stage, reference, layout, output_tokenizer, out_dtype, chat_template)
+            files += write_side_files(stage, reference, layout, output_tokenizer, out_dtype, chat_template)
             card = model_card(config, inputs)
             files.append(write_small_file(stage.folder, MODEL_CARD, card.encode()))
             manifest = {
@@ -322,51 +323,8 @@ def _merge_all(
         reader.close()
 
 
-# config.json settings with a value per layer (transformers' attention kind of each layer)
-PER_LAYER_SETTINGS = ("layer_types",)
-
-
-def _with_output_layers(config: dict, layers: list[tuple[Checkpoint, int]]) -> dict:
-    """The config of a sliced output: its number of layers, and each per-layer setting as the
-    model and layer each output layer comes from have it."""
-    if "num_hidden_layers" in config:
-        config["num_hidden_layers"] = len(layers)
-    for key in PER_LAYER_SETTINGS:
-        if isinstance(config.get(key), list):
-            config[key] = [(model.config or {}).get(key, config[key])[index] for model, index in layers]
-    return config
-
-
 def _copy(reader, entry, target, writer, chunk, bar) -> None:
     for start in range(0, entry.numel, chunk):
         data = reader.read(entry, start, min(chunk, entry.numel - start))
         writer.write(target.name, data)
         bar.update(data.nbytes)
-
-
-def _write_side_files(
-    stage: StagedOutput,
-    reference: Checkpoint,
-    layout: Layout,
-    tokenizer_files: list[tuple[str, bytes]],
-    out_dtype,
-    chat_template: str | None,
-) -> list:
-    """config.json (dtype, vocab_size and, for slices, the layers updated), generation config
-    and tokenizer files (carrying `chat_template` when one is chosen)."""
-    import json
-
-    written = []
-    if reference.config is not None:
-        config = dict(reference.config)
-        if layout.layers is not None:
-            config = _with_output_layers(config, layout.layers)
-        if out_dtype is not None:
-            config["torch_dtype" if "torch_dtype" in config else "dtype"] = out_dtype.long_name
-        written.append(("config.json", json.dumps(config, indent=2).encode()))
-    if "generation_config.json" in reference.file_names:
-        written.append(
-            ("generation_config.json", reference.location.child("generation_config.json").read_bytes())
-        )
-    written += with_chat_template(tokenizer_files, chat_template) if chat_template else tokenizer_files
-    return [write_small_file(stage.folder, name, data) for name, data in written]
