@@ -49,6 +49,19 @@ def write_small_file(folder: Path, name: str, data: bytes) -> WrittenFile:
 DEFAULT_SHARD_BYTES = 2_000_000_000
 
 
+def shard_groups(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """The tensors, in order, in shards of at most `max_shard_bytes` (a larger tensor alone)."""
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if groups[-1] and size + tensor.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor)
+        size += tensor.nbytes
+    return groups
+
+
 class ShardedWriter:
     """Lays tensors out in order into shards of at most `max_shard_bytes` (a tensor larger
     than that gets a shard of its own) and writes them sequentially.
@@ -66,14 +79,7 @@ class ShardedWriter:
     def __init__(
         self, folder: Path, tensors: list[PlannedTensor], max_shard_bytes: int, background: bool = False
     ) -> None:
-        groups: list[list[PlannedTensor]] = [[]]
-        size = 0
-        for tensor in tensors:
-            if groups[-1] and size + tensor.nbytes > max_shard_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append(tensor)
-            size += tensor.nbytes
+        groups = shard_groups(tensors, max_shard_bytes)
         count = len(groups)
         self.names = (
             ["model.safetensors"]
@@ -153,14 +159,34 @@ class ShardedWriter:
         self._current = None
 
 
+def check_output_free(out: str, overwrite: bool) -> None:
+    """Nothing is at `out` yet, unless it may be replaced."""
+    target = locate(out)
+    if not overwrite and any(existing_objects(target).values()):
+        raise StorageError(f"{target.uri}: output already exists (pass --overwrite to replace it)")
+
+
+def existing_objects(target: Location) -> dict[str, bool]:
+    """What is already at `target`: for S3 every key but another writer's lock, mapped to
+    whether it is content (folder entries and 'x/' markers are not, but a commit removes them
+    too)."""
+    if target.is_local:
+        return {target.path: True} if target.has_files() else {}
+    found = guarded(target, lambda: target.fs.find(target.path, detail=True))
+    return {
+        name: info["type"] == "file" and not name.endswith("/")
+        for name, info in found.items()
+        if posixpath.basename(name.rstrip("/")) != LOCK_NAME
+    }
+
+
 class StagedOutput:
     """A staging folder for one output, committed atomically (see module docstring)."""
 
     def __init__(self, out: str, overwrite: bool = False) -> None:
         self.target: Location = locate(out)
         self.overwrite = overwrite
-        if not overwrite and any(self._existing_objects().values()):
-            raise StorageError(f"{self.target.uri}: output already exists (pass --overwrite to replace it)")
+        check_output_free(out, overwrite)
         if self.target.is_local:
             target = Path(self.target.path)
             try:
@@ -173,19 +199,6 @@ class StagedOutput:
                 raise StorageError(f"{self.target.uri}: cannot write the output there: {error}") from error
         else:
             self.folder = new_scratch_folder("stage")
-
-    def _existing_objects(self) -> dict[str, bool]:
-        """What is already at the target: for S3 every key but another writer's lock, mapped to
-        whether it is content (folder entries and 'x/' markers are not, but a commit removes
-        them too)."""
-        if self.target.is_local:
-            return {self.target.path: True} if self.target.has_files() else {}
-        found = guarded(self.target, lambda: self.target.fs.find(self.target.path, detail=True))
-        return {
-            name: info["type"] == "file" and not name.endswith("/")
-            for name, info in found.items()
-            if posixpath.basename(name.rstrip("/")) != LOCK_NAME
-        }
 
     def commit(self, manifest: dict) -> None:
         write_small_file(self.folder, MANIFEST, json.dumps(manifest, indent=2).encode())
@@ -220,7 +233,7 @@ class StagedOutput:
         fs, prefix = self.target.fs, self.target.path
         try:
             with write_lock(self.target) as lock:
-                existing = self._existing_objects()
+                existing = existing_objects(self.target)
                 if any(existing.values()) and not self.overwrite:
                     raise StorageError(
                         f"{self.target.uri}: output already exists (another writer finished first; "

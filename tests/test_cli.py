@@ -17,6 +17,8 @@ from mergeflow.checkpoint import MANIFEST
 from mergeflow.cli import app, merge_command, parse_size
 from mergeflow.engine import merge
 from mergeflow.methods import ALIASES, METHODS
+from mergeflow.safetensors_io import read_header
+from mergeflow.storage import locate
 
 
 def all_commands(group=None, prefix=()) -> list[tuple[str, ...]]:
@@ -210,3 +212,38 @@ def test_a_merge_of_local_models_never_imports_the_s3_libraries(zoo, tmp_path):
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "out" / MANIFEST).is_file()
     assert json.loads(run.stdout.splitlines()[-1]) == []
+
+
+def test_a_dry_run_checks_what_the_merge_checks_and_writes_nothing(zoo, tmp_path):
+    config = tmp_path / "merge.yaml"
+    ties = {
+        "merge_method": "ties",
+        "base_model": zoo["base"],
+        "models": [{"model": zoo["expert_0"]}, {"model": zoo["expert_1"]}],
+        "parameters": {"density": 0.5},
+    }
+    config.write_text(json.dumps(ties))
+    out = tmp_path / "out"
+    checked = CliRunner().invoke(
+        app, ["merge", str(config), "-o", str(out), "--shard-size", "100KB", "--dry-run"]
+    )
+    assert checked.exit_code == 0, checked.output
+    assert not out.exists()
+    merged = CliRunner().invoke(app, ["merge", str(config), "-o", str(out), "--shard-size", "100KB", "-q"])
+    assert merged.exit_code == 0, merged.output
+    shards = sorted(out.glob("*.safetensors"))
+    entries = [e for shard in shards for e in read_header(locate(str(shard)))]
+    assert checked.output.strip() == (
+        f"checked: ties of 3 models would write {len(entries)} tensors "
+        f"({sum(e.nbytes for e in entries) / 1e6:.1f} MB) in {len(shards)} shards into {out}; nothing written"
+    )
+    # a refusal is the merge's, and the output stays as it was
+    ties["models"].append({"model": zoo["expert_0"]})
+    config.write_text(json.dumps(ties))
+    refused = CliRunner().invoke(app, ["merge", str(config), "-o", str(tmp_path / "other"), "--dry-run"])
+    assert refused.exit_code == 2
+    assert refused.output.strip() == (
+        f"error: {config}: models[2]: '{zoo['expert_0']}' is listed already, as models[0]; "
+        "give it a weight to count it more"
+    )
+    assert not (tmp_path / "other").exists()

@@ -43,10 +43,19 @@ def merge_command(
             help="For a file of several merges (mergekit-multi's): where the named ones go.",
         ),
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Open and check every input, say what the merge would write, write nothing."
+        ),
+    ] = False,
 ) -> None:
     """Merge the models in CONFIG into OUT, streaming tensor by tensor.
 
     With --intermediate-dir, a file of several merges runs as mergekit-multi runs it."""
+    if dry_run:
+        _dry_run(config, out, intermediate_dir, threads, allow_pickle, overwrite, parse_size(shard_size))
+        return
     from mergeflow.file_hashes import start_hashing_inputs
 
     start_hashing_inputs(config)  # while the engine loads
@@ -81,6 +90,40 @@ def merge_command(
         # field; load_config's name the file too, so these do here as well.
         raise ConfigError(f"{config}: {exc}") from None
     _say_merged(result)
+
+
+def _dry_run(config, out, intermediate_dir, threads, allow_pickle, overwrite, max_shard_bytes) -> None:
+    from mergeflow.config import load_config
+    from mergeflow.errors import ConfigError
+    from mergeflow.merge_plan import check_merge
+
+    if intermediate_dir is not None:
+        raise ConfigError(
+            f"{config}: --dry-run checks one merge: the later merges of a file of several read "
+            "outputs that do not exist yet"
+        )
+    merge_config = load_config(config)
+    try:
+        check = check_merge(
+            merge_config,
+            out,
+            threads=threads,
+            allow_pickle=allow_pickle,
+            overwrite=overwrite,
+            max_shard_bytes=max_shard_bytes,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{config}: {exc}") from None
+    shards = f"{check.shards} shard{'s' if check.shards != 1 else ''}"
+    details = [f"{check.layers} layers"] if check.layers is not None else []
+    if check.vocabulary_rows is not None:
+        details.append(f"embeddings realigned to a vocabulary of {check.vocabulary_rows} rows")
+    typer.echo(
+        f"checked: {merge_config.method.name} of {check.models} models would write {check.tensors} tensors "
+        f"({check.bytes / 1e6:.1f} MB) in {shards} into {check.output}"
+        + "".join(f"; {d}" for d in details)
+        + "; nothing written"
+    )
 
 
 def _say_merged(result) -> None:
