@@ -297,7 +297,10 @@ def _describe(exc: ValidationError) -> str:
         loc = error["loc"]
         entry = len(loc) >= 2 and loc[-2] in ("models", "sources") and isinstance(loc[-1], int)
         example = " such as {model: PATH}" if entry else ""
-        return f"{where}: expected a mapping{example}, got {_kind(error['input'])}"
+        hint = ""
+        if loc == ("tokenizer",) and isinstance(error["input"], str):
+            hint = f"; a source alone is tokenizer_source: {error['input']}"
+        return f"{where}: expected a mapping{example}, got {_kind(error['input'])}{hint}"
     if "layer_range" in error["loc"]:
         return f"{where}: give [start, end), two whole numbers, got {_kind(error['input'])}"
     if error["type"] == "list_type":

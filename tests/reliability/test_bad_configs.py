@@ -48,7 +48,11 @@ def ties(small, second: str) -> dict:
             {"models": ["m"]},
             "models.0: expected a mapping such as {model: PATH}, got a string ('m')",
         ),
-        ({"tokenizer": "union"}, "tokenizer: expected a mapping, got a string ('union')"),
+        (
+            {"tokenizer": "union"},
+            "tokenizer: expected a mapping, got a string ('union'); "
+            "a source alone is tokenizer_source: union",
+        ),
         (  # mergekit refuses it too; mergeflow merged it twice
             {"models": [{"model": "m"}, {"model": "n"}, {"model": "m"}]},
             "models[2]: 'm' is listed already, as models[0]; give it a weight to count it more",
