@@ -96,7 +96,7 @@ def sliced_layout(
     bases = {id(b): b for b in map(base_of, groups) if b is not None}
     check_same_kind(reference, [experts[e.model] for g in groups for e in g.entries] + list(bases.values()))
     outside = [name for name in reference.tensors if not LAYER_PATTERN.search(name)]
-    embeddings = [name for name in outside if "embed" in name and "embed_out" not in name]  # GPT-NeoX's head
+    embeddings = [name for name in outside if is_input_embedding(name)]
     tensors = _outside_layers(embeddings, groups[0], base_of(groups[0]), experts)
     layers: list[tuple[Checkpoint, int]] = []
     by_layer: dict[int, dict[int, dict[str, TensorEntry]]] = {}
@@ -149,6 +149,12 @@ def sliced_layout(
         [n for n in outside if n not in embeddings], groups[-1], base_of(groups[-1]), experts
     )
     return Layout(tensors, layers)
+
+
+def is_input_embedding(name: str) -> bool:
+    """A tensor outside the layers that the first slice gives (the token embeddings), not the
+    last (the final norm, the output head; GPT-NeoX's head is `embed_out`)."""
+    return "embed" in name and "embed_out" not in name
 
 
 def _outside_layers(

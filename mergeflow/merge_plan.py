@@ -12,7 +12,7 @@ from mergeflow.compatibility import check_compatible
 from mergeflow.config import MergeConfig
 from mergeflow.errors import ConfigError
 from mergeflow.hashing import model_sha256
-from mergeflow.layout import Layout, sliced_layout, whole_model_layout
+from mergeflow.layout import Layout, is_input_embedding, sliced_layout, whole_model_layout
 from mergeflow.methods import MergeMethod
 from mergeflow.methods.kernels import default_threads
 from mergeflow.output import DEFAULT_SHARD_BYTES, check_output_free, shard_groups
@@ -99,7 +99,7 @@ def prepare_merge(config: MergeConfig, out: str, inputs: Inputs) -> PreparedMerg
     tokenizer_source = inputs.load([tokenizer_ref])[0] if tokenizer_ref else reference
     _check_no_input_is_replaced(out, inputs.opened)
     match_tied_heads(reference, loaded)
-    vocabulary = _align_vocabularies(config, base, experts, tokenizer_source)
+    vocabulary = _align_vocabularies(config, base, by_ref, tokenizer_source)
     if config.slices:
         layout = sliced_layout(config, base, by_ref, reference)
     else:
@@ -163,7 +163,7 @@ def check_merge(
 
 
 def _align_vocabularies(
-    config: MergeConfig, base: Checkpoint | None, experts: list[Checkpoint], tokenizer: Checkpoint
+    config: MergeConfig, base: Checkpoint | None, by_ref: dict[str, Checkpoint], tokenizer: Checkpoint
 ) -> OutputVocabulary | None:
     """With a tokenizer source in the config, the output's vocabulary, each model's
     vocabulary tensors realigned to it where they are not already (mergeflow.vocabulary);
@@ -171,25 +171,24 @@ def _align_vocabularies(
     source = config.vocabulary_source()
     if source is None:
         return None
-    models = ([base] if base else []) + experts
+    models = ([base] if base else []) + list(by_ref.values())
     pad = config.tokenizer.pad_to_multiple_of if config.tokenizer else None
     vocabulary = plan_vocabulary(source, models, models[0], tokenizer, pad, config.token_sources())
     if vocabulary is not None:
-        groups = config.groups()
-        for group in (groups[0], groups[-1]):
-            if group.base not in (None, config.base_model):
-                raise ConfigError(
-                    f"{group.base_key}: the first slice's base is the embeddings' and the last one's "
-                    f"the output head's, but realigning them to tokenizer source '{source}' fills "
-                    "rows from base_model alone; leave base_model out of the first and last slices"
-                )
         for model in models:
             if task_vector_info(model) is not None:
                 raise ConfigError(
                     f"tokenizer source '{source}': '{model.ref}' is a task vector, whose embedding rows "
                     "cannot be realigned to the output's vocabulary; merge the expert itself"
                 )
-        realign(models, vocabulary, base)
+        groups = config.groups()
+
+        def base_of(tensor: str) -> Checkpoint | None:
+            """As in mergekit: the embeddings' is the first slice's base, the others' the last's."""
+            ref = (groups[0] if is_input_embedding(tensor) else groups[-1]).base
+            return by_ref[ref] if ref is not None and ref != config.base_model else base
+
+        realign(models, vocabulary, base_of)
     return vocabulary
 
 

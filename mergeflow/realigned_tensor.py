@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,14 +107,17 @@ def vocabulary_tensors(model: Checkpoint) -> list[str]:
     ]
 
 
-def realign(models: list[Checkpoint], vocabulary: OutputVocabulary, base: Checkpoint | None) -> None:
+def realign(
+    models: list[Checkpoint], vocabulary: OutputVocabulary, base_of: Callable[[str], Checkpoint | None]
+) -> None:
     """Replace each model's vocabulary tensors (those of models[0], the base or first model)
-    with RealignedTensor entries, and set its vocab_size to the output's rows."""
+    with RealignedTensor entries, and set its vocab_size to the output's rows. `base_of` a
+    tensor is the model whose row a token the others share takes (mergekit's base)."""
     reader = TensorFileReader()
     try:
         for name in vocabulary_tensors(models[0]):
             holders = [i for i, m in enumerate(models) if name in m.tensors]
-            _realign_tensor(name, models, holders, vocabulary, base, reader)
+            _realign_tensor(name, models, holders, vocabulary, base_of(name), reader)
     finally:
         reader.close()
     for model in models:

@@ -106,7 +106,8 @@ def opened_and_realigned(zoo, names, source, tokenizer="base", pad=None):
     checkpoints = [open_checkpoint(zoo[n]) for n in names]
     tokenizer_checkpoint = checkpoints[names.index(tokenizer)] if tokenizer in names else None
     vocabulary = plan_vocabulary(source, checkpoints, checkpoints[0], tokenizer_checkpoint, pad)
-    realign(checkpoints, vocabulary, checkpoints[0] if names[0] == "base" else None)
+    base = checkpoints[0] if names[0] == "base" else None
+    realign(checkpoints, vocabulary, lambda tensor: base)
     return checkpoints, vocabulary
 
 
@@ -191,6 +192,36 @@ def test_a_union_merge_matches_the_reference_and_loads_with_its_tokenizer(zoo, t
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.vocab_size == len(UNION)
     assert model(**tokenizer("a e f <|im_start|>", return_tensors="pt")).logits.shape[-1] == len(UNION)
+
+
+def test_a_slice_of_its_own_base_fills_the_rows_from_it(zoo, tmp_path):
+    # mergekit's rule: the embeddings (first slice) and the head (last slice) take a token the
+    # others share from that slice's base
+    sources = [{"model": zoo[m], "layer_range": [0, 1]} for m in ("expert_0", "expert_1", "base")]
+    config = union_config(zoo, models=[], slices=[{"base_model": zoo["expert_0"], "sources": sources}])
+    merge(parse_config(config), str(tmp_path / "out"))
+    names = ["base", "expert_0", "expert_1"]
+    realigned = reference_realigned(zoo, names, UNION, len(UNION), base="expert_0")
+    assert any(  # a token whose row the base decides: the rule is tested
+        not torch.equal(realigned[n][t], by_global[n][t])
+        for by_global in [reference_realigned(zoo, names, UNION, len(UNION), base="base")]
+        for n in names
+        for t in VOCAB_TENSORS
+    )
+    expected = reference_merge(
+        "task_arithmetic", realigned["expert_0"], [realigned["expert_1"], realigned["base"]], lam=0.5
+    )
+    from transformers import AutoTokenizer
+
+    # the union takes the models' new tokens in the order the config names them: rows by token
+    ids = AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab()
+    order = [ids[word] for word in UNION]
+    merged = load_folder(tmp_path / "out")
+    for name in VOCAB_TENSORS:
+        tensor = merged[name][order]
+        torch.testing.assert_close(tensor.float(), expected[name], rtol=1e-2, atol=1e-2, msg=name)
+        if tensor.dtype == torch.float32:
+            torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_base_and_a_model_as_source_keep_their_vocabulary(zoo, tmp_path):

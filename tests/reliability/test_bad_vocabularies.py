@@ -97,18 +97,3 @@ def test_token_sources_that_name_what_the_model_lacks_are_refused(zoo, tmp_path,
     block = {"source": "union", "tokens": with_paths(given, zoo)}
     config = union_config(zoo, tokenizer_source=None, tokenizer=block)
     assert assert_fails_cleanly(config, tmp_path, ConfigError) == message.format(base=zoo["base"])
-
-
-def test_a_first_slice_with_a_base_of_its_own(zoo, tmp_path):
-    # mergekit would fill the embeddings' new rows from that slice's base; mergeflow realigns
-    # every model once, from base_model
-    sources = [{"model": zoo[m], "layer_range": [0, 1]} for m in ("expert_0", "expert_1")]
-    config = union_config(zoo, models=[], slices=[{"base_model": zoo["expert_0"], "sources": sources}])
-    assert_fails_cleanly(
-        config,
-        tmp_path,
-        ConfigError,
-        "slices[0].base_model: the first slice's base is the embeddings' and the last one's the "
-        "output head's, but realigning them to tokenizer source 'union' fills rows from base_model "
-        "alone; leave base_model out of the first and last slices",
-    )
