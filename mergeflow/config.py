@@ -65,19 +65,17 @@ class MergeConfig(BaseModel):
     def method(self) -> MergeMethod:
         return get_method(self.merge_method)
 
-    def takes_base(self) -> bool:
-        """Whether base_model takes part as the base: for a method that needs one or may have one
-        (models that repeat it are then not merged again as models)."""
-        return bool(self.base_model) and self._method_takes_base()
-
-    def _method_takes_base(self) -> bool:
+    def _base_of_group(self, own: str | None = None) -> str | None:
+        """The model that takes part as the base of a group (a slice may give its `own`): for a
+        method that needs one or may have one (models that repeat it are then not merged
+        again as models)."""
         method = self.method
-        return method.needs_base or method.optional_base
+        return (own or self.base_model) if method.needs_base or method.optional_base else None
 
     def groups(self) -> list[ModelGroup]:
         """The models merged together: one group for `models`, one per slice."""
         if not self.slices:
-            base = self.base_model if self.takes_base() else None
+            base = self._base_of_group()
             positions = [k for k, entry in enumerate(self.models) if entry.model != base]
             return [ModelGroup("models", positions, [self.models[k] for k in positions], base)]
         return [self._slice_group(s) for s in range(len(self.slices))]
@@ -97,7 +95,7 @@ class MergeConfig(BaseModel):
     def _slice_group(self, s: int) -> ModelGroup:
         layer_slice = self.slices[s]
         sources = layer_slice.sources
-        base = (layer_slice.base_model or self.base_model) if self._method_takes_base() else None
+        base = self._base_of_group(layer_slice.base_model)
         base_key = f"slices[{s}].base_model" if layer_slice.base_model else "base_model"
         positions = [k for k, source in enumerate(sources) if source.model != base]
         ranges = [sources[k].layer_range for k in positions]
