@@ -30,12 +30,7 @@ from mergeflow.merge_plan import Inputs, prepare_merge
 from mergeflow.methods import MergeMethod
 from mergeflow.methods.kernels import default_threads, use_threads
 from mergeflow.model_card import MODEL_CARD, model_card
-from mergeflow.output import (
-    DEFAULT_SHARD_BYTES,
-    ShardedWriter,
-    StagedOutput,
-    write_small_file,
-)
+from mergeflow.output import DEFAULT_SHARD_BYTES, ShardedWriter, StagedOutput, write_small_file
 from mergeflow.parameters import resolve_parameters
 from mergeflow.safetensors_io import PlannedTensor, TensorFileReader
 from mergeflow.side_files import write_side_files
@@ -88,8 +83,7 @@ def merge(
             try:
                 # A writer thread is one more core at work: not for a caller that asked for one.
                 writer = ShardedWriter(stage.folder, p.plan, max_shard_bytes, background=threads > 1)
-                models = len(experts) + (1 if base else 0)
-                _merge_all(config, method, p.layout, p.plan, writer, work_bytes, progress, models)
+                _merge_all(config, method, p.layout, p.plan, writer, work_bytes, progress, len(p.models))
                 hashes = hashing.result()
                 if base and base_sha is None:
                     base_sha = hashes.pop(0)

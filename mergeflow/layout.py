@@ -87,17 +87,12 @@ def sliced_layout(
     """The output's layers slice by slice, between the first slice's embeddings and the last
     slice's other tensors outside the layers. Each slice's base is base_model or its own."""
     groups = config.groups()
-
-    def base_of(group: ModelGroup) -> Checkpoint | None:
-        if group.base is None:
-            return None
-        return base if group.base == config.base_model else experts[group.base]
-
-    bases = {id(b): b for b in map(base_of, groups) if b is not None}
-    check_same_kind(reference, [experts[e.model] for g in groups for e in g.entries] + list(bases.values()))
+    bases = [group_base(config, g, base, experts) for g in groups]
+    merged = [experts[e.model] for g in groups for e in g.entries]
+    check_same_kind(reference, merged + [b for b in bases if b is not None])
     outside = [name for name in reference.tensors if not LAYER_PATTERN.search(name)]
     embeddings = [name for name in outside if is_input_embedding(name)]
-    tensors = _outside_layers(embeddings, groups[0], base_of(groups[0]), experts)
+    tensors = _outside_layers(embeddings, groups[0], bases[0], experts)
     layers: list[tuple[Checkpoint, int]] = []
     by_layer: dict[int, dict[int, dict[str, TensorEntry]]] = {}
 
@@ -106,10 +101,9 @@ def sliced_layout(
             by_layer[id(checkpoint)] = _tensors_by_layer(checkpoint, where)
         return by_layer[id(checkpoint)].get(index, {})
 
-    for group in groups:
+    for group, slice_base in zip(groups, bases, strict=True):
         models = [experts[entry.model] for entry in group.entries]
-        group_base = base_of(group)
-        _check_ranges(group, models, group_base)
+        _check_ranges(group, models, slice_base)
         deltas = [task_vector_info(c) is not None for c in models]
         for i, delta in enumerate(deltas):
             if delta and group.base not in (None, config.base_model):
@@ -126,9 +120,9 @@ def sliced_layout(
             _LayerSource(f"{group.entry_field(i)} ('{c.ref}')", c, r[0])
             for i, (c, r) in enumerate(zip(models, group.layer_ranges, strict=True))
         ]
-        if group_base is not None:
+        if slice_base is not None:
             owners.append(
-                _LayerSource(f"{group.base_field()} ('{group_base.ref}')", group_base, group.base_range[0])
+                _LayerSource(f"{group.base_field()} ('{slice_base.ref}')", slice_base, group.base_range[0])
             )
         length = group.layer_ranges[0][1] - group.layer_ranges[0][0]
         for j in range(length):
@@ -140,15 +134,23 @@ def sliced_layout(
                 name = _renumbered(first.name, len(layers))
                 entries = [tensors_of_layer[suffix] for tensors_of_layer in found]
                 check_same_shapes(name, entries, [o.model for o in owners])
-                base_entry = entries[len(models)] if group_base is not None else None
+                base_entry = entries[len(models)] if slice_base is not None else None
                 tensors.append(
                     OutputTensor(name, first, base_entry, entries[: len(models)], deltas, group, t)
                 )
             layers.append((models[0], owners[0].start + j))
-    tensors += _outside_layers(
-        [n for n in outside if n not in embeddings], groups[-1], base_of(groups[-1]), experts
-    )
+    tensors += _outside_layers([n for n in outside if n not in embeddings], groups[-1], bases[-1], experts)
     return Layout(tensors, layers)
+
+
+def group_base(
+    config: MergeConfig, group: ModelGroup, base: Checkpoint | None, experts: dict[str, Checkpoint]
+) -> Checkpoint | None:
+    """The checkpoint taking the base's part in `group`: base_model's, a slice's own, or None
+    for a method without a base."""
+    if group.base is None:
+        return None
+    return base if group.base == config.base_model else experts[group.base]
 
 
 def is_input_embedding(name: str) -> bool:

@@ -12,7 +12,7 @@ from mergeflow.compatibility import check_compatible
 from mergeflow.config import MergeConfig
 from mergeflow.errors import ConfigError
 from mergeflow.hashing import model_sha256
-from mergeflow.layout import Layout, is_input_embedding, sliced_layout, whole_model_layout
+from mergeflow.layout import Layout, group_base, is_input_embedding, sliced_layout, whole_model_layout
 from mergeflow.methods import MergeMethod
 from mergeflow.methods.kernels import default_threads
 from mergeflow.output import DEFAULT_SHARD_BYTES, check_output_free, shard_groups
@@ -86,6 +86,11 @@ class PreparedMerge:
     chat_template: str | None
     base_sha: str | None  # known early only where task vectors are checked against it
 
+    @property
+    def models(self) -> list[Checkpoint]:
+        """Every model read: the base first, where there is one, then the experts."""
+        return ([self.base] if self.base else []) + self.experts
+
 
 def prepare_merge(config: MergeConfig, out: str, inputs: Inputs) -> PreparedMerge:
     """Open the models and make every check that comes before heavy work."""
@@ -99,14 +104,13 @@ def prepare_merge(config: MergeConfig, out: str, inputs: Inputs) -> PreparedMerg
     tokenizer_source = inputs.load([tokenizer_ref])[0] if tokenizer_ref else reference
     _check_no_input_is_replaced(out, inputs.opened)
     match_tied_heads(reference, loaded)
-    vocabulary = _align_vocabularies(config, base, by_ref, tokenizer_source)
+    vocabulary = _align_vocabularies(config, loaded, base, by_ref, tokenizer_source)
     if config.slices:
         layout = sliced_layout(config, base, by_ref, reference)
     else:
         check_compatible(reference, experts)
         layout = whole_model_layout(config, base, by_ref, reference)
-    models = [base] if base else []
-    chat_template = chosen_chat_template(config.chat_template, models + experts, tokenizer_source)
+    chat_template = chosen_chat_template(config.chat_template, loaded, tokenizer_source)
     out_dtype = config.output_dtype()
     plan = [
         PlannedTensor(
@@ -150,10 +154,11 @@ def check_merge(
     write; nothing is written (converted pickles are scratch files, gone after)."""
     with Inputs(threads or default_threads(), allow_pickle) as inputs:
         prepared = prepare_merge(config, out, inputs)
-        check_output_free(out, overwrite)
+        target = locate(out)
+        check_output_free(target, overwrite)
         return MergeCheck(
-            output=locate(out).uri,
-            models=len(prepared.experts) + (1 if prepared.base else 0),
+            output=target.uri,
+            models=len(prepared.models),
             tensors=len(prepared.plan),
             bytes=sum(t.nbytes for t in prepared.plan),
             shards=len(shard_groups(prepared.plan, max_shard_bytes)),
@@ -163,15 +168,19 @@ def check_merge(
 
 
 def _align_vocabularies(
-    config: MergeConfig, base: Checkpoint | None, by_ref: dict[str, Checkpoint], tokenizer: Checkpoint
+    config: MergeConfig,
+    models: list[Checkpoint],
+    base: Checkpoint | None,
+    by_ref: dict[str, Checkpoint],
+    tokenizer: Checkpoint,
 ) -> OutputVocabulary | None:
-    """With a tokenizer source in the config, the output's vocabulary, each model's
-    vocabulary tensors realigned to it where they are not already (mergeflow.vocabulary);
-    without one, the models must share a vocabulary (check_compatible checks their sizes)."""
+    """With a tokenizer source in the config, the output's vocabulary, each of `models` (the
+    base first, then the others, `by_ref`) with its vocabulary tensors realigned to it where
+    they are not already (mergeflow.vocabulary); without one, the models must share a
+    vocabulary (check_compatible checks their sizes)."""
     source = config.vocabulary_source()
     if source is None:
         return None
-    models = ([base] if base else []) + list(by_ref.values())
     pad = config.tokenizer.pad_to_multiple_of if config.tokenizer else None
     vocabulary = plan_vocabulary(source, models, models[0], tokenizer, pad, config.token_sources())
     if vocabulary is not None:
@@ -184,9 +193,10 @@ def _align_vocabularies(
         groups = config.groups()
 
         def base_of(tensor: str) -> Checkpoint | None:
-            """As in mergekit: the embeddings' is the first slice's base, the others' the last's."""
-            ref = (groups[0] if is_input_embedding(tensor) else groups[-1]).base
-            return by_ref[ref] if ref is not None and ref != config.base_model else base
+            """As in mergekit: the embeddings' is the first slice's base, the others' the last's
+            (base_model for a method without a base)."""
+            group = groups[0] if is_input_embedding(tensor) else groups[-1]
+            return group_base(config, group, base, by_ref) or base
 
         realign(models, vocabulary, base_of)
     return vocabulary

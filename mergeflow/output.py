@@ -159,9 +159,8 @@ class ShardedWriter:
         self._current = None
 
 
-def check_output_free(out: str, overwrite: bool) -> None:
-    """Nothing is at `out` yet, unless it may be replaced."""
-    target = locate(out)
+def check_output_free(target: Location, overwrite: bool) -> None:
+    """Nothing is at `target` yet, unless it may be replaced."""
     if not overwrite and any(existing_objects(target).values()):
         raise StorageError(f"{target.uri}: output already exists (pass --overwrite to replace it)")
 
@@ -186,7 +185,7 @@ class StagedOutput:
     def __init__(self, out: str, overwrite: bool = False) -> None:
         self.target: Location = locate(out)
         self.overwrite = overwrite
-        check_output_free(out, overwrite)
+        check_output_free(self.target, overwrite)
         if self.target.is_local:
             target = Path(self.target.path)
             try:
