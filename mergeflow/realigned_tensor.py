@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +35,8 @@ VOCABULARY_TENSOR = re.compile(
     r"embed_out|shared|tok_embeddings|output|output_layer|vocab_projector|embeddings|"
     r"cls\.predictions|cls\.predictions\.decoder)\.(weight|bias)$"
 )
-# Rows realigned at once when a pad row's mean is computed.
-MEAN_BLOCK_ROWS = 1024
+# Rows read at once to compute a pad row's mean, or the rows that filled tokens take.
+BLOCK_ROWS = 1024
 # Rows of a model read together when they lie at most this far apart: a read from S3 is a
 # request, so a few larger ones beat many small ones; at most this much more is read per gap.
 SPAN_GAP_BYTES = 256 << 10
@@ -66,16 +66,25 @@ class RealignedTensor(ComputedTensor):
         block = np.empty((last - first, cols), dtype=self.dtype.storage)
         sources = self.row_sources[first:last]
         own = np.flatnonzero(sources >= 0)
-        gap = max(1, SPAN_GAP_BYTES // (cols * self.dtype.itemsize))
-        for low, high, taken in row_spans(sources[own], gap):
-            stored = reader.read(self.model, low * cols, (high - low) * cols).reshape(high - low, cols)
-            block[own[taken]] = stored[sources[own[taken]] - low]
+        for taken, rows in read_rows(reader, self.model, cols, sources[own]):
+            block[own[taken]] = rows
         fills = self.fill_index[first:last]
         where = np.flatnonzero(fills >= 0)
         block[where] = self.filled[fills[where]]
         offset = start - first * cols
         values[:] = block.reshape(-1)[offset : offset + count]
         return values
+
+
+def read_rows(
+    reader: TensorFileReader, entry: TensorEntry | ComputedTensor, cols: int, rows: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Rows `rows` (in any order) of a vocabulary tensor as stored, read in spans of rows near
+    each other: (positions in `rows`, those rows) per span."""
+    gap = max(1, SPAN_GAP_BYTES // (cols * entry.dtype.itemsize))
+    for low, high, taken in row_spans(rows, gap):
+        block = reader.read(entry, low * cols, (high - low) * cols).reshape(high - low, cols)
+        yield taken, block[rows[taken] - low]
 
 
 def row_spans(rows: np.ndarray, gap: int) -> list[tuple[int, int, np.ndarray]]:
@@ -162,7 +171,7 @@ def _realign_tensor(
             given = [
                 t.row for t in vocabulary.token_rows.values() if t.model == holders[k] and t.row is not None
             ]
-            rows_read[k] = _read_rows(
+            rows_read[k] = _rows_by_number(
                 reader, entries[k], cols, np.concatenate([own, np.array(given, np.int64)])
             )
         return _values(rows_read[k][at]).astype(_work(common))
@@ -212,27 +221,25 @@ def _realign_tensor(
         model.tensors[name] = realigned
 
 
-def _read_rows(
+def _rows_by_number(
     reader: TensorFileReader, entry: TensorEntry | ComputedTensor, cols: int, rows: np.ndarray
 ) -> dict[int, np.ndarray]:
-    """Rows `rows` of a vocabulary tensor as stored, by row: read in spans of rows near each
-    other (row_spans), at most MEAN_BLOCK_ROWS of them per batch."""
+    """Rows `rows` of a vocabulary tensor as stored, by row number, at most BLOCK_ROWS of them
+    read at once."""
     wanted = np.unique(rows)
-    gap = max(1, SPAN_GAP_BYTES // (cols * entry.dtype.itemsize))
     found: dict[int, np.ndarray] = {}
-    for first in range(0, wanted.size, MEAN_BLOCK_ROWS):
-        for low, high, taken in row_spans(wanted[first : first + MEAN_BLOCK_ROWS], gap):
-            block = reader.read(entry, low * cols, (high - low) * cols).reshape(high - low, cols)
-            for at in wanted[first : first + MEAN_BLOCK_ROWS][taken]:
-                found[int(at)] = block[at - low].copy()
+    for first in range(0, wanted.size, BLOCK_ROWS):
+        batch = wanted[first : first + BLOCK_ROWS]
+        for taken, stored in read_rows(reader, entry, cols, batch):
+            found.update(zip(batch[taken].tolist(), stored, strict=True))
     return found
 
 
 def _mean_row(tensor: RealignedTensor, tokens: int, reader: TensorFileReader) -> np.ndarray:
     cols = token_row(tensor.shape)
     total = np.zeros(cols, dtype=np.float64)
-    for first in range(0, tokens, MEAN_BLOCK_ROWS):
-        rows = min(MEAN_BLOCK_ROWS, tokens - first)
+    for first in range(0, tokens, BLOCK_ROWS):
+        rows = min(BLOCK_ROWS, tokens - first)
         block = _values(tensor.read(reader, first * cols, rows * cols)).reshape(rows, cols)
         total += block.sum(axis=0, dtype=np.float64)
     return total / tokens
