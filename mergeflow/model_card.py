@@ -22,6 +22,7 @@ def model_card(config: MergeConfig, inputs: dict) -> str:
     writes the same card."""
     method = config.method
     base, models = inputs["base"], inputs["models"]
+    roles = dict.fromkeys(_slice_bases(config), "slice base")
     refs = ([base["ref"]] if base else []) + [m["ref"] for m in models]
     parts = [part for ref in refs for part in ref.split("+")]  # model+adapter: both are models
     hub_ids = list(dict.fromkeys(m.group("repo") for part in parts if (m := HUB_REPO_ID.fullmatch(part))))
@@ -43,7 +44,7 @@ def model_card(config: MergeConfig, inputs: dict) -> str:
         "| input | role | sha256 |",
         "|---|---|---|",
         *([f"| {_code(base['ref'])} | base | `{base['sha256']}` |"] if base else []),
-        *(f"| {_code(m['ref'])} | {_role(config, m['ref'])} | `{m['sha256']}` |" for m in models),
+        *(f"| {_code(m['ref'])} | {roles.get(m['ref'], 'model')} | `{m['sha256']}` |" for m in models),
         "",
         "A model's sha256 is taken over `name sha256` lines of its config.json and weight files "
         "(and a LoRA adapter's files, for `model+adapter`); `mergeflow-manifest.json` lists every "
@@ -60,11 +61,11 @@ def model_card(config: MergeConfig, inputs: dict) -> str:
     return "\n".join(lines)
 
 
-def _role(config: MergeConfig, ref: str) -> str:
-    """'model', or for a model only slices merge onto (their own base_model), 'slice base'."""
+def _slice_bases(config: MergeConfig) -> set[str]:
+    """The models that slices only merge onto (their own base_model), never merge."""
     groups = config.groups()
-    merged = any(entry.model == ref for group in groups for entry in group.entries)
-    return "model" if merged or all(group.base != ref for group in groups) else "slice base"
+    bases = {group.base for group in groups if group.base not in (None, config.base_model)}
+    return bases - {entry.model for group in groups for entry in group.entries}
 
 
 def _layers_section(config: MergeConfig) -> list[str]:
