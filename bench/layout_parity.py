@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from machine import cpu_model
-from parity import merge_with_both, tensors
+from parity import markdown_table, merge_with_both, tensors
 from safetensors.torch import save_file
 
 from mergeflow.zoo.generated import GeneratedZooSpec, build_generated_zoo
@@ -120,14 +120,9 @@ def main() -> None:
         for label, settings in cases(root, zoo["base"], zoo["expert_0"], zoo["expert_1"]).items():
             rows.append(run_case(root, label, settings))
             print(rows[-1], flush=True)
-    table = "\n".join(
-        [
-            "| config | mergeflow's tensors | only mergekit writes | only mergeflow writes | max diff | "
-            "bit for bit (mergeflow's tensors) | mergeflow | mergekit |",
-            "|---|---|---|---|---|---|---|---|",
-            *rows,
-        ]
-    )
+    columns = ["config", "mergeflow's tensors", "only mergekit writes", "only mergeflow writes", "max diff"]
+    columns += ["bit for bit (mergeflow's tensors)", "mergeflow", "mergekit"]
+    table = markdown_table(columns, rows)
     text = (
         "# mergeflow vs mergekit 0.1.5 on slices and on inputs whose tensors differ\n\n"
         f"`bench/layout_parity.py` on {cpu_model()}. A generated zoo (mergeflow.zoo.generated: a base "

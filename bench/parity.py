@@ -47,3 +47,8 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
     for file in sorted(folder.glob("*.safetensors")):
         out |= load_file(file)
     return out
+
+
+def markdown_table(columns: list[str], rows: list[str]) -> str:
+    """A Markdown table of `columns` over `rows` (each already a `| ... |` line)."""
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *rows])

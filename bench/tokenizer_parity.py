@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from machine import cpu_model  # noqa: E402
-from parity import merge_with_both, tensors  # noqa: E402
+from parity import markdown_table, merge_with_both, tensors  # noqa: E402
 from vocabulary_zoo import TOKENS, VOCAB_TENSORS, with_paths, write_zoo  # noqa: E402
 
 CASES = [  # (method, tokenizer settings)
@@ -113,15 +113,13 @@ def smollm2_zoo(root: Path) -> dict[str, str]:
 
 def run_case(root: Path, zoo_name: str, zoo: dict[str, str], dtype: str, method: str, tokenizer: dict) -> str:
     both = merge_with_both(root, config(zoo, method, dtype, tokenizer))
-    mergekit_out, mergeflow_out = both.mergekit, both.mergeflow
-    mergekit_seconds, mergeflow_seconds = both.mergekit_seconds, both.mergeflow_seconds
-    same_tokens, vocab_diff, other_diff, exact = compare(mergekit_out, mergeflow_out)
+    same_tokens, vocab_diff, other_diff, exact = compare(both.mergekit, both.mergeflow)
     described = yaml.safe_dump(tokenizer, default_flow_style=True, width=1000).strip()
     for name, path in zoo.items():  # models by name, not by their scratch paths
         described = described.replace(path, name)
     return (
         f"| {zoo_name} | {dtype} | {method} | `{described}` | {same_tokens} | {vocab_diff:.3g} | "
-        f"{other_diff:.3g} | {exact} | {mergeflow_seconds:.1f} s | {mergekit_seconds:.1f} s |"
+        f"{other_diff:.3g} | {exact} | {both.mergeflow_seconds:.1f} s | {both.mergekit_seconds:.1f} s |"
     )
 
 
@@ -142,14 +140,9 @@ def main() -> None:
         for method in ("task_arithmetic", "ties"):
             rows.append(run_case(root, "SmolLM2-135M", zoo, "float32", method, {"tokenizer_source": "union"}))
             print(rows[-1], flush=True)
-    table = "\n".join(
-        [
-            "| zoo | dtype | method | tokenizer | same tokens | max diff, embeddings and head | "
-            "max diff, other tensors | bit for bit | mergeflow | mergekit |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-            *rows,
-        ]
-    )
+    columns = ["zoo", "dtype", "method", "tokenizer", "same tokens", "max diff, embeddings and head"]
+    columns += ["max diff, other tensors", "bit for bit", "mergeflow", "mergekit"]
+    table = markdown_table(columns, rows)
     text = (
         "# mergeflow vs mergekit 0.1.5 on models with different tokenizers\n\n"
         f"`bench/tokenizer_parity.py` on {cpu_model()}. Two zoos: `tiny`, that of tests/vocabulary_zoo.py "
