@@ -1,8 +1,8 @@
 """mergeflow against mergekit on which input tensors make which output tensor: `slices:`
 configs (layer stacking, the base listed in a slice, a slice's own base_model, slice parameters
-and gradients over layers) and inputs whose tensor tables differ (an output head tied to the
-embeddings in some models, rotary buffers older transformers saved). Merged by both from a
-generated float32 zoo of 4-layer models.
+and gradients over layers), inputs whose tensor tables differ (an output head tied to the
+embeddings in some models, rotary buffers older transformers saved) and GPT-2, whose layers are
+`transformer.h.<i>`. Merged by both from float32 zoos of 4-layer models.
 
 Prints a table and writes bench/results/layout_parity.md. Needs the bench extra (mergekit):
 
@@ -99,6 +99,50 @@ def cases(root: Path, base: str, a: str, b: str) -> dict[str, dict]:
     }
 
 
+def gpt2_zoo(root: Path) -> list[str]:
+    """A 4-layer GPT-2 base and two experts (transformer.h.<i> layers, tied heads)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=32, n_layer=4, n_head=2, vocab_size=64, n_positions=16)
+    folders = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+        with torch.no_grad():  # GPT-2 starts its biases and norms alike in every model
+            for parameter in model.parameters():
+                parameter.add_(0.01 * torch.randn_like(parameter))
+        model.save_pretrained(root / f"gpt2-{seed}")
+        folders.append(str(root / f"gpt2-{seed}"))
+    return folders
+
+
+def gpt2_cases(base: str, a: str, b: str) -> dict[str, dict]:
+    """GPT-2 numbers its layers transformer.h.<i> (as GPT-BigCode, Falcon and Qwen 1 do)."""
+    return {
+        "GPT-2 task_arithmetic: a weight gradient over the layers": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "models": [
+                {"model": a, "parameters": {"weight": [0.0, 1.0]}},
+                {"model": b, "parameters": {"weight": 0.5}},
+            ],
+        },
+        "GPT-2 passthrough: layers of two models stacked": {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [source(a, 0, 2)]}, {"sources": [source(b, 1, 4)]}],
+        },
+        "GPT-2 ties: slices with a gradient restarting in each": {
+            "merge_method": "ties",
+            "base_model": base,
+            "parameters": {"density": 0.5, "weight": [1.0, 0.2]},
+            "slices": [
+                {"sources": [source(m, 0, 2) for m in (base, a, b)]},
+                {"sources": [source(m, 2, 4) for m in (base, a, b)]},
+            ],
+        },
+    }
+
+
 def run_case(root: Path, label: str, settings: dict) -> str:
     both = merge_with_both(root, settings | {"dtype": "float32"})
     theirs, ours = tensors(both.mergekit), tensors(both.mergeflow)
@@ -117,7 +161,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="layout-parity-") as scratch:
         root = Path(scratch)
         zoo = build_generated_zoo(root / "zoo", GeneratedZooSpec(num_layers=4, num_experts=2, seed=4))
-        for label, settings in cases(root, zoo["base"], zoo["expert_0"], zoo["expert_1"]).items():
+        every = cases(root, zoo["base"], zoo["expert_0"], zoo["expert_1"]) | gpt2_cases(*gpt2_zoo(root))
+        for label, settings in every.items():
             rows.append(run_case(root, label, settings))
             print(rows[-1], flush=True)
     columns = ["config", "mergeflow's tensors", "only mergekit writes", "only mergeflow writes", "max diff"]
@@ -126,7 +171,8 @@ def main() -> None:
     text = (
         "# mergeflow vs mergekit 0.1.5 on slices and on inputs whose tensors differ\n\n"
         f"`bench/layout_parity.py` on {cpu_model()}. A generated zoo (mergeflow.zoo.generated: a base "
-        "and two experts of 4 layers, float32), merged by both tools from the same YAML with "
+        "and two experts of 4 layers, float32) and a GPT-2 one (transformers' GPT2LMHeadModel, seeded "
+        "random weights, 4 layers), merged by both tools from the same YAML with "
         "`dtype: float32`. Times are wall time of one merge each: mergekit's a process of its own, "
         "start-up included; mergeflow's in this process.\n\n" + table + "\n\n"
         "Where the base ties its head, mergekit writes a merged `lm_head.weight` (from the base's "

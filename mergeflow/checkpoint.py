@@ -262,13 +262,3 @@ def _pickle_to_safetensors(what: str, source: Location, target: Path) -> None:
     for key, value in tensors.items():
         writer.write(key, numpy_view(value.reshape(-1)))
     writer.finish()
-
-
-def num_layers(checkpoint: Checkpoint) -> int:
-    """Decoder layers, for layer gradients: config's num_hidden_layers, else counted."""
-    if checkpoint.config and isinstance(checkpoint.config.get("num_hidden_layers"), int):
-        return checkpoint.config["num_hidden_layers"]
-    from mergeflow.parameters import LAYER_PATTERN
-
-    indices = {int(m.group(1)) for n in checkpoint.tensors if (m := LAYER_PATTERN.search(n))}
-    return max(indices) + 1 if indices else 1

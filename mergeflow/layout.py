@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from mergeflow.checkpoint import Checkpoint, num_layers
+from mergeflow.checkpoint import Checkpoint
 from mergeflow.compatibility import check_same_kind, check_same_shapes
 from mergeflow.config import MergeConfig
 from mergeflow.config_models import ModelGroup
 from mergeflow.errors import ConfigError, IncompatibleModelsError
-from mergeflow.parameters import LAYER_PATTERN, layer_position
+from mergeflow.layer_names import is_input_embedding, layer_position, layer_stacks, renumbered, split_layer
 from mergeflow.safetensors_io import TensorEntry
 from mergeflow.task_vectors import task_vector_info
 
@@ -64,7 +64,7 @@ def whole_model_layout(
     [group] = config.groups()
     models = [experts[entry.model] for entry in group.entries]
     deltas = [task_vector_info(c) is not None for c in models]
-    layers = num_layers(reference)
+    stacks = layer_stacks(reference.tensors, reference.config)
     return Layout(
         [
             OutputTensor(
@@ -74,7 +74,7 @@ def whole_model_layout(
                 [c.tensors[name] for c in models],
                 deltas,
                 group,
-                layer_position(name, layers),
+                layer_position(name, stacks),
             )
             for name, entry in reference.tensors.items()
         ]
@@ -90,15 +90,15 @@ def sliced_layout(
     bases = [group_base(config, g, base, experts) for g in groups]
     merged = [experts[e.model] for g in groups for e in g.entries]
     check_same_kind(reference, merged + [b for b in bases if b is not None])
-    outside = [name for name in reference.tensors if not LAYER_PATTERN.search(name)]
+    outside = [name for name in reference.tensors if split_layer(name) is None]
     embeddings = [name for name in outside if is_input_embedding(name)]
     tensors = _outside_layers(embeddings, groups[0], bases[0], experts)
     layers: list[tuple[Checkpoint, int]] = []
     by_layer: dict[int, dict[int, dict[str, TensorEntry]]] = {}
 
-    def layer(where: str, checkpoint: Checkpoint, index: int) -> dict[str, TensorEntry]:
+    def layer(checkpoint: Checkpoint, index: int) -> dict[str, TensorEntry]:
         if id(checkpoint) not in by_layer:
-            by_layer[id(checkpoint)] = _tensors_by_layer(checkpoint, where)
+            by_layer[id(checkpoint)] = _tensors_by_layer(checkpoint)
         return by_layer[id(checkpoint)].get(index, {})
 
     for group, slice_base in zip(groups, bases, strict=True):
@@ -128,10 +128,10 @@ def sliced_layout(
         for j in range(length):
             # mergekit's gradient position within a slice; a one-layer slice sits at its end
             t = j / (length - 1) if length > 1 else 1.0
-            found = [layer(o.where, o.model, o.start + j) for o in owners]
+            found = [layer(o.model, o.start + j) for o in owners]
             _check_same_tensors(found, owners, j)
             for suffix, first in found[0].items():
-                name = _renumbered(first.name, len(layers))
+                name = renumbered(first.name, len(layers))
                 entries = [tensors_of_layer[suffix] for tensors_of_layer in found]
                 check_same_shapes(name, entries, [o.model for o in owners])
                 base_entry = entries[len(models)] if slice_base is not None else None
@@ -151,12 +151,6 @@ def group_base(
     if group.base is None:
         return None
     return base if group.base == config.base_model else experts[group.base]
-
-
-def is_input_embedding(name: str) -> bool:
-    """A tensor outside the layers that the first slice gives (the token embeddings), not the
-    last (the final norm, the output head; GPT-NeoX's head is `embed_out`)."""
-    return "embed" in name and "embed_out" not in name
 
 
 def _outside_layers(
@@ -190,7 +184,7 @@ def _check_ranges(group: ModelGroup, models: list[Checkpoint], base: Checkpoint 
     if base is not None and group.base_range is not None:
         checks.append((base, group.base_range, group.base_field()))
     for model, (start, end), where in checks:
-        layers = num_layers(model)
+        layers = _layers_of_its_one_stack(model, where)
         if end > layers:
             raise ConfigError(
                 f"{where}: layer_range [{start}, {end}] reaches past the last layer of '{model.ref}', "
@@ -198,27 +192,33 @@ def _check_ranges(group: ModelGroup, models: list[Checkpoint], base: Checkpoint 
             )
 
 
-def _tensors_by_layer(checkpoint: Checkpoint, where: str) -> dict[int, dict[str, TensorEntry]]:
-    """A model's layer tensors: by layer, then by their name after the layer number. A model with
-    more than one stack of layers (a vision tower beside the decoder) is refused: which of them
-    would a slice take?"""
-    layers: dict[int, dict[str, TensorEntry]] = {}
-    stacks = set()
-    for name, entry in checkpoint.tensors.items():
-        if match := LAYER_PATTERN.search(name):
-            layers.setdefault(int(match.group(1)), {})[name[match.end() :]] = entry
-            stacks.add(name[: match.start(1)].lstrip("."))
+def _layers_of_its_one_stack(model: Checkpoint, where: str) -> int:
+    """The number of layers of a model to slice. A model with more than one stack of layers (a
+    vision tower beside the decoder) is refused: which of them would a slice take?"""
+    stacks = layer_stacks(model.tensors, model.config)
     if not stacks:
         raise ConfigError(
-            f"{where}: none of its tensor names has 'layers.<i>.' in it, so mergeflow cannot tell its "
-            "layers apart to slice them"
+            f"{where} ('{model.ref}'): none of its tensor names numbers a layer ('layers.<i>.', 'h.<i>.', 'layer.<i>.', "
+            "'block.<i>.'), so mergeflow cannot tell its layers apart to slice them"
         )
     if len(stacks) > 1:
-        named = ", ".join(f"'{stack}'" for stack in sorted(stacks))
+        named = ", ".join(f"'{stack.lstrip('.')}'" for stack in sorted(stacks))
         raise ConfigError(
-            f"{where}: its layers are numbered under more than one name ({named}); mergeflow slices "
+            f"{where} ('{model.ref}'): its layers are numbered under more than one name ({named}); mergeflow slices "
             "models with one stack of layers"
         )
+    [layers] = stacks.values()
+    return layers
+
+
+def _tensors_by_layer(checkpoint: Checkpoint) -> dict[int, dict[str, TensorEntry]]:
+    """A model's layer tensors (of its one stack): by layer, then by their name after the
+    layer number."""
+    layers: dict[int, dict[str, TensorEntry]] = {}
+    for name, entry in checkpoint.tensors.items():
+        if (layer := split_layer(name)) is not None:
+            _, index, rest = layer
+            layers.setdefault(index, {})[rest] = entry
     return layers
 
 
@@ -235,8 +235,3 @@ def _check_same_tensors(found: list[dict[str, TensorEntry]], owners: list[_Layer
                     f"{where}: layer {start + j} {theirs} '{sorted(differing)[0]}', which layer "
                     f"{first_start + j} of {first_where} {ours}"
                 )
-
-
-def _renumbered(name: str, index: int) -> str:
-    match = LAYER_PATTERN.search(name)
-    return f"{name[: match.start(1)]}{index}{name[match.end(1) :]}"

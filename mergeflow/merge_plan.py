@@ -12,7 +12,8 @@ from mergeflow.compatibility import check_compatible
 from mergeflow.config import MergeConfig
 from mergeflow.errors import ConfigError
 from mergeflow.hashing import model_sha256
-from mergeflow.layout import Layout, group_base, is_input_embedding, sliced_layout, whole_model_layout
+from mergeflow.layer_names import is_input_embedding
+from mergeflow.layout import Layout, group_base, sliced_layout, whole_model_layout
 from mergeflow.methods import MergeMethod
 from mergeflow.methods.kernels import default_threads
 from mergeflow.output import DEFAULT_SHARD_BYTES, check_output_free, shard_groups

@@ -6,7 +6,6 @@ default."""
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
@@ -37,16 +36,6 @@ def empty_when_null(empty):
 
 
 Parameters = Annotated[dict[str, ParameterSetting], empty_when_null(dict)]
-
-LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def layer_position(tensor_name: str, num_layers: int) -> float:
-    """mergekit's gradient position t: layer i of L sits at i/(L-1); other tensors at 0."""
-    match = LAYER_PATTERN.search(tensor_name)
-    if not match:
-        return 0.0
-    return int(match.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:

@@ -7,6 +7,7 @@ import json
 
 from mergeflow.chat_template import with_chat_template
 from mergeflow.checkpoint import Checkpoint
+from mergeflow.layer_names import LAYER_COUNT_KEYS
 from mergeflow.layout import Layout
 from mergeflow.output import StagedOutput, WrittenFile, write_small_file
 
@@ -17,8 +18,9 @@ PER_LAYER_SETTINGS = ("layer_types",)
 def with_output_layers(config: dict, layers: list[tuple[Checkpoint, int]]) -> dict:
     """The config of a sliced output: its number of layers, and each per-layer setting as the
     model and layer each output layer comes from have it."""
-    if "num_hidden_layers" in config:
-        config["num_hidden_layers"] = len(layers)
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(config.get(key), int):
+            config[key] = len(layers)
     for key in PER_LAYER_SETTINGS:
         if isinstance(config.get(key), list):
             config[key] = [(model.config or {}).get(key, config[key])[index] for model, index in layers]

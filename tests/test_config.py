@@ -7,7 +7,8 @@ import pytest
 from conftest import but_the_model_card
 
 from mergeflow.config import load_config, parse_config
-from mergeflow.parameters import evaluate_setting, layer_position, resolve_parameters
+from mergeflow.layer_names import is_input_embedding, layer_position, layer_stacks, split_layer
+from mergeflow.parameters import evaluate_setting, resolve_parameters
 from mergeflow.safetensors_io import BFLOAT16
 
 MERGEKIT_TIES = """\
@@ -39,9 +40,11 @@ dtype: bfloat16
 
 
 def parameters_of(config, tensor_name: str, layers: int) -> dict:
-    """The parameters of a tensor of a whole-model merge of models with `layers` layers."""
+    """The parameters of a tensor of a whole-model merge of Llama-like models with `layers` layers."""
     [group] = config.groups()
-    return resolve_parameters(config, group, tensor_name, layer_position(tensor_name, layers))
+    return resolve_parameters(
+        config, group, tensor_name, layer_position(tensor_name, {"model.layers.": layers})
+    )
 
 
 def test_mergekit_ties_yaml_parses_as_is(tmp_path):
@@ -126,7 +129,70 @@ def test_model_parameters_override_global_ones():
     ],
 )
 def test_layer_position(name, layers, expected):
-    assert layer_position(name, layers) == expected
+    assert layer_position(name, {"model.layers.": layers}) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("model.layers.3.mlp.up_proj.weight", ("model.layers.", 3, "mlp.up_proj.weight")),
+        ("gpt_neox.layers.2.attention.dense.bias", ("gpt_neox.layers.", 2, "attention.dense.bias")),
+        (
+            "transformer.h.11.attn.c_attn.weight",
+            ("transformer.h.", 11, "attn.c_attn.weight"),
+        ),  # GPT-2, Falcon
+        ("bert.encoder.layer.5.output.dense.weight", ("bert.encoder.layer.", 5, "output.dense.weight")),
+        (
+            "encoder.block.0.layer.1.DenseReluDense.wi.weight",
+            ("encoder.block.", 0, "layer.1.DenseReluDense.wi.weight"),
+        ),
+        ("visual.blocks.7.attn.qkv.weight", ("visual.blocks.", 7, "attn.qkv.weight")),
+        ("layers.4.attention.wq.weight", ("layers.", 4, "attention.wq.weight")),
+        (
+            "model.layers.0.block_sparse_moe.experts.3.w1.weight",
+            ("model.layers.", 0, "block_sparse_moe.experts.3.w1.weight"),
+        ),
+        ("transformer.wte.weight", None),
+        ("model.embed_tokens.weight", None),
+        ("heads.0.weight", None),
+    ],
+)
+def test_layer_numbers_are_found_under_the_names_architectures_give_them(name, expected):
+    assert split_layer(name) == expected
+
+
+def test_each_stack_of_layers_runs_its_gradient_over_its_own_layers():
+    # a vision tower of 4 blocks beside a decoder of 3 layers (mergekit's modules)
+    names = [f"visual.blocks.{i}.attn.weight" for i in range(4)] + [
+        f"model.layers.{i}.mlp.weight" for i in range(3)
+    ]
+    stacks = layer_stacks(names, {"num_hidden_layers": 3})
+    assert stacks == {"visual.blocks.": 4, "model.layers.": 3}
+    assert layer_position("visual.blocks.1.attn.weight", stacks) == pytest.approx(1 / 3)
+    assert layer_position("model.layers.1.mlp.weight", stacks) == 0.5
+    # one stack takes config.json's count, under the name the architecture gives it
+    assert layer_stacks([f"transformer.h.{i}.mlp.c_fc.weight" for i in range(3)], {"n_layer": 5}) == {
+        "transformer.h.": 5
+    }
+    assert layer_stacks(["lm_head.weight"], {"num_hidden_layers": 2}) == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("model.embed_tokens.weight", True),
+        ("transformer.wte.weight", True),
+        ("transformer.wpe.weight", True),
+        ("transformer.word_embeddings.weight", True),
+        ("gpt_neox.embed_in.weight", True),
+        ("embed_out.weight", False),
+        ("lm_head.weight", False),
+        ("transformer.ln_f.weight", False),
+        ("model.norm.weight", False),
+    ],
+)
+def test_input_embeddings_are_told_from_the_head_and_final_norm(name, expected):
+    assert is_input_embedding(name) is expected
 
 
 def test_conditional_without_a_match_falls_through_to_the_default():
@@ -201,10 +267,11 @@ def slerp_config(zoo: dict[str, str], layers: tuple[int, int] | None = None) -> 
 
 
 def test_a_whole_model_slice_merges_as_the_models_list_does(zoo, tmp_path):
-    from mergeflow.checkpoint import num_layers, open_checkpoint
+    from mergeflow.checkpoint import open_checkpoint
     from mergeflow.engine import merge
 
-    layers = num_layers(open_checkpoint(zoo["base"]))
+    base = open_checkpoint(zoo["base"])
+    [layers] = layer_stacks(base.tensors, base.config).values()
     listed = merge(parse_config(slerp_config(zoo)), str(tmp_path / "listed"))
     sliced = merge(parse_config(slerp_config(zoo, (0, layers))), str(tmp_path / "sliced"))
     assert but_the_model_card(sliced.manifest) == but_the_model_card(listed.manifest)

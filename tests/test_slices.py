@@ -314,17 +314,17 @@ def test_a_base_listed_with_layers_it_lacks_is_refused_naming_where_it_is_listed
     )
 
 
-def test_a_model_whose_layers_are_not_named_layers_is_refused(deep, tmp_path):
-    # GPT-2 numbers its blocks as h.<i>: mergeflow cannot tell where a layer starts
+def test_a_model_whose_layers_are_named_in_no_known_way_is_refused(deep, tmp_path):
+    # mergeflow knows layers.<i>, h.<i>, layer.<i> and block(s).<i> (tests/test_layer_names.py)
     def rename(tensors):
         for name in [n for n in tensors if ".layers." in n]:
-            tensors[name.replace(".layers.", ".h.")] = tensors.pop(name)
+            tensors[name.replace(".layers.", ".stage.")] = tensors.pop(name)
 
-    other = edited_copy(deep["expert_0"], tmp_path / "h-named", rename)
+    other = edited_copy(deep["expert_0"], tmp_path / "stage-named", rename)
     config = {"merge_method": "passthrough", "slices": slices((str(other), 0, 1))}
     assert refusal(config, tmp_path) == (
-        f"slices[0].sources[0] ('{other}'): none of its tensor names has 'layers.<i>.' in it, so mergeflow "
-        "cannot tell its layers apart to slice them"
+        f"slices[0].sources[0] ('{other}'): none of its tensor names numbers a layer ('layers.<i>.', "
+        "'h.<i>.', 'layer.<i>.', 'block.<i>.'), so mergeflow cannot tell its layers apart to slice them"
     )
 
 
