@@ -18,12 +18,19 @@ from mergeflow.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
-# (head, embeddings) as the architectures name them: Llama, Mistral, Qwen, Gemma, Phi and
-# most others; GPT-2; GPT-NeoX.
+# (head, embeddings) as the architectures name them (those mergekit's architecture tables tie,
+# and GPT-NeoX): Llama, Mistral, Qwen, Gemma, Phi and most others; GPT-2 and GPT-BigCode;
+# Qwen3-VL; InternLM2; Mamba; GPT-NeoX; BERT, RoBERTa and DistilBERT masked LMs.
 TIED_HEADS = (
     ("lm_head.weight", "model.embed_tokens.weight"),
     ("lm_head.weight", "transformer.wte.weight"),
+    ("lm_head.weight", "model.language_model.embed_tokens.weight"),
+    ("output.weight", "model.tok_embeddings.weight"),
+    ("lm_head.weight", "backbone.embeddings.weight"),
     ("embed_out.weight", "gpt_neox.embed_in.weight"),
+    ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+    ("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight"),
+    ("vocab_projector.weight", "distilbert.embeddings.word_embeddings.weight"),
 )
 
 
