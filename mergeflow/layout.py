@@ -198,14 +198,14 @@ def _layers_of_its_one_stack(model: Checkpoint, where: str) -> int:
     stacks = layer_stacks(model.tensors, model.config)
     if not stacks:
         raise ConfigError(
-            f"{where} ('{model.ref}'): none of its tensor names numbers a layer ('layers.<i>.', 'h.<i>.', 'layer.<i>.', "
-            "'block.<i>.'), so mergeflow cannot tell its layers apart to slice them"
+            f"{where} ('{model.ref}'): none of its tensor names numbers a layer ('layers.<i>.', "
+            "'h.<i>.', 'layer.<i>.', 'block.<i>.'), so mergeflow cannot tell its layers apart to slice them"
         )
     if len(stacks) > 1:
         named = ", ".join(f"'{stack.lstrip('.')}'" for stack in sorted(stacks))
         raise ConfigError(
-            f"{where} ('{model.ref}'): its layers are numbered under more than one name ({named}); mergeflow slices "
-            "models with one stack of layers"
+            f"{where} ('{model.ref}'): its layers are numbered under more than one name ({named}); "
+            "mergeflow slices models with one stack of layers"
         )
     [layers] = stacks.values()
     return layers
