@@ -143,6 +143,50 @@ def gpt2_cases(base: str, a: str, b: str) -> dict[str, dict]:
     }
 
 
+def qwen2_vl_zoo(root: Path) -> list[str]:
+    """Two Qwen2-VL models: a vision tower of 4 blocks (visual.blocks.<i>) beside a decoder of
+    3 layers (model.layers.<i>). Their config.json also gives num_hidden_layers at the top, as
+    transformers before 5 wrote it: mergekit 0.1.5 reads it there."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2}
+    text |= {"num_key_value_heads": 1, "vocab_size": 64}
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 1, 1]}
+    vision = {"depth": 4, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": 2}
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, bos_token_id=0, eos_token_id=1)
+    folders = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.01 * torch.randn_like(parameter))
+        folder = root / f"qwen2-vl-{seed}"
+        model.save_pretrained(folder)
+        settings = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(settings | {"num_hidden_layers": 3}))
+        folders.append(str(folder))
+    return folders
+
+
+def other_cases(a: str, b: str, vl: list[str]) -> dict[str, dict]:
+    gradient = [{"model": vl[0], "parameters": {"weight": [1.0, 0.0]}}]
+    gradient.append({"model": vl[1], "parameters": {"weight": [0.0, 1.0]}})
+    return {
+        "linear: weights that are not binary fractions": {
+            "merge_method": "linear",
+            "models": [
+                {"model": a, "parameters": {"weight": 0.3}},
+                {"model": b, "parameters": {"weight": 1 / 3}},
+            ],
+        },
+        "Qwen2-VL linear: a gradient over the vision tower's blocks and the decoder's layers": {
+            "merge_method": "linear",
+            "models": gradient,
+        },
+    }
+
+
 def run_case(root: Path, label: str, settings: dict) -> str:
     both = merge_with_both(root, settings | {"dtype": "float32"})
     theirs, ours = tensors(both.mergekit), tensors(both.mergeflow)
@@ -162,6 +206,7 @@ def main() -> None:
         root = Path(scratch)
         zoo = build_generated_zoo(root / "zoo", GeneratedZooSpec(num_layers=4, num_experts=2, seed=4))
         every = cases(root, zoo["base"], zoo["expert_0"], zoo["expert_1"]) | gpt2_cases(*gpt2_zoo(root))
+        every |= other_cases(zoo["expert_0"], zoo["expert_1"], qwen2_vl_zoo(root))
         for label, settings in every.items():
             rows.append(run_case(root, label, settings))
             print(rows[-1], flush=True)
@@ -177,7 +222,14 @@ def main() -> None:
         "start-up included; mergeflow's in this process.\n\n" + table + "\n\n"
         "Where the base ties its head, mergekit writes a merged `lm_head.weight` (from the base's "
         "embeddings and the experts' heads) that transformers ignores, since the config ties the "
-        "head; mergeflow leaves it out (docs/methods.md).\n"
+        "head; mergeflow leaves it out (docs/methods.md).\n\n"
+        "Qwen2-VL: the vision tower's blocks and the decoder's layers are bit for bit mergekit's, each "
+        "stack with a gradient over its own layers. The 4 tensors that differ are the projector's "
+        "`visual.merger.mlp.{0,2}`: mergekit's qwen2_vl table makes the projector a module of one "
+        "layer, which sits at t = 1 on a gradient; mergeflow puts tensors outside numbered layers at "
+        "t = 0. Before mergeflow knew `blocks.<i>`, the tower's blocks sat at t = 0 too. Linear with "
+        "weights that are not binary fractions matched mergekit only once each weighted model was "
+        "added in one rounding, as torch's addcmul_ does (a fused multiply-add).\n"
     )
     (HERE / "results" / "layout_parity.md").write_text(text)
 

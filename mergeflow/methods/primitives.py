@@ -244,7 +244,8 @@ def merge_task_vectors(
 ) -> np.ndarray:
     """θ0 + λ·merge of the weighted, sparsified task vectors τi = θi − θ0 of models [N, C]
     (float32 or bfloat16 bit patterns; the base too). With no base, only the plain weighted
-    sum: λ·Σi wi·θi (divided as `normalize` says).
+    sum: λ·Σi wi·θi (divided as `normalize` says), each term added in one rounding (a fused
+    multiply-add, as torch's addcmul_ in mergekit's linear merge).
 
     Sparsify: with `low`/`high`, keep low[i] <= |τi| <= high[i] (magnitude trim, Breadcrumbs
     band); with `keys`/`density`, DARE: keep each entry with probability density[i], using
@@ -262,7 +263,9 @@ def merge_task_vectors(
     """
     n = models.shape[0]
     mode, no_limits = K.MODE_NONE, np.zeros(n, np.float32)
-    if base is None and (consensus or low is not None or keys is not None or chances is not None):
+    if base is None and (
+        consensus or low is not None or keys is not None or chances is not None or scale is not None
+    ):
         raise ValueError("only a plain weighted sum merges without a base")
     if low is not None:
         mode = K.MODE_BAND
