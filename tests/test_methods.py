@@ -200,7 +200,7 @@ def test_average_of_bfloat16_models_is_their_float32_sum_in_model_order_rounded_
 
 def test_average_of_float32_models_is_mergekits_linear_bit_for_bit():
     # mergekit's linear adds each weighted model with torch's addcmul_, a fused multiply-add:
-    # one rounding per term. Two (a product, then a sum) differed from it in ~10% of entries.
+    # one rounding per term. Two (a product, then a sum) differed from it in a third of these entries.
     generator = torch.Generator().manual_seed(6)
     models = torch.randn(3, 100_000, generator=generator)
     weights = torch.tensor([0.3, 0.7, 1 / 3])

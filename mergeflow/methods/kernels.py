@@ -135,7 +135,7 @@ def _weighted_task_vector(model, base, mode, low, high, scale, weight, key, dens
 def _add_weighted(model, weight, total):
     """total[j] += weight · model[j], each in one rounding: a fused multiply-add where the CPU has
     one, as torch's addcmul_ in mergekit's linear merge (two roundings differed from it by an ulp
-    in a few % of entries). Returns how many entries of the model are NaN or ±Inf."""
+    in up to a third of the entries). Returns how many entries of the model are NaN or ±Inf."""
     bad = 0
     for j in range(total.size):
         x = widen(model[j])
