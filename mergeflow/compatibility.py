@@ -1,6 +1,7 @@
 """Whether models can be merged tensor by tensor, checked before any heavy work: same
-architecture and vocabulary, the same tensor names and shapes, float weights where the
-reference has them. Each refusal names both models and the tensor or field that differs."""
+architecture (unless allowed otherwise) and vocabulary, the same tensor names and shapes,
+float weights where the reference has them. Each refusal names both models and the tensor or
+field that differs."""
 
 from __future__ import annotations
 
@@ -9,24 +10,32 @@ from mergeflow.errors import IncompatibleModelsError
 from mergeflow.safetensors_io import TensorEntry
 
 
-def check_same_kind(reference: Checkpoint, others: list[Checkpoint]) -> None:
-    """The same architecture and vocabulary size as the reference."""
+def check_same_architecture(reference: Checkpoint, others: list[Checkpoint]) -> None:
+    """The architecture config.json names is the reference's. mergekit refuses others unless
+    given --allow-crimes, and so does mergeflow; the tensors are checked either way."""
     ref_arch = _architecture(reference)
     for other in others:
         arch = _architecture(other)
         if ref_arch and arch and ref_arch != arch:
             raise IncompatibleModelsError(
-                f"architectures differ: '{reference.ref}' is {ref_arch}, '{other.ref}' is {arch}"
+                f"architectures differ: '{reference.ref}' is {ref_arch}, '{other.ref}' is {arch}; "
+                "--allow-crimes merges them where their tensors match, as in mergekit"
             )
+
+
+def check_same_vocabulary(reference: Checkpoint, others: list[Checkpoint]) -> None:
+    """The same vocabulary size as the reference."""
+    for other in others:
         _check_vocab(reference, other)
 
 
 def check_compatible(reference: Checkpoint, experts: list[Checkpoint]) -> None:
-    """Before heavy work: same architecture, same tensor names and shapes, float weights."""
+    """Before heavy work: same vocabulary size, same tensor names and shapes, float weights
+    (the architecture: check_same_architecture)."""
     for other in experts:
         if other is reference:
             continue
-        check_same_kind(reference, [other])
+        check_same_vocabulary(reference, [other])
         missing = [n for n in reference.tensors if n not in other.tensors]
         extra = [n for n in other.tensors if n not in reference.tensors]
         if missing or extra:

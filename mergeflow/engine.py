@@ -61,19 +61,22 @@ def merge(
     *,
     threads: int | None = None,
     allow_pickle: bool = False,
+    allow_crimes: bool = False,
     overwrite: bool = False,
     work_bytes: int = DEFAULT_WORK_BYTES,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = False,
 ) -> MergeResult:
-    """Merge the models of `config` into `out` (a local path, file:// or s3:// URI)."""
+    """Merge the models of `config` into `out` (a local path, file:// or s3:// URI).
+    `allow_crimes` merges models whose config.json names other architectures than the base's
+    (the first model's) where their tensors match, as mergekit's --allow-crimes does."""
     started = time.perf_counter()
     _release_large_blocks_to_the_os()
     threads = threads or default_threads()
     use_threads(threads)
     method = config.method
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-hash-inputs")
-    with Inputs(threads, allow_pickle) as inputs:
+    with Inputs(threads, allow_pickle, allow_crimes) as inputs:
         try:
             p = prepare_merge(config, out, inputs)
             base, experts, base_sha = p.base, p.experts, p.base_sha

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from mergeflow.checkpoint import Checkpoint
-from mergeflow.compatibility import check_same_kind, check_same_shapes
+from mergeflow.compatibility import check_same_shapes, check_same_vocabulary
 from mergeflow.config import MergeConfig
 from mergeflow.config_models import ModelGroup
 from mergeflow.errors import ConfigError, IncompatibleModelsError
@@ -89,7 +89,7 @@ def sliced_layout(
     groups = config.groups()
     bases = [group_base(config, g, base, experts) for g in groups]
     merged = [experts[e.model] for g in groups for e in g.entries]
-    check_same_kind(reference, merged + [b for b in bases if b is not None])
+    check_same_vocabulary(reference, merged + [b for b in bases if b is not None])
     outside = [name for name in reference.tensors if split_layer(name) is None]
     embeddings = [name for name in outside if is_input_embedding(name)]
     tensors = _outside_layers(embeddings, groups[0], bases[0], experts)

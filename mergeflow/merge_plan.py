@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from mergeflow.chat_template import chosen_chat_template
 from mergeflow.checkpoint import Checkpoint, open_checkpoint
-from mergeflow.compatibility import check_compatible
+from mergeflow.compatibility import check_compatible, check_same_architecture
 from mergeflow.config import MergeConfig
 from mergeflow.errors import ConfigError
 from mergeflow.hashing import model_sha256
@@ -46,8 +46,10 @@ class MergeCheck:
 class Inputs:
     """The input checkpoints a merge opens, each closed when the merge ends."""
 
-    def __init__(self, threads: int, allow_pickle: bool) -> None:
-        self.threads, self.allow_pickle = threads, allow_pickle
+    def __init__(self, threads: int, allow_pickle: bool, allow_crimes: bool = False) -> None:
+        # allow_crimes: merge models whose config.json names another architecture (mergekit's
+        # --allow-crimes); their tensors are checked all the same
+        self.threads, self.allow_pickle, self.allow_crimes = threads, allow_pickle, allow_crimes
         self.opened: list[Checkpoint] = []
 
     def load(self, refs: list[str]) -> list[Checkpoint]:
@@ -104,6 +106,8 @@ def prepare_merge(config: MergeConfig, out: str, inputs: Inputs) -> PreparedMerg
     tokenizer_ref = config.tokenizer_reference()
     tokenizer_source = inputs.load([tokenizer_ref])[0] if tokenizer_ref else reference
     _check_no_input_is_replaced(out, inputs.opened)
+    if not inputs.allow_crimes:
+        check_same_architecture(reference, loaded)
     match_tied_heads(reference, loaded)
     vocabulary = _align_vocabularies(config, loaded, base, by_ref, tokenizer_source)
     if config.slices:
@@ -148,12 +152,13 @@ def check_merge(
     *,
     threads: int | None = None,
     allow_pickle: bool = False,
+    allow_crimes: bool = False,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> MergeCheck:
     """Open and check everything merging `config` into `out` would, and say what it would
     write; nothing is written (converted pickles are scratch files, gone after)."""
-    with Inputs(threads or default_threads(), allow_pickle) as inputs:
+    with Inputs(threads or default_threads(), allow_pickle, allow_crimes) as inputs:
         prepared = prepare_merge(config, out, inputs)
         target = locate(out)
         check_output_free(target, overwrite)

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 import mergeflow
 from mergeflow.checkpoint import CONFIG, MANIFEST, Checkpoint, open_checkpoint
-from mergeflow.compatibility import check_compatible
+from mergeflow.compatibility import check_compatible, check_same_architecture
 from mergeflow.errors import CheckpointError, IncompatibleModelsError
 from mergeflow.hashing import model_sha256
 from mergeflow.methods.primitives import to_float32
@@ -78,6 +78,7 @@ def write_task_vector(base: Checkpoint, expert: Checkpoint, out: str, base_sha: 
         which = base if task_vector_info(base) else expert
         raise CheckpointError(f"model '{which.ref}' is already a task vector; give the base and the expert")
     match_tied_heads(base, [expert])
+    check_same_architecture(base, [expert])
     check_compatible(base, [expert])
     started = time.perf_counter()
     plan = [

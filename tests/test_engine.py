@@ -265,6 +265,27 @@ def test_gradient_and_filter_parameters_apply_per_layer(zoo, tmp_path):
         torch.testing.assert_close(merged[name], base[name] + lam * (expert[name] - base[name]))
 
 
+def test_allow_crimes_merges_models_that_name_other_architectures_as_the_bases(zoo, tmp_path):
+    # mergekit's --allow-crimes: a Mistral-named copy of a Llama expert has the same tensors
+    mistral = tmp_path / "mistral-named"
+    shutil.copytree(zoo["expert_1"], mistral)
+    settings = json.loads((mistral / "config.json").read_text())
+    (mistral / "config.json").write_text(json.dumps(settings | {"architectures": ["MistralForCausalLM"]}))
+    config = config_for("ties", zoo, n=1)
+    plain = config | {"models": [*config["models"], {"model": zoo["expert_1"]}]}
+    crime = config | {"models": [*config["models"], {"model": str(mistral)}]}
+    assert cli_merge(tmp_path, plain, tmp_path / "plain").exit_code == 0
+    refused = cli_merge(tmp_path, crime, tmp_path / "refused")
+    assert refused.exit_code == 2 and "--allow-crimes" in refused.output
+    assert cli_merge(tmp_path, crime, tmp_path / "crime", "--allow-crimes").exit_code == 0
+    merged, expected = load_folder(tmp_path / "crime"), load_folder(tmp_path / "plain")
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[name], tensor) for name, tensor in expected.items())
+    assert json.loads((tmp_path / "crime" / "config.json").read_text())["architectures"] == [
+        "LlamaForCausalLM"
+    ]
+
+
 def test_existing_output_is_kept_unless_overwrite(zoo, tmp_path):
     out = tmp_path / "out"
     assert cli_merge(tmp_path, config_for("average", zoo), out).exit_code == 0

@@ -31,6 +31,14 @@ def merge_command(
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder: path, file:// or s3:// URI.")],
     threads: Annotated[int | None, typer.Option(help="Threads (default: all cores).", min=1)] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle (*.bin) checkpoints.")] = False,
+    allow_crimes: Annotated[
+        bool,
+        typer.Option(
+            "--allow-crimes",
+            help="Merge models whose config.json names other architectures, where their tensors match "
+            "(mergekit's flag).",
+        ),
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 500MB, 2GB.")] = "2GB",
     work_memory: Annotated[str, typer.Option(help="Working memory for chunks of all models.")] = "16MB",
@@ -54,7 +62,16 @@ def merge_command(
 
     With --intermediate-dir, a file of several merges runs as mergekit-multi runs it."""
     if dry_run:
-        _dry_run(config, out, intermediate_dir, threads, allow_pickle, overwrite, parse_size(shard_size))
+        _dry_run(
+            config,
+            out,
+            intermediate_dir,
+            threads,
+            allow_pickle,
+            allow_crimes,
+            overwrite,
+            parse_size(shard_size),
+        )
         return
     from mergeflow.file_hashes import start_hashing_inputs
 
@@ -69,6 +86,7 @@ def merge_command(
     options = dict(
         threads=threads,
         allow_pickle=allow_pickle,
+        allow_crimes=allow_crimes,
         max_shard_bytes=parse_size(shard_size),
         work_bytes=parse_size(work_memory),
         progress=not quiet,
@@ -92,7 +110,9 @@ def merge_command(
     _say_merged(result)
 
 
-def _dry_run(config, out, intermediate_dir, threads, allow_pickle, overwrite, max_shard_bytes) -> None:
+def _dry_run(
+    config, out, intermediate_dir, threads, allow_pickle, allow_crimes, overwrite, max_shard_bytes
+) -> None:
     from mergeflow.config import load_config
     from mergeflow.errors import ConfigError
     from mergeflow.merge_plan import check_merge
@@ -109,6 +129,7 @@ def _dry_run(config, out, intermediate_dir, threads, allow_pickle, overwrite, ma
             out,
             threads=threads,
             allow_pickle=allow_pickle,
+            allow_crimes=allow_crimes,
             overwrite=overwrite,
             max_shard_bytes=max_shard_bytes,
         )

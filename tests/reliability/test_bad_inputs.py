@@ -78,7 +78,22 @@ def test_architectures_differ(small, tmp_path):
     config["architectures"] = ["MistralForCausalLM"]
     (broken / "config.json").write_text(json.dumps(config))
     assert_fails_cleanly(
-        ties(small, broken), tmp_path, IncompatibleModelsError, "architectures differ", "MistralForCausalLM"
+        ties(small, broken),
+        tmp_path,
+        IncompatibleModelsError,
+        "architectures differ",
+        "MistralForCausalLM",
+        "--allow-crimes merges them",
+    )
+
+
+def test_allow_crimes_still_refuses_tensors_that_differ(small, tmp_path):
+    broken = copy_expert(small, tmp_path)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps(config | {"architectures": ["MistralForCausalLM"]}))
+    edit_tensors(broken, lambda tensors: tensors.pop("model.norm.weight"))
+    assert_fails_cleanly(
+        ties(small, broken), tmp_path, IncompatibleModelsError, "lacks 'model.norm.weight'", allow_crimes=True
     )
 
 
