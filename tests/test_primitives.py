@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mergeflow.methods import kernels as K
 from mergeflow.methods import primitives as P
+from mergeflow.methods import statistic_kernels as S
 from mergeflow.safetensors_io import DTYPES, dtype_of, numpy_view
 
 
@@ -51,10 +51,10 @@ def test_magnitude_histograms_count_every_entry_once_whatever_the_slicing(n_part
     model = (base.float() + 0.01 * torch.randn(100_003, generator=g)).to(torch.bfloat16)
     bits = (model.float() - base.float()).abs().view(torch.int32).numpy()
     magnitudes = P.Magnitudes.of(numpy_view(model), numpy_view(base))
-    top = K.magnitude_histogram(magnitudes.model, magnitudes.base, True, -1, n_parts)
+    top = S.magnitude_histogram(magnitudes.model, magnitudes.base, True, -1, n_parts)
     np.testing.assert_array_equal(top, np.bincount(bits >> 16, minlength=1 << 15))
     busiest = int(np.argmax(top))
-    bottom = K.magnitude_histogram(magnitudes.model, magnitudes.base, True, busiest, n_parts)
+    bottom = S.magnitude_histogram(magnitudes.model, magnitudes.base, True, busiest, n_parts)
     in_bin = bits[bits >> 16 == busiest]
     np.testing.assert_array_equal(bottom, np.bincount(in_bin & 0xFFFF, minlength=1 << 16))
 

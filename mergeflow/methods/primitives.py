@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from mergeflow.methods import kernels as K
+from mergeflow.methods import statistic_kernels as S
 from mergeflow.methods.ranking import ranked_chances_
 from mergeflow.safetensors_io import DType
 
@@ -45,8 +46,8 @@ def gram(tensor, *, from_base: bool, base_first: bool = False) -> np.ndarray:
     for _, base, models in tensor.chunks():
         rows = np.empty((models.shape[1] // tensor.row_length, n, n))
         base = np.zeros(0, np.float32) if base is None else base
-        K.gram_rows_(rows, kernel_array(models), base, from_base, base_first, tensor.row_length)
-        K.add_rows_in_order_(total, rows)
+        S.gram_rows_(rows, kernel_array(models), base, from_base, base_first, tensor.row_length)
+        S.add_rows_in_order_(total, rows)
     return total
 
 
@@ -78,18 +79,18 @@ class Magnitudes:
             raise ValueError(f"k={k} outside [1, {self.numel}]")
         if self._top_bits is None:
             self._top_bits = self._histogram(-1)
-        top, above = K.bin_from_the_top(self._top_bits, k)
-        bottom, _ = K.bin_from_the_top(self._histogram(top), k - above)
+        top, above = S.bin_from_the_top(self._top_bits, k)
+        bottom, _ = S.bin_from_the_top(self._histogram(top), k - above)
         return float(np.uint32(top << 16 | bottom).view(np.float32))
 
     def values(self) -> np.ndarray:
         """All |τ| as a float32 array."""
         out = np.empty(self.numel, dtype=np.float32)
-        K.magnitudes_(out, self.model, self.base, self.has_base)
+        S.magnitudes_(out, self.model, self.base, self.has_base)
         return out
 
     def _histogram(self, high: int) -> np.ndarray:
-        return K.magnitude_histogram(self.model, self.base, self.has_base, high, numba.get_num_threads())
+        return S.magnitude_histogram(self.model, self.base, self.has_base, high, numba.get_num_threads())
 
 
 # What the kernels read as it is: float32, and bfloat16 as its uint16 bit patterns.

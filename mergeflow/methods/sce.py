@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
-from mergeflow.methods import kernels as K
 from mergeflow.methods import primitives as P
+from mergeflow.methods import statistic_kernels as S
 from mergeflow.methods.base import Chunk, MergeMethod, Param, TensorChunks
 from mergeflow.methods.kernels import BLOCK, stored, widen
 
@@ -59,7 +59,7 @@ def _statistic(tensor: TensorChunks, params: Mapping[str, Any]) -> Selection:
         sums = np.empty((tensor.n_models, count // tensor.row_length), np.float64)
         kept = variances[start : start + count] if variances.size else variances
         kept_square_sums_(sums, models, base, kept, threshold, tensor.row_length)
-        K.add_rows_in_order_(totals, sums.T)
+        S.add_rows_in_order_(totals, sums.T)
     means = totals / max(tensor.numel, 1)
     total = sum(means.tolist())
     with np.errstate(invalid="ignore"):  # Inf in an input: the merge refuses it when it reads that chunk
