@@ -116,9 +116,22 @@ def gpt2_zoo(root: Path) -> list[str]:
     return folders
 
 
-def gpt2_cases(base: str, a: str, b: str) -> dict[str, dict]:
-    """GPT-2 numbers its layers transformer.h.<i> (as GPT-BigCode, Falcon and Qwen 1 do)."""
+def gpt2_cases(root: Path, base: str, a: str, b: str) -> dict[str, dict]:
+    """GPT-2 numbers its layers transformer.h.<i> (as GPT-BigCode, Falcon and Qwen 1 do). The
+    hub's `gpt2` is saved bare (GPT2Model: no `transformer.` prefix)."""
+
+    def without_prefix(state: dict) -> None:
+        for name in list(state):
+            state[name.removeprefix("transformer.")] = state.pop(name)
+
+    bare_b = edited_copy(b, root / "gpt2-bare", without_prefix)
     return {
+        "GPT-2 ties: an expert saved bare (no transformer. prefix)": {
+            "merge_method": "ties",
+            "base_model": base,
+            "parameters": {"density": 0.5, "weight": 1.0},
+            "models": [{"model": a}, {"model": bare_b}],
+        },
         "GPT-2 task_arithmetic: a weight gradient over the layers": {
             "merge_method": "task_arithmetic",
             "base_model": base,
@@ -205,7 +218,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="layout-parity-") as scratch:
         root = Path(scratch)
         zoo = build_generated_zoo(root / "zoo", GeneratedZooSpec(num_layers=4, num_experts=2, seed=4))
-        every = cases(root, zoo["base"], zoo["expert_0"], zoo["expert_1"]) | gpt2_cases(*gpt2_zoo(root))
+        every = cases(root, zoo["base"], zoo["expert_0"], zoo["expert_1"]) | gpt2_cases(root, *gpt2_zoo(root))
         every |= other_cases(zoo["expert_0"], zoo["expert_1"], qwen2_vl_zoo(root))
         for label, settings in every.items():
             rows.append(run_case(root, label, settings))

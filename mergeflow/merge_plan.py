@@ -16,6 +16,7 @@ from mergeflow.layer_names import is_input_embedding
 from mergeflow.layout import Layout, group_base, sliced_layout, whole_model_layout
 from mergeflow.methods import MergeMethod
 from mergeflow.methods.kernels import default_threads
+from mergeflow.name_prefix import match_name_prefixes
 from mergeflow.output import DEFAULT_SHARD_BYTES, check_output_free, shard_groups
 from mergeflow.parameters import resolve_parameters
 from mergeflow.realigned_tensor import realign
@@ -108,6 +109,7 @@ def prepare_merge(config: MergeConfig, out: str, inputs: Inputs) -> PreparedMerg
     _check_no_input_is_replaced(out, inputs.opened)
     if not inputs.allow_crimes:
         check_same_architecture(reference, loaded)
+    match_name_prefixes(reference, loaded)
     match_tied_heads(reference, loaded)
     vocabulary = _align_vocabularies(config, loaded, base, by_ref, tokenizer_source)
     if config.slices:

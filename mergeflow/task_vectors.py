@@ -25,6 +25,7 @@ from mergeflow.compatibility import check_compatible, check_same_architecture
 from mergeflow.errors import CheckpointError, IncompatibleModelsError
 from mergeflow.hashing import model_sha256
 from mergeflow.methods.primitives import to_float32
+from mergeflow.name_prefix import match_name_prefixes
 from mergeflow.output import DEFAULT_SHARD_BYTES, ShardedWriter, StagedOutput, WrittenFile
 from mergeflow.safetensors_io import FLOAT32, PlannedTensor, TensorFileReader
 from mergeflow.storage import locate
@@ -77,6 +78,7 @@ def write_task_vector(base: Checkpoint, expert: Checkpoint, out: str, base_sha: 
     if task_vector_info(base) or task_vector_info(expert):
         which = base if task_vector_info(base) else expert
         raise CheckpointError(f"model '{which.ref}' is already a task vector; give the base and the expert")
+    match_name_prefixes(base, [expert])
     match_tied_heads(base, [expert])
     check_same_architecture(base, [expert])
     check_compatible(base, [expert])

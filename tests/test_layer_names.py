@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import load_folder
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mergeflow.config import parse_config
 from mergeflow.engine import merge
+from mergeflow.errors import IncompatibleModelsError
 
 GPT2_LAYER = re.compile(r"^transformer\.h\.(\d+)\.")
 
@@ -123,3 +125,47 @@ def test_each_stack_of_layers_runs_the_gradient_over_its_own_layers(tmp_path):
     positions["model.embed_tokens.weight"] = 0.0
     for name, t in positions.items():
         torch.testing.assert_close(got[name], (1 - t) * first[name] + t * second[name], rtol=0, atol=1e-6)
+
+
+def bare_copy(model: str, target: Path) -> str:
+    """`model` as transformers saves the bare GPT2Model (the hub's `gpt2`): no `transformer.`."""
+    shutil.copytree(model, target)
+    tensors = load_file(target / "model.safetensors")
+    save_file(
+        {name.removeprefix("transformer."): t for name, t in tensors.items()}, target / "model.safetensors"
+    )
+    return str(target)
+
+
+def test_models_saved_without_the_architecture_prefix_merge_under_the_bases_names(gpt2, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    def ties(base: str, experts: list[str]) -> dict:
+        models = [{"model": e} for e in experts]
+        return {"merge_method": "ties", "base_model": base, "models": models, "parameters": {"density": 0.5}}
+
+    bare_base = bare_copy(gpt2["base"], tmp_path / "bare-base")
+    bare_expert = bare_copy(gpt2["expert_1"], tmp_path / "bare-expert")
+    merge(parse_config(ties(gpt2["base"], [gpt2["expert_0"], gpt2["expert_1"]])), str(tmp_path / "named"))
+    expected = load_folder(tmp_path / "named")
+    # a bare expert takes part under the base's names; a bare base names the output
+    merge(parse_config(ties(gpt2["base"], [gpt2["expert_0"], bare_expert])), str(tmp_path / "expert"))
+    merge(parse_config(ties(bare_base, [gpt2["expert_0"], gpt2["expert_1"]])), str(tmp_path / "base"))
+    assert load_folder(tmp_path / "expert").keys() == expected.keys()
+    assert all(torch.equal(load_folder(tmp_path / "expert")[n], t) for n, t in expected.items())
+    bare = load_folder(tmp_path / "base")
+    assert sorted(bare) == sorted(n.removeprefix("transformer.") for n in expected)
+    assert all(torch.equal(bare[n.removeprefix("transformer.")], t) for n, t in expected.items())
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "base")  # transformers adds the prefix back
+    assert torch.equal(model.transformer.h[1].mlp.c_fc.weight, expected["transformer.h.1.mlp.c_fc.weight"])
+
+
+def test_names_that_differ_by_more_than_one_prefix_are_still_refused(gpt2, tmp_path):
+    odd = Path(bare_copy(gpt2["expert_1"], tmp_path / "odd"))
+    tensors = load_file(odd / "model.safetensors")
+    tensors["decoder.wte.weight"] = tensors.pop("wte.weight")
+    save_file(tensors, odd / "model.safetensors")
+    config = {"merge_method": "linear", "models": [{"model": gpt2["expert_0"]}, {"model": str(odd)}]}
+    with pytest.raises(IncompatibleModelsError, match="tensor names differ"):
+        merge(parse_config(config), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,53 @@
+"""Models saved with and without their architecture's prefix.
+
+transformers saves a bare model (GPT2Model, BertModel: the hub's `gpt2`, sentence-transformers'
+MiniLM) without the first part its task models put before the same tensors (GPT2LMHeadModel's
+`transformer.h.0...`, BertForSequenceClassification's `bert.embeddings...`), and loads either
+checkpoint into either model. mergekit's architecture tables list both names of such tensors
+(aliases). Here, a model whose tensor names are the reference's with one such first part added
+or left out takes part under the reference's names; the output is named as the reference is.
+Tensors only one side has (a task model's head) stay unmatched, and the usual checks name them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mergeflow.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def match_name_prefixes(reference: Checkpoint, models: list[Checkpoint]) -> None:
+    """Rename, in each model's tensor table, the tensors that are the reference's under a name
+    with one first part more or less. Entries keep the names they have in their files."""
+    for model in models:
+        if model is reference:
+            continue
+        renamed = _renamed(set(reference.tensors), set(model.tensors))
+        if renamed:
+            model.tensors = {renamed.get(name, name): entry for name, entry in model.tensors.items()}
+            before, after = next(iter(renamed.items()))
+            log.info(
+                "'%s': %d tensors named as '%s' names them ('%s' as '%s')",
+                model.ref,
+                len(renamed),
+                reference.ref,
+                before,
+                after,
+            )
+
+
+def _renamed(theirs: set[str], ours: set[str]) -> dict[str, str]:
+    """Our names that are their names with one prefix left out (or added), to theirs. Empty
+    unless a single prefix explains every such name."""
+    only_theirs, only_ours = theirs - ours, ours - theirs
+    if not only_theirs or not only_ours:
+        return {}
+    for longer, shorter, adding in ((only_theirs, only_ours, True), (only_ours, only_theirs, False)):
+        for prefix in sorted({name.split(".", 1)[0] for name in longer if "." in name}):
+            pairs = {name[len(prefix) + 1 :]: name for name in longer if name.startswith(f"{prefix}.")}
+            matched = {short: pairs[short] for short in shorter if short in pairs}
+            if matched and len(matched) == len(shorter if adding else pairs):
+                return matched if adding else {long: short for short, long in matched.items()}
+    return {}
