@@ -94,9 +94,9 @@ def sliced_layout(
     embeddings = [name for name in outside if is_input_embedding(name)]
     tensors = _outside_layers(embeddings, groups[0], bases[0], experts)
     layers: list[tuple[Checkpoint, int]] = []
-    by_layer: dict[int, dict[int, dict[str, TensorEntry]]] = {}
+    by_layer: dict[int, dict[int, dict[str, str]]] = {}
 
-    def layer(checkpoint: Checkpoint, index: int) -> dict[str, TensorEntry]:
+    def layer(checkpoint: Checkpoint, index: int) -> dict[str, str]:
         if id(checkpoint) not in by_layer:
             by_layer[id(checkpoint)] = _tensors_by_layer(checkpoint)
         return by_layer[id(checkpoint)].get(index, {})
@@ -131,12 +131,13 @@ def sliced_layout(
             found = [layer(o.model, o.start + j) for o in owners]
             _check_same_tensors(found, owners, j)
             for suffix, first in found[0].items():
-                name = renumbered(first.name, len(layers))
-                entries = [tensors_of_layer[suffix] for tensors_of_layer in found]
+                # named by the model's tensor table, as the reference names it (name_prefix)
+                name = renumbered(first, len(layers))
+                entries = [o.model.tensors[names[suffix]] for o, names in zip(owners, found, strict=True)]
                 check_same_shapes(name, entries, [o.model for o in owners])
                 base_entry = entries[len(models)] if slice_base is not None else None
                 tensors.append(
-                    OutputTensor(name, first, base_entry, entries[: len(models)], deltas, group, t)
+                    OutputTensor(name, entries[0], base_entry, entries[: len(models)], deltas, group, t)
                 )
             layers.append((models[0], owners[0].start + j))
     tensors += _outside_layers([n for n in outside if n not in embeddings], groups[-1], bases[-1], experts)
@@ -211,18 +212,18 @@ def _layers_of_its_one_stack(model: Checkpoint, where: str) -> int:
     return layers
 
 
-def _tensors_by_layer(checkpoint: Checkpoint) -> dict[int, dict[str, TensorEntry]]:
+def _tensors_by_layer(checkpoint: Checkpoint) -> dict[int, dict[str, str]]:
     """A model's layer tensors (of its one stack): by layer, then by their name after the
-    layer number."""
-    layers: dict[int, dict[str, TensorEntry]] = {}
-    for name, entry in checkpoint.tensors.items():
+    layer number, to their name in its tensor table."""
+    layers: dict[int, dict[str, str]] = {}
+    for name in checkpoint.tensors:
         if (layer := split_layer(name)) is not None:
             _, index, rest = layer
-            layers.setdefault(index, {})[rest] = entry
+            layers.setdefault(index, {})[rest] = name
     return layers
 
 
-def _check_same_tensors(found: list[dict[str, TensorEntry]], owners: list[_LayerSource], j: int) -> None:
+def _check_same_tensors(found: list[dict[str, str]], owners: list[_LayerSource], j: int) -> None:
     """The layers merged into one (the j-th of each owner's range) have the same tensors."""
     first_where, _, first_start = owners[0]
     for layer, (where, _, start) in zip(found[1:], owners[1:], strict=True):

@@ -169,3 +169,19 @@ def test_names_that_differ_by_more_than_one_prefix_are_still_refused(gpt2, tmp_p
     with pytest.raises(IncompatibleModelsError, match="tensor names differ"):
         merge(parse_config(config), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bare_model_in_a_later_slice_gives_its_layers_the_first_models_names(gpt2, tmp_path):
+    bare = bare_copy(gpt2["expert_1"], tmp_path / "bare-expert")
+    config = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": gpt2["expert_0"], "layer_range": [0, 2]}]},
+            {"sources": [{"model": bare, "layer_range": [1, 4]}]},
+        ],
+    }
+    merge(parse_config(config), str(tmp_path / "out"))
+    got, last = load_folder(tmp_path / "out"), load_folder(gpt2["expert_1"])
+    assert all(name.startswith(("transformer.", "lm_head.")) for name in got)
+    assert torch.equal(got["transformer.h.4.mlp.c_fc.weight"], last["transformer.h.3.mlp.c_fc.weight"])
+    assert torch.equal(got["transformer.ln_f.weight"], last["transformer.ln_f.weight"])
