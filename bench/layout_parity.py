@@ -132,6 +132,10 @@ def gpt2_cases(root: Path, base: str, a: str, b: str) -> dict[str, dict]:
             "parameters": {"density": 0.5, "weight": 1.0},
             "models": [{"model": a}, {"model": bare_b}],
         },
+        "GPT-2 passthrough: the second slice from a bare model": {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [source(a, 0, 2)]}, {"sources": [source(bare_b, 1, 4)]}],
+        },
         "GPT-2 task_arithmetic: a weight gradient over the layers": {
             "merge_method": "task_arithmetic",
             "base_model": base,
