@@ -39,15 +39,20 @@ def match_name_prefixes(reference: Checkpoint, models: list[Checkpoint]) -> None
 
 
 def _renamed(theirs: set[str], ours: set[str]) -> dict[str, str]:
-    """Our names that are their names with one prefix left out (or added), to theirs. Empty
-    unless a single prefix explains every such name."""
+    """Our names that are theirs with one first part left out or added, to theirs; empty
+    unless one first part explains them all."""
     only_theirs, only_ours = theirs - ours, ours - theirs
     if not only_theirs or not only_ours:
         return {}
-    for longer, shorter, adding in ((only_theirs, only_ours, True), (only_ours, only_theirs, False)):
-        for prefix in sorted({name.split(".", 1)[0] for name in longer if "." in name}):
-            pairs = {name[len(prefix) + 1 :]: name for name in longer if name.startswith(f"{prefix}.")}
-            matched = {short: pairs[short] for short in shorter if short in pairs}
-            if matched and len(matched) == len(shorter if adding else pairs):
-                return matched if adding else {long: short for short, long in matched.items()}
+    for prefix in _first_parts(only_theirs):  # we lack it: each name only we have is theirs without it
+        if all(f"{prefix}.{name}" in only_theirs for name in only_ours):
+            return {name: f"{prefix}.{name}" for name in only_ours}
+    for prefix in _first_parts(only_ours):  # we have it: each of our names under it is theirs without it
+        under = [name for name in only_ours if name.startswith(f"{prefix}.")]
+        if all(name.removeprefix(f"{prefix}.") in only_theirs for name in under):
+            return {name: name.removeprefix(f"{prefix}.") for name in under}
     return {}
+
+
+def _first_parts(names: set[str]) -> list[str]:
+    return sorted({name.split(".", 1)[0] for name in names if "." in name})

@@ -185,3 +185,28 @@ def test_a_bare_model_in_a_later_slice_gives_its_layers_the_first_models_names(g
     assert all(name.startswith(("transformer.", "lm_head.")) for name in got)
     assert torch.equal(got["transformer.h.4.mlp.c_fc.weight"], last["transformer.h.3.mlp.c_fc.weight"])
     assert torch.equal(got["transformer.ln_f.weight"], last["transformer.ln_f.weight"])
+
+
+@pytest.mark.parametrize(
+    ("theirs", "ours", "expected"),
+    [
+        # a bare model beside its task model, either way round; the task model's head stays apart
+        (
+            {"transformer.h.0.w", "transformer.wte.weight", "lm_head.weight"},
+            {"h.0.w", "wte.weight"},
+            {"h.0.w": "transformer.h.0.w", "wte.weight": "transformer.wte.weight"},
+        ),
+        (
+            {"h.0.w", "wte.weight"},
+            {"transformer.h.0.w", "transformer.wte.weight", "lm_head.weight"},
+            {"transformer.h.0.w": "h.0.w", "transformer.wte.weight": "wte.weight"},
+        ),
+        ({"model.a", "lm_head.weight"}, {"model.a"}, {}),  # a missing head is not a prefix
+        ({"model.a", "model.b"}, {"model.a", "decoder.b"}, {}),  # another first part, not one more
+        ({"transformer.a", "transformer.b"}, {"a", "c"}, {}),  # one prefix must explain every name
+    ],
+)
+def test_a_single_first_part_added_or_left_out_is_what_renames(theirs, ours, expected):
+    from mergeflow.name_prefix import _renamed
+
+    assert _renamed(theirs, ours) == expected
