@@ -231,9 +231,12 @@ class MergeConfig(BaseModel):
         return self
 
 
-_MERGEKIT_ONLY = {
-    "modules": "per-module configs (modules) are not supported",
-}
+# mergekit's per-module configs, for models of several modules (a vision tower, a projector and
+# a decoder): which tensors make a module comes from its architecture tables
+MODULES_REFUSAL = (
+    "mergekit's per-module configs are not supported; `models:` merges every module with the same "
+    "parameters (a gradient runs over each stack of layers on its own)"
+)
 
 
 def read_documents(path: str | Path) -> list:
@@ -269,9 +272,8 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def parse_config(raw: dict, source: str = "config") -> MergeConfig:
-    for key, hint in _MERGEKIT_ONLY.items():
-        if key in raw:
-            raise ConfigError(f"{source}: {key}: {hint}")
+    if "modules" in raw:
+        raise ConfigError(f"{source}: modules: {MODULES_REFUSAL}")
     try:
         return MergeConfig.model_validate(raw)
     except ValidationError as exc:

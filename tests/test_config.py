@@ -7,6 +7,7 @@ import pytest
 from conftest import but_the_model_card
 
 from mergeflow.config import load_config, parse_config
+from mergeflow.errors import ConfigError
 from mergeflow.layer_names import is_input_embedding, layer_position, layer_stacks, split_layer
 from mergeflow.parameters import evaluate_setting, resolve_parameters
 from mergeflow.safetensors_io import BFLOAT16
@@ -195,6 +196,17 @@ def test_input_embeddings_are_told_from_the_head_and_final_norm(name, expected):
     assert is_input_embedding(name) is expected
 
 
+def test_mergekits_per_module_configs_are_refused_saying_what_merges_instead():
+    raw = {
+        "merge_method": "linear",
+        "modules": {"text_decoder": {"models": [{"model": "a"}, {"model": "b"}]}},
+    }
+    with pytest.raises(
+        ConfigError, match=r"^config: modules: mergekit's per-module configs are not supported; `models:`"
+    ):
+        parse_config(raw)
+
+
 def test_conditional_without_a_match_falls_through_to_the_default():
     from mergeflow.parameters import ConditionalParameter
 
@@ -333,7 +345,6 @@ def test_a_slices_parameters_sit_between_its_sources_and_the_global_ones():
 
 
 def test_a_required_parameter_may_be_given_by_every_slice_instead():
-    from mergeflow.errors import ConfigError
 
     def slice_(t=None):
         sources = [{"model": m, "layer_range": [0, 2]} for m in ("base", "a")]
