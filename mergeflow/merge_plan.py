@@ -47,7 +47,7 @@ class MergeCheck:
 class Inputs:
     """The input checkpoints a merge opens, each closed when the merge ends."""
 
-    def __init__(self, threads: int, allow_pickle: bool, allow_crimes: bool = False) -> None:
+    def __init__(self, threads: int, allow_pickle: bool, allow_crimes: bool) -> None:
         # allow_crimes: merge models whose config.json names another architecture (mergekit's
         # --allow-crimes); their tensors are checked all the same
         self.threads, self.allow_pickle, self.allow_crimes = threads, allow_pickle, allow_crimes
