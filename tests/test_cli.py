@@ -90,6 +90,9 @@ def test_parse_size_rejects_nonsense():
     for nonsense in ("lots", "0", "0GB"):  # a shard size of 0 gave a shard per tensor
         with pytest.raises(typer.BadParameter):
             parse_size(nonsense)
+    # mergekit's --out-shard-size 5B is 5 billion parameters; here it would be 5 bytes
+    with pytest.raises(typer.BadParameter, match="'5B' is 5 bytes: sizes here are in bytes"):
+        parse_size("5B")
 
 
 def test_a_merge_process_waits_without_spinning_unless_the_user_says_otherwise():

@@ -21,6 +21,12 @@ def parse_size(text: str) -> int:
     size = int(float(match.group(1)) * UNITS[match.group(2).upper()])
     if size <= 0:
         raise typer.BadParameter(f"'{text}' is no size: give one above zero, like 500MB or 2GB")
+    if match.group(2).upper() == "B" and size < 1000:
+        # mergekit's --out-shard-size counts parameters, where 5B means 5 billion
+        raise typer.BadParameter(
+            f"'{text}' is {size} bytes: sizes here are in bytes, like 500MB or 2GB (mergekit's "
+            "--out-shard-size counts parameters, and 5B there is 5 billion)"
+        )
     return size
 
 
