@@ -18,7 +18,7 @@ from lora_adapters import write_adapter
 
 from mergeflow.errors import StorageError
 from mergeflow.file_hashes import (
-    LOCAL_WINDOW,
+    LOCAL_PIECE,
     _local_model_files,
     local_file_sha256,
     read_json_cache,
@@ -43,8 +43,8 @@ def sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("size", [0, 1, LOCAL_WINDOW - 1, LOCAL_WINDOW + 1, 2 * LOCAL_WINDOW + 12345])
-def test_a_file_hashed_window_by_window_has_its_sha256(tmp_path, size):
+@pytest.mark.parametrize("size", [0, 1, LOCAL_PIECE - 1, LOCAL_PIECE, 2 * LOCAL_PIECE + 12345])
+def test_a_file_hashed_piece_by_piece_has_its_sha256(tmp_path, size):
     path = tmp_path / "weights.bin"
     path.write_bytes(os.urandom(size))
     assert local_file_sha256(str(path), remember=False) == sha256(path)
