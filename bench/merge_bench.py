@@ -35,6 +35,7 @@ from typing import Any
 import psutil
 import torch
 import yaml
+from lineage_floor import import_cpu_seconds, lineage_floor
 from machine import describe_machine
 from merge_report import METRIC_NOTE, print_table, summary_lines, write_results
 from output_diff import compare
@@ -268,6 +269,7 @@ def bench_one(method: str, n: int, zoo: Path, spec: GeneratedZooSpec, args: argp
             runs[tool].append(run_checked(cmd, work / f"{tool}-{attempt}.log", env))
     for tool, measured in runs.items():
         row[tool] = summarise(measured)
+    row["floor"] = lineage_floor(config, args.imports_cpu)
     if "mergekit" in row:
         row["speedup"] = row["mergekit"]["seconds"] / row["mergeflow"]["seconds"]
         row["rss_ratio"] = row["mergekit"]["peak_rss_mb"] / row["mergeflow"]["peak_rss_mb"]
@@ -346,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     built = f"built in {build_seconds:.0f}s" if build_seconds else "cached"
     print(f"zoo {zoo} ({built})", flush=True)
     info, rows = environment(spec, zoo, build_seconds), []
+    args.imports_cpu = import_cpu_seconds()
     for n in counts:
         for method in methods:
             print(f"{method} with {n} experts ...", flush=True)
