@@ -228,7 +228,9 @@ def run_checked(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, Any
     return run
 
 
-def bench_one(method: str, n: int, zoo: Path, spec: GeneratedZooSpec, args: argparse.Namespace) -> dict:
+def bench_one(
+    method: str, n: int, zoo: Path, spec: GeneratedZooSpec, args: argparse.Namespace, imports_cpu: float
+) -> dict:
     adapters = lora_adapters(zoo, spec, args.lora_rank) if args.lora_rank else None
     label = f"{method}, LoRA r{args.lora_rank} experts" if adapters else method
     work = Path(args.workdir) / (f"{method}-lora-r{args.lora_rank}-{n}" if adapters else f"{method}-{n}")
@@ -269,7 +271,7 @@ def bench_one(method: str, n: int, zoo: Path, spec: GeneratedZooSpec, args: argp
             runs[tool].append(run_checked(cmd, work / f"{tool}-{attempt}.log", env))
     for tool, measured in runs.items():
         row[tool] = summarise(measured)
-    row["floor"] = lineage_floor(config, args.imports_cpu)
+    row["floor"] = lineage_floor(config, work / "mergeflow", imports_cpu)
     if "mergekit" in row:
         row["speedup"] = row["mergekit"]["seconds"] / row["mergeflow"]["seconds"]
         row["rss_ratio"] = row["mergekit"]["peak_rss_mb"] / row["mergeflow"]["peak_rss_mb"]
@@ -348,11 +350,11 @@ def main(argv: list[str] | None = None) -> None:
     built = f"built in {build_seconds:.0f}s" if build_seconds else "cached"
     print(f"zoo {zoo} ({built})", flush=True)
     info, rows = environment(spec, zoo, build_seconds), []
-    args.imports_cpu = import_cpu_seconds()
+    imports_cpu = import_cpu_seconds()
     for n in counts:
         for method in methods:
             print(f"{method} with {n} experts ...", flush=True)
-            rows.append(bench_one(method, n, zoo, spec, args))
+            rows.append(bench_one(method, n, zoo, spec, args, imports_cpu))
     if git_state() != info["mergeflow_git"]:  # someone committed or edited mergeflow/ meanwhile
         info["mergeflow_git"] += f", at the end {git_state()}"
     write_results(rows, info, Path(args.results))

@@ -94,7 +94,7 @@ def start_hashing_inputs(config_path: str | Path) -> None:
     against 2.99 s (medians of 5). A config this cannot read is left to the merge to report; the daemon
     thread ends with the process.
     """
-    files = _local_model_files(config_path)
+    files = local_model_files(config_path)
     if files:
         threading.Thread(target=_hash_quietly, args=(files,), name="mergeflow-prehash", daemon=True).start()
 
@@ -105,7 +105,7 @@ def _hash_quietly(files: list[str]) -> None:
             local_file_sha256(file)
 
 
-def _local_model_files(config_path: str | Path) -> list[str]:
+def local_model_files(config_path: str | Path) -> list[str]:
     """config.json and weight files of each local model folder named in a mergekit YAML (each
     of its documents, for a file of several merges)."""
     try:

@@ -19,8 +19,8 @@ from lora_adapters import write_adapter
 from mergeflow.errors import StorageError
 from mergeflow.file_hashes import (
     LOCAL_PIECE,
-    _local_model_files,
     local_file_sha256,
+    local_model_files,
     read_json_cache,
     start_hashing_inputs,
 )
@@ -87,7 +87,7 @@ def test_a_merge_config_names_the_local_files_to_hash(sharded_zoo, tmp_path, mon
     }
     (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.chdir(tmp_path)
-    files = _local_model_files("merge.yaml")
+    files = local_model_files("merge.yaml")
     for name in ("base", "expert_0", "expert_1", "expert_2"):
         folder = Path(sharded_zoo[name]).resolve()
         index = json.loads((folder / "model.safetensors.index.json").read_text())
@@ -99,28 +99,28 @@ def test_a_merge_config_names_the_local_files_to_hash(sharded_zoo, tmp_path, mon
     # and the adapter's files, which the lineage hash of model+adapter covers too
     adapter = write_adapter(tmp_path / "lora", sharded_zoo["expert_2"], ["model.layers.0.mlp.up_proj"])
     adapter_files = [str(adapter.resolve() / n) for n in ("adapter_config.json", "adapter_model.safetensors")]
-    assert _local_model_files("merge.yaml") == files + adapter_files
+    assert local_model_files("merge.yaml") == files + adapter_files
 
     # mergekit's slerp examples list the models as the sources of a slice
     sources = [{"model": sharded_zoo[name], "layer_range": [0, 2]} for name in ("base", "expert_0")]
     sliced = {"merge_method": "slerp", "base_model": sharded_zoo["base"], "slices": [{"sources": sources}]}
     (tmp_path / "slerp.yaml").write_text(yaml.safe_dump(sliced))
     base_and_first = [f for f in files if "expert_1" not in f and "expert_2" not in f]
-    assert _local_model_files("slerp.yaml") == base_and_first
+    assert local_model_files("slerp.yaml") == base_and_first
     # and a slice's own base
     with_base = sliced | {"slices": [{"sources": sources, "base_model": sharded_zoo["expert_1"]}]}
     (tmp_path / "slice-base.yaml").write_text(yaml.safe_dump(with_base))
-    assert _local_model_files("slice-base.yaml") == files[: len(base_and_first) + 1 + len(shards)]
+    assert local_model_files("slice-base.yaml") == files[: len(base_and_first) + 1 + len(shards)]
 
     # a file of several merges (mergekit-multi's): every document's models, a merge's name not
     later = {"name": "stage", "merge_method": "linear", "models": [{"model": sharded_zoo["expert_1"]}]}
     final = {"merge_method": "linear", "models": [{"model": "stage"}, {"model": sharded_zoo["base"]}]}
     (tmp_path / "multi.yaml").write_text(yaml.safe_dump_all([sliced, later, final]))
     expert_1 = [f for f in files if "expert_1" in f]
-    assert _local_model_files("multi.yaml") == base_and_first + expert_1
+    assert local_model_files("multi.yaml") == base_and_first + expert_1
 
     (tmp_path / "broken.yaml").write_text("models: [")
-    assert _local_model_files("broken.yaml") == []
+    assert local_model_files("broken.yaml") == []
 
 
 def test_hashes_started_before_a_merge_are_the_files_hashes(sharded_zoo, tmp_path, hash_cache):
@@ -132,7 +132,7 @@ def test_hashes_started_before_a_merge_are_the_files_hashes(sharded_zoo, tmp_pat
         if thread.name == "mergeflow-prehash":
             thread.join()
     hashed = {key.split("|")[0]: digest for key, digest in read_json_cache(hash_cache).items()}
-    assert hashed == {path: sha256(path) for path in _local_model_files(config)}
+    assert hashed == {path: sha256(path) for path in local_model_files(config)}
 
 
 def test_the_merge_command_loads_no_torch_before_it_starts_hashing(tmp_path):
