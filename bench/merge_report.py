@@ -29,8 +29,9 @@ METRIC_NOTE = (
     "arcee_fusion: mergekit samples 1M entries of larger tensors for its quartiles, mergeflow "
     "takes the exact ones. DARE and "
     "DELLA draw different random masks in each tool (only δstd is meaningful there). "
-    "lineage floor: CPU-seconds of sha256 over every input file and every file of mergeflow's "
-    "output, plus a fresh Python importing the engine, over the cores (bench/lineage_floor.py); "
+    "lineage floor: CPU-seconds of sha256 alone (reading not counted) over every input file and "
+    "every file of mergeflow's output, plus a fresh Python importing the engine, over the cores "
+    "(bench/lineage_floor.py); "
     "no merge that records the inputs' hashes can be faster here. In brackets, the same with the "
     "inputs' hashes remembered."
 )
